@@ -1,0 +1,190 @@
+// The plugin interface. Algorithms act at different scopes (DESIGN.md "One interface, several
+// scopes"), so there is one narrow base class per scope instead of one wide interface:
+//
+//   Layer          RTN, GPTQ, AWQ, VLMQ   one linear's W (+ its calibration statistics) -> Ŵ
+//   NormConsumers  SmoothQuant, AWQ-scale  a shared input and the linears reading it ->
+//                                          an explicit per-channel equivalence transform
+//   Block          FlatQuant, GPTQ true-sequential, VLMQ importance pass
+//   Model          ZeroQAT
+//   KvCache        CommVQ, scalar KV baselines
+//
+// The runner owns ordering, calibration capture, block-sequential propagation and evaluation;
+// a plugin owns only its math. Shared work lives once in the non-virtual run() of each scope
+// class: it checks shapes and finiteness, times the call, calls the plugin's private
+// implementation, then checks that codes lie on the grid and computes the standard metrics.
+// Every plugin quantizes through core/quantize.h; none has its own round/clamp loop.
+#pragma once
+#include <any>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "core/calib_stats.h"
+#include "core/options.h"
+#include "core/quant_spec.h"
+#include "core/quantize.h"
+#include "core/tensor.h"
+
+namespace ql {
+
+enum class Scope { Layer, NormConsumers, Block, Model, KvCache };
+const char* scope_name(Scope s);
+
+/// A named scalar a plugin reports about one layer (e.g. gptq_loss, damping_used); written to
+/// the per-layer diagnostics table.
+using Diagnostics = std::vector<std::pair<std::string, double>>;
+
+class Algorithm {
+ public:
+  virtual ~Algorithm() = default;
+  virtual Scope scope() const = 0;
+};
+
+// ------------------------------------------------------------------------------------------
+// Layer scope
+// ------------------------------------------------------------------------------------------
+
+/// What a layer-scope plugin sees. References stay valid for the duration of the call.
+struct LayerInput {
+  std::string name;                             ///< layer name, for diagnostics and errors
+  const Matrix* W = nullptr;                    ///< d_out x d_in, after earlier pipeline steps
+  const HessianAccumulator* hessian = nullptr;  ///< calibration H of the layer input, or null
+  const ChannelStats* channels = nullptr;       ///< per-input-channel statistics, or null
+  QuantSpec spec;                               ///< the weight grid requested by the step
+  const std::any* options = nullptr;            ///< the plugin's own options struct
+  uint64_t seed = 0;                            ///< for plugins that draw random numbers
+};
+
+/// What a layer-scope plugin returns.
+struct LayerOutput {
+  Matrix W;                                   ///< weights to use from now on (d_out x d_in)
+  std::optional<QuantizedTensor> quantized;   ///< codes + grids when W lies on spec's grid
+  Diagnostics diagnostics;
+};
+
+/// The standard per-layer metrics run() computes for every plugin.
+struct LayerMetrics {
+  double weight_mse = 0;
+  double rel_output_error_h = 0;  ///< tr(ΔW H ΔWᵀ)/tr(W H Wᵀ) under calibration H; NaN without H
+  double sqnr_db = 0;             ///< of the weights
+  double bits_per_weight = 16;
+  double seconds = 0;
+};
+
+struct LayerResult {
+  LayerOutput output;
+  LayerMetrics metrics;
+};
+
+class LayerAlgorithm : public Algorithm {
+ public:
+  Scope scope() const final { return Scope::Layer; }
+  /// Checks W (finite, non-empty) and H (matching d_in), times quantize_layer, checks the
+  /// output shape and finiteness, that codes lie in [qmin, qmax] and that W equals
+  /// dequantize(codes) when codes are given, then computes LayerMetrics. Throws ShapeError /
+  /// NumericError naming the layer.
+  LayerResult run(const LayerInput& in) const;
+
+ private:
+  virtual LayerOutput quantize_layer(const LayerInput& in) const = 0;
+};
+
+// ------------------------------------------------------------------------------------------
+// Norm -> consumers scope
+// ------------------------------------------------------------------------------------------
+
+/// A per-input-channel equivalence transform for a group of linears that read the same input
+/// x (d_in): x' = x / s and W' = W diag(s) for every consumer, so x'W'ᵀ = xWᵀ exactly in real
+/// arithmetic. The runner folds 1/s into the producer (an RMSNorm weight, or the synthetic
+/// suite's input) exactly once. Returned as an object so results can record it.
+struct ChannelScaleTransform {
+  VectorD scales;  ///< s_j > 0, finite
+  Diagnostics diagnostics;
+};
+
+struct NormConsumerInput {
+  std::string name;                        ///< e.g. "block3.attn_in"
+  std::vector<std::string> consumer_names;
+  std::vector<const Matrix*> consumers;    ///< weights of the linears reading the input
+  const ChannelStats* input_stats = nullptr;  ///< statistics of the shared input
+  const std::any* options = nullptr;
+};
+
+class NormConsumerAlgorithm : public Algorithm {
+ public:
+  Scope scope() const final { return Scope::NormConsumers; }
+  /// Checks consumers share d_in and stats match it; checks the returned scales are positive
+  /// and finite.
+  ChannelScaleTransform run(const NormConsumerInput& in) const;
+
+ private:
+  virtual ChannelScaleTransform compute_transform(const NormConsumerInput& in) const = 0;
+};
+
+// ------------------------------------------------------------------------------------------
+// Block, model and KV-cache scopes: their inputs are transformer objects (core/model), which
+// the real-checkpoint workload provides. The runner refuses these scopes on workloads without
+// transformer blocks, with an error naming the step.
+// ------------------------------------------------------------------------------------------
+class BlockContext;   // one decoder block with its FP inputs and targets
+class ModelContext;   // the whole fake-quantized model with a loss on a data stream
+class KvCaptures;     // captured pre-RoPE keys / values per layer
+class KvQuantizer;    // what attention uses at evaluation time
+
+class BlockAlgorithm : public Algorithm {
+ public:
+  Scope scope() const final { return Scope::Block; }
+  virtual Diagnostics process_block(BlockContext& block, const std::any& options) const = 0;
+};
+class ModelAlgorithm : public Algorithm {
+ public:
+  Scope scope() const final { return Scope::Model; }
+  virtual Diagnostics process_model(ModelContext& model, const std::any& options) const = 0;
+};
+class KvCacheAlgorithm : public Algorithm {
+ public:
+  Scope scope() const final { return Scope::KvCache; }
+  virtual std::unique_ptr<KvQuantizer> fit(const KvCaptures& kv, const std::any& options) const = 0;
+};
+
+// ------------------------------------------------------------------------------------------
+// Registration
+// ------------------------------------------------------------------------------------------
+
+struct AlgorithmInfo {
+  std::string name;     ///< the `algorithm:` value in YAML
+  Scope scope = Scope::Layer;
+  std::string summary;  ///< one line for `quantlab list`
+  std::string paper;    ///< title and arXiv id, or "" for baselines
+  /// Whether the step's weight QuantSpec keys (bits, scheme, ...) apply; `fp` takes none.
+  bool uses_weight_spec = true;
+  /// The plugin's own options (typed struct behind std::any).
+  std::shared_ptr<const AnyOptionSchema> options;
+  std::function<std::unique_ptr<Algorithm>()> make;
+};
+
+class AlgorithmRegistry {
+ public:
+  /// Throws Error on a duplicate name or an option that collides with a step key.
+  void add(AlgorithmInfo info);
+  /// Throws Error "unknown algorithm 'x'; known: fp, rtn, ..." for an unknown name.
+  const AlgorithmInfo& get(const std::string& name) const;
+  bool contains(const std::string& name) const;
+  std::vector<std::string> names() const;  ///< in registration order
+
+ private:
+  std::vector<AlgorithmInfo> infos_;
+};
+
+/// The keys every quant step has besides the plugin's own options.
+const std::vector<std::string>& common_step_keys();
+
+/// Calls every plugin's register_* function (algorithms/register_all.cc: the one list).
+void register_all(AlgorithmRegistry& registry);
+/// A registry filled by register_all, built on first use; immutable afterwards.
+const AlgorithmRegistry& default_registry();
+
+}  // namespace ql

@@ -1,0 +1,22 @@
+// Error metrics between a reference weight/output and its quantized version. All reductions
+// are in double and in a fixed order, so results do not depend on the thread count.
+#pragma once
+#include "core/tensor.h"
+
+namespace ql {
+
+/// mean over entries of (W - Wq)².
+double weight_mse(const Matrix& W, const Matrix& Wq);
+/// Relative output error under a Hessian proxy H (d_in x d_in):
+/// tr(ΔW H ΔWᵀ) / tr(W H Wᵀ) with ΔW = W - Wq (GPTQ's layer objective, normalised).
+double relative_output_error(const Matrix& W, const Matrix& Wq, const Matrix& H);
+/// mean over entries of (Y - Yq)² for outputs Y = X Wᵀ on evaluation inputs X.
+double output_mse(const Matrix& Y, const Matrix& Yq);
+/// Signal-to-quantization-noise ratio 10 log10(Σ ref² / Σ (ref - q)²) in dB; +inf when equal.
+double sqnr_db(const Matrix& ref, const Matrix& q);
+/// Cosine similarity of the flattened matrices (1 when both are zero).
+double cosine_similarity(const Matrix& a, const Matrix& b);
+/// max |a - b|.
+double max_abs_error(const Matrix& a, const Matrix& b);
+
+}  // namespace ql
