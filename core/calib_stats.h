@@ -28,6 +28,9 @@ class HessianAccumulator {
   void add_weighted(const Matrix& X, const Vector& w);
   /// Combine with another accumulator of the same dimension.
   void merge(const HessianAccumulator& other);
+  /// Become the statistics of inputs x' = diag(s) x (an equivalence transform folded into the
+  /// inputs): H' = diag(s) H diag(s). s has dim() entries.
+  void scale_channels(const VectorD& s);
 
   Index dim() const { return d_; }
   /// Number of rows added (tokens), whatever their weights.
@@ -50,6 +53,9 @@ class ChannelStats {
   explicit ChannelStats(Index d);
   void add(const Matrix& X);
   void merge(const ChannelStats& other);
+  /// Become the statistics of inputs x' = diag(s) x; exact up to rounding, min()/max() included
+  /// (per-channel extremes are kept for this). s has dim() entries, any sign.
+  void scale_channels(const VectorD& s);
 
   Index dim() const { return absmax_.size(); }
   int64_t count() const { return count_; }
@@ -64,6 +70,7 @@ class ChannelStats {
   Vector absmax_;
   VectorD sum_abs_, sum_sq_;
   float min_ = 0.0f, max_ = 0.0f;
+  Vector chan_min_, chan_max_;  // per-channel extremes, so scale_channels keeps min_/max_ exact
 };
 
 }  // namespace ql

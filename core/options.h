@@ -10,7 +10,9 @@
 // key path), emits the canonical resolved form (defaults included, used for run hashes), and
 // documents the options for `quantlab list`. Numeric code receives the struct, never a map.
 #pragma once
+#include <algorithm>
 #include <any>
+#include <type_traits>
 #include <functional>
 #include <limits>
 #include <memory>
@@ -72,22 +74,15 @@ class OptionSchema : public AnyOptionSchema {
     double hi = std::numeric_limits<double>::infinity();
   };
 
-  OptionSchema& add(const std::string& name, int T::*field, const std::string& doc,
-                    Range r = {}) {
+  /// Any integer member (int, int64_t, ...), range-checked.
+  template <class I, std::enable_if_t<std::is_integral_v<I> && !std::is_same_v<I, bool>, int> = 0>
+  OptionSchema& add(const std::string& name, I T::*field, const std::string& doc, Range r = {}) {
+    const long long lo = std::max(clamp_ll(r.lo), static_cast<long long>(std::numeric_limits<I>::min()));
+    const long long hi = std::min(clamp_ll(r.hi), clamp_ll(static_cast<double>(std::numeric_limits<I>::max())));
     entries_.push_back(
         {name, "int", doc,
          [=](T& t, const ConfigNode& n, const std::string& p) {
-           t.*field = static_cast<int>(read_int(n, p, clamp_ll(r.lo), clamp_ll(r.hi)));
-         },
-         [=](const T& t) { return ConfigNode::scalar(std::to_string(t.*field)); }});
-    return *this;
-  }
-  OptionSchema& add(const std::string& name, long long T::*field, const std::string& doc,
-                    Range r = {}) {
-    entries_.push_back(
-        {name, "int", doc,
-         [=](T& t, const ConfigNode& n, const std::string& p) {
-           t.*field = read_int(n, p, clamp_ll(r.lo), clamp_ll(r.hi));
+           t.*field = static_cast<I>(read_int(n, p, lo, hi));
          },
          [=](const T& t) { return ConfigNode::scalar(std::to_string(t.*field)); }});
     return *this;

@@ -14,7 +14,9 @@ namespace ql {
 /// - Sym (true symmetric, signed grid): scale = max|x|/(2^(b-1) - 1), zero = 0,
 ///   q in [-2^(b-1), 2^(b-1) - 1].
 /// - SymOffset (the GPTQ reference's "sym"): lo = -max|x|, scale = 2 max|x|/(2^b - 1), zero =
-///   2^(b-1) on the unsigned grid q in [0, 2^b - 1]; offset by half a step from Sym.
+///   2^(b-1) on the unsigned grid q in [0, 2^b - 1]; offset by half a step from Sym. Unlike
+///   the reference, a slice with no negative value still gets lo = -max|x| (the reference keeps
+///   lo = 0 there and then clips every value above max|x|/2).
 /// An all-zero slice uses the range [-1, 1] so the scale is never 0.
 enum class QuantScheme { Asym, Sym, SymOffset };
 
@@ -30,10 +32,13 @@ enum class Granularity { PerTensor, PerChannel, PerGroup };
 /// - MinMax: lo = min(min x, 0), hi = max(max x, 0).
 /// - Percentile: c = the `percentile`-th percentile of |x| in the slice (linear interpolation
 ///   between order statistics); range = [max(lo, -c), min(hi, c)] of MinMax's range.
-/// - Mse: shrink the MinMax range by p = 1 - i/mse_grid, i = 0 .. mse_maxshrink*mse_grid - 1,
+/// - Mse: shrink the MinMax range by p = 1 - i/mse_grid, i = 0 .. floor(mse_maxshrink*mse_grid)-1
+///   (at least i = 0; the reference's int(maxshrink*grid)),
 ///   and keep the p minimising sum |x^ - x|^mse_norm over the slice (IST-DASLab/gptq quant.py
 ///   recipe; norm 2.4). Asym recomputes the zero-point for each p; Sym/SymOffset keep theirs.
-///   p = 1 is always a candidate, so Mse is never worse than MinMax on that objective.
+///   Each candidate is scored with its stored (e.g. fp16-rounded) scale. p = 1 is always a
+///   candidate and ties keep the larger p, so Mse is never worse than MinMax on that objective.
+/// Whatever the method, a final range [0, 0] becomes [-1, 1] (see QuantScheme).
 enum class RangeMethod { MinMax, Percentile, Mse };
 
 /// Storage type of scales (and float zero-points): F16 rounds every scale to IEEE half on
@@ -73,7 +78,8 @@ struct ActQuantSpec {
   QuantScheme scheme = QuantScheme::Sym;
   ActGranularity granularity = ActGranularity::PerToken;
   ActRangeMode mode = ActRangeMode::Dynamic;
-  /// Dynamic ranges are multiplied by this clip ratio (1 = plain absmax / min-max).
+  /// Every range (dynamic, or the static calibrated one) is multiplied by this clip ratio
+  /// (1 = plain absmax / min-max).
   double clip_ratio = 1.0;
 
   bool quantized() const { return bits < 16; }

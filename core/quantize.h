@@ -1,8 +1,10 @@
 // The one place where rounding happens. Every plugin quantizes through these functions (the
 // ggml_quantize_chunk idea): fit a grid per slice, round, clamp, dequantize.
 //
-// Thread safety: all functions are reentrant; quantize() parallelises over rows with OpenMP and
-// its result does not depend on the thread count.
+// Thread safety: all functions are reentrant. quantize/dequantize/fake_quant and
+// fake_quant_activations parallelise over rows with OpenMP (serially when called inside an
+// active parallel region), and fit_grid sums a large slice's MSE objective over fixed 65536-value
+// chunks; no result depends on the thread count.
 #pragma once
 #include <cstdint>
 #include <vector>
@@ -21,16 +23,26 @@ struct Grid {
 };
 
 /// Fit a grid to n values x[0], x[stride], ..., x[(n-1)*stride] with spec's scheme and range
-/// method (spec.bits must be < 16). Scales are rounded to fp16 when spec.scale_dtype is F16.
+/// method (spec.bits in 2..8, else ConfigError). Scales are rounded to fp16 when
+/// spec.scale_dtype is F16 (a scale outside half's range is clamped to the smallest normal /
+/// largest finite half). n == 0 gives the grid of the range [-1, 1].
 Grid fit_grid(const float* x, Index n, Index stride, const QuantSpec& spec);
 
-/// Round one value on a grid: clamp(round(x/scale) + zero, qmin, qmax) (round half away from
-/// zero, as std::nearbyint is not used: results must not depend on the FP rounding mode).
+/// Fit a grid to an explicit range [lo, hi] (e.g. a learned clipping range) with spec's scheme
+/// and scale dtype: the range is first forced to contain 0 ([-1, 1] if both ends are 0), as
+/// fit_grid does after its range method. NumericError for a non-finite range.
+Grid grid_from_range(float lo, float hi, const QuantSpec& spec);
+
+/// Round one value on a grid: clamp(round(x/scale) + zero, qmin, qmax) in float32, where x/scale
+/// is a true division (not x * (1/scale)) and round is half-to-even (std::nearbyint under the
+/// default FE_TONEAREST mode, which quantlab never changes). This is torch.round(x / scale), so
+/// the results match the PyTorch references bit for bit.
 int32_t quantize_value(float x, const Grid& g);
 inline float dequantize_value(int32_t q, const Grid& g) { return g.scale * (static_cast<float>(q) - g.zero); }
 
-/// Quantize n strided values on a fixed grid (GPTQ's per-column step): writes codes (may be
-/// null) and dequantized values xhat (may alias x).
+/// Quantize n strided values x[i*stride] on a fixed grid (GPTQ's per-column step): writes
+/// codes[i*out_stride] (codes may be null) and dequantized values xhat[i*out_stride] (may be
+/// null; may alias x when out_stride == stride). Same arithmetic as quantize_value.
 void quantize_with_grid(const float* x, Index n, Index stride, const Grid& g, int32_t* codes,
                         float* xhat, Index out_stride);
 
@@ -49,22 +61,30 @@ struct QuantizedTensor {
   Grid grid(Index r, Index c) const;
 };
 
-/// THE quantize entry point: fit grids per spec.granularity and round. spec.bits < 16.
+/// THE quantize entry point: fit grids per spec.granularity and round (spec.bits in 2..8, else
+/// ConfigError). Grids are fitted on the weights alone (fit_grid per slice). W must be finite
+/// (Algorithm::run checks); NaN/inf are not rejected here but still give in-range codes.
 QuantizedTensor quantize(const Matrix& W, const QuantSpec& spec);
-/// Reconstruct float weights from codes and grids.
+/// Reconstruct float weights from codes and grids: scale*(float(q) - zero) per weight, so
+/// dequantize(quantize(W)) == fake_quant(W) bitwise. ShapeError if scales/zeros do not have the
+/// layout above.
 Matrix dequantize(const QuantizedTensor& q);
-/// quantize + dequantize; the identity copy when spec.bits == 16.
+/// quantize + dequantize without materialising codes; the identity copy when spec.bits == 16.
 Matrix fake_quant(const Matrix& W, const QuantSpec& spec);
 
 /// Pack codes for storage: each code stored as (code - qmin) in `bits` bits, LSB-first,
-/// row-major, rows not padded. unpack_codes inverts it exactly.
+/// row-major, rows not padded: ceil(rows*cols*bits/8) bytes, the last byte's high bits 0.
+/// NumericError for a code outside [qmin, qmax]. unpack_codes inverts it exactly (ShapeError if
+/// the byte count does not match rows x cols).
 std::vector<uint8_t> pack_codes(const IntMatrix& codes, const QuantSpec& spec);
 IntMatrix unpack_codes(const std::vector<uint8_t>& packed, Index rows, Index cols,
                        const QuantSpec& spec);
 
 /// Storage bits per weight of a rows x cols matrix: code bits plus, per grid, the scale
 /// (16 or 32 bits per scale_dtype) and, for Asym, a zero-point of `bits` bits. 16 for an
-/// unquantized spec. E.g. 4-bit asym g128 fp16 scales: 4 + (16 + 4)/128 = 4.15625.
+/// unquantized spec. E.g. 4-bit asym g128 fp16 scales: 4 + (16 + 4)/128 = 4.15625. Grids are
+/// counted exactly: a shorter last group per row is one more grid; per-channel has `rows`
+/// grids, per-tensor one. Sym and SymOffset store no zero-point (it is fixed by the scheme).
 double bits_per_weight(const QuantSpec& spec, Index rows, Index cols);
 
 /// Static activation range measured on calibration data (absmax and min/max per tensor).
@@ -74,7 +94,9 @@ struct ActRange {
 
 /// Fake-quantize activations X (N tokens x d) in place per spec: PerToken fits one grid per row
 /// (dynamic), PerTensor one grid for all of X (dynamic: from X itself; static: from `range`,
-/// which must be given). Identity when spec.bits == 16.
+/// which must be given, else ConfigError). Every range, dynamic or static, is forced to contain
+/// 0 and multiplied by spec.clip_ratio before the grid is built; scales stay float32 (no fp16
+/// rounding). Rounding as quantize_value. Identity when spec.bits == 16.
 void fake_quant_activations(Matrix& X, const ActQuantSpec& spec, const ActRange* range = nullptr);
 
 }  // namespace ql

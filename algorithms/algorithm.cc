@@ -1,0 +1,152 @@
+#include "algorithms/algorithm.h"
+
+#include <chrono>
+#include <cmath>
+#include <limits>
+
+#include "core/error.h"
+#include "core/metrics.h"
+
+namespace ql {
+
+const char* scope_name(Scope s) {
+  switch (s) {
+    case Scope::Layer: return "layer";
+    case Scope::NormConsumers: return "norm-consumers";
+    case Scope::Block: return "block";
+    case Scope::Model: return "model";
+    case Scope::KvCache: return "kv-cache";
+  }
+  return "?";
+}
+
+namespace {
+
+bool all_finite(const Matrix& m) { return m.allFinite(); }
+
+}  // namespace
+
+LayerResult LayerAlgorithm::run(const LayerInput& in) const {
+  if (!in.W || in.W->size() == 0)
+    throw ShapeError("layer '" + in.name + "': empty weight matrix");
+  const Matrix& W = *in.W;
+  if (!all_finite(W)) throw NumericError("layer '" + in.name + "': weights contain NaN or Inf");
+  if (in.hessian && in.hessian->dim() != W.cols())
+    throw ShapeError("layer '" + in.name + "': Hessian is " + std::to_string(in.hessian->dim()) +
+                     "x" + std::to_string(in.hessian->dim()) + " but d_in = " +
+                     std::to_string(W.cols()));
+  if (in.channels && in.channels->dim() != W.cols())
+    throw ShapeError("layer '" + in.name + "': channel statistics have " +
+                     std::to_string(in.channels->dim()) + " channels but d_in = " +
+                     std::to_string(W.cols()));
+
+  auto t0 = std::chrono::steady_clock::now();
+  LayerResult r;
+  r.output = quantize_layer(in);
+  r.metrics.seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+
+  const Matrix& Wq = r.output.W;
+  if (Wq.rows() != W.rows() || Wq.cols() != W.cols())
+    throw ShapeError("layer '" + in.name + "': plugin returned " + std::to_string(Wq.rows()) +
+                     "x" + std::to_string(Wq.cols()) + " weights for a " +
+                     std::to_string(W.rows()) + "x" + std::to_string(W.cols()) + " layer");
+  if (!all_finite(Wq))
+    throw NumericError("layer '" + in.name + "': quantized weights contain NaN or Inf");
+
+  if (r.output.quantized) {
+    const QuantizedTensor& q = *r.output.quantized;
+    if (q.rows() != W.rows() || q.cols() != W.cols())
+      throw ShapeError("layer '" + in.name + "': codes have the wrong shape");
+    const int lo = q.spec.qmin(), hi = q.spec.qmax();
+    if (q.codes.minCoeff() < lo || q.codes.maxCoeff() > hi)
+      throw NumericError("layer '" + in.name + "': codes outside [" + std::to_string(lo) + ", " +
+                         std::to_string(hi) + "]");
+    // The weights handed downstream must be exactly what the stored codes reconstruct;
+    // otherwise the reported bits per weight would describe a different model.
+    if (dequantize(q) != Wq)
+      throw NumericError("layer '" + in.name + "': weights differ from dequantize(codes)");
+    r.metrics.bits_per_weight = bits_per_weight(q.spec, W.rows(), W.cols());
+  } else if (in.spec.quantized()) {
+    throw NumericError("layer '" + in.name + "': a " + std::to_string(in.spec.bits) +
+                       "-bit step returned no codes");
+  } else {
+    r.metrics.bits_per_weight = 16.0;
+  }
+
+  r.metrics.weight_mse = weight_mse(W, Wq);
+  r.metrics.sqnr_db = sqnr_db(W, Wq);
+  r.metrics.rel_output_error_h = in.hessian
+                                     ? relative_output_error(W, Wq, in.hessian->hessian())
+                                     : std::numeric_limits<double>::quiet_NaN();
+  return r;
+}
+
+ChannelScaleTransform NormConsumerAlgorithm::run(const NormConsumerInput& in) const {
+  if (in.consumers.empty()) throw ShapeError("'" + in.name + "': no consumer linears");
+  const Index d = in.consumers.front()->cols();
+  for (std::size_t i = 0; i < in.consumers.size(); ++i)
+    if (in.consumers[i]->cols() != d)
+      throw ShapeError("'" + in.name + "': consumers read inputs of different widths");
+  if (in.input_stats && in.input_stats->dim() != d)
+    throw ShapeError("'" + in.name + "': input statistics do not match the consumers' d_in");
+  ChannelScaleTransform t = compute_transform(in);
+  if (t.scales.size() != d)
+    throw ShapeError("'" + in.name + "': transform has " + std::to_string(t.scales.size()) +
+                     " scales for " + std::to_string(d) + " channels");
+  for (Index j = 0; j < d; ++j)
+    if (!(t.scales[j] > 0) || !std::isfinite(t.scales[j]))
+      throw NumericError("'" + in.name + "': channel scale " + std::to_string(j) +
+                         " is not positive and finite");
+  return t;
+}
+
+const std::vector<std::string>& common_step_keys() {
+  static const std::vector<std::string> keys = {
+      "algorithm", "bits", "scheme", "granularity", "group_size", "range", "percentile",
+      "mse_grid", "mse_maxshrink", "mse_norm", "scale_dtype", "act", "targets", "ignore"};
+  return keys;
+}
+
+void AlgorithmRegistry::add(AlgorithmInfo info) {
+  if (contains(info.name)) throw Error("algorithm '" + info.name + "' registered twice");
+  if (!info.make) throw Error("algorithm '" + info.name + "' has no factory");
+  if (info.options)
+    for (const std::string& k : info.options->keys())
+      for (const std::string& c : common_step_keys())
+        if (k == c)
+          throw Error("algorithm '" + info.name + "': option '" + k +
+                      "' collides with a common quant-step key");
+  infos_.push_back(std::move(info));
+}
+
+bool AlgorithmRegistry::contains(const std::string& name) const {
+  for (auto& i : infos_)
+    if (i.name == name) return true;
+  return false;
+}
+
+const AlgorithmInfo& AlgorithmRegistry::get(const std::string& name) const {
+  for (auto& i : infos_)
+    if (i.name == name) return i;
+  std::string known;
+  for (auto& i : infos_) known += (known.empty() ? "" : ", ") + i.name;
+  throw Error("unknown algorithm '" + name + "'; known: " + known);
+}
+
+std::vector<std::string> AlgorithmRegistry::names() const {
+  std::vector<std::string> n;
+  for (auto& i : infos_) n.push_back(i.name);
+  return n;
+}
+
+const AlgorithmRegistry& default_registry() {
+  static const AlgorithmRegistry registry = [] {
+    AlgorithmRegistry r;
+    register_all(r);
+    return r;
+  }();
+  return registry;
+}
+
+}  // namespace ql

@@ -1,0 +1,15 @@
+// The one list of plugins. Explicit calls instead of static-initialiser self-registration, which
+// a static library silently drops. A new plugin adds its register_* call here and is then
+// covered by the registry and conformance tests.
+#include "algorithms/algorithm.h"
+#include "algorithms/fp/fp.h"
+#include "algorithms/rtn/rtn.h"
+
+namespace ql {
+
+void register_all(AlgorithmRegistry& registry) {
+  register_fp(registry);
+  register_rtn(registry);
+}
+
+}  // namespace ql

@@ -1,0 +1,341 @@
+#include "experiments/config.h"
+
+#include <algorithm>
+#include <filesystem>
+#include <limits>
+#include <regex>
+
+#include "core/options.h"
+#include "experiments/hash.h"
+
+namespace ql {
+namespace {
+
+const std::vector<std::string> kTopKeys = {"seed", "calib", "eval", "slices",
+                                           "quant", "output", "workload"};
+
+ConfigNode string_list_node(const std::vector<std::string>& v) {
+  ConfigNode s = ConfigNode::sequence();
+  for (auto& x : v) s.push_back(ConfigNode::scalar(x));
+  return s;
+}
+
+const OptionSchema<CalibConfig>& calib_schema() {
+  static const OptionSchema<CalibConfig> s = [] {
+    OptionSchema<CalibConfig> o;
+    o.add("tokens", &CalibConfig::tokens, "calibration tokens per layer", {1, 1 << 24});
+    o.add_custom(
+        "populations", "list of names",
+        "populations calibration data are drawn from (default: all, split by share)",
+        [](CalibConfig& c, const ConfigNode& n, const std::string& p) {
+          c.populations = read_string_list(n, p);
+        },
+        [](const CalibConfig& c) { return string_list_node(c.populations); });
+    return o;
+  }();
+  return s;
+}
+
+const OptionSchema<EvalConfig>& eval_schema() {
+  static const OptionSchema<EvalConfig> s = [] {
+    OptionSchema<EvalConfig> o;
+    o.add("units", &EvalConfig::units,
+          "evaluation units (document-like token groups; the bootstrap resamples units)",
+          {2, 1 << 20});
+    o.add("unit_tokens", &EvalConfig::unit_tokens, "tokens per evaluation unit", {1, 1 << 20});
+    return o;
+  }();
+  return s;
+}
+
+const OptionSchema<BootstrapOptions>& slices_schema() {
+  static const OptionSchema<BootstrapOptions> s = [] {
+    OptionSchema<BootstrapOptions> o;
+    o.add("n_boot", &BootstrapOptions::n_boot, "bootstrap replicates (0: no intervals)",
+          {0, 1e6});
+    o.add_custom(
+        "seed", "int", "seed of the bootstrap replicate index sets",
+        [](BootstrapOptions& b, const ConfigNode& n, const std::string& p) {
+          b.seed = static_cast<uint64_t>(read_int(n, p, 0, std::numeric_limits<long long>::max()));
+        },
+        [](const BootstrapOptions& b) { return ConfigNode::scalar(std::to_string(b.seed)); });
+    o.add("ci_level", &BootstrapOptions::ci_level, "confidence level of percentile intervals",
+          {1e-6, 1 - 1e-9});
+    o.add("stratify", &BootstrapOptions::stratify,
+          "resample units within each slice cell (keeps design sizes); false = i.i.d.");
+    o.add("min_units", &BootstrapOptions::min_units, "flag slices with fewer units",
+          {0, 1e12});
+    o.add("min_tokens", &BootstrapOptions::min_tokens, "flag slices with fewer tokens",
+          {0, 1e15});
+    return o;
+  }();
+  return s;
+}
+
+const OptionSchema<OutputConfig>& output_schema() {
+  static const OptionSchema<OutputConfig> s = [] {
+    OptionSchema<OutputConfig> o;
+    o.add("path", &OutputConfig::path, "HDF5 results file (default results/<config>.h5)");
+    o.add_custom(
+        "table", "map", "table printed after the run: {rows, cols, metrics, format}",
+        [](OutputConfig& c, const ConfigNode& n, const std::string& p) {
+          if (!n.is_map())
+            throw ConfigError(n.loc(), p, "expected a map {rows, cols, metrics, format}, found '" +
+                                              n.to_flow() + "'");
+          const std::vector<std::string> keys = {"rows", "cols", "metrics", "format"};
+          for (auto& [k, v] : n.entries()) {
+            std::string kp = join_path(p, k);
+            if (k == "rows") c.table_rows = read_string(v, kp);
+            else if (k == "cols") c.table_cols = read_string(v, kp);
+            else if (k == "metrics") c.table_metrics = read_string_list(v, kp);
+            else if (k == "format") c.table_format = read_choice(v, kp, {"md", "latex", "csv"});
+            else throw_unknown_key(n, k, p, keys);
+          }
+          if (c.table_cols.empty() || c.table_metrics.empty())
+            throw ConfigError(n.loc(), p, "expected both 'cols' and 'metrics'");
+        },
+        [](const OutputConfig& c) {
+          ConfigNode m = ConfigNode::map();
+          m.set("rows", ConfigNode::scalar(c.table_rows));
+          m.set("cols", ConfigNode::scalar(c.table_cols));
+          m.set("metrics", string_list_node(c.table_metrics));
+          m.set("format", ConfigNode::scalar(c.table_format));
+          return m;
+        });
+    return o;
+  }();
+  return s;
+}
+
+void check_regexes(const std::vector<std::string>& res, const ConfigNode& node,
+                   const std::string& path) {
+  for (std::size_t i = 0; i < res.size(); ++i) {
+    try {
+      std::regex re(res[i]);
+    } catch (const std::regex_error& e) {
+      const ConfigNode& at = node.is_sequence() && i < node.size() ? node.at(i) : node;
+      throw ConfigError(at.loc(), path, "expected a regular expression, found '" + res[i] +
+                                            "' (" + e.what() + ")");
+    }
+  }
+}
+
+QuantStep parse_step(const ConfigNode& n, const std::string& path,
+                     const AlgorithmRegistry& registry) {
+  if (!n.is_map())
+    throw ConfigError(n.loc(), path,
+                      "expected a map such as {algorithm: rtn, bits: 4}, found '" + n.to_flow() + "'");
+  QuantStep step;
+  step.loc = n.loc();
+  const ConfigNode* alg = n.find("algorithm");
+  if (!alg) throw ConfigError(n.loc(), path, "expected an 'algorithm' key (one of the registered algorithms)");
+  step.algorithm = read_choice(*alg, join_path(path, "algorithm"), registry.names());
+  const AlgorithmInfo& info = registry.get(step.algorithm);
+
+  ConfigNode weight_map = ConfigNode::map(n.loc());
+  ConfigNode option_map = ConfigNode::map(n.loc());
+  const auto& wschema = quant_spec_schema();
+  for (auto& [key, value] : n.entries()) {
+    const std::string kp = join_path(path, key);
+    if (key == "algorithm") continue;
+    if (wschema.has(key)) {
+      if (!info.uses_weight_spec)
+        throw ConfigError(n.key_loc(key), kp,
+                          "algorithm '" + step.algorithm + "' has no weight grid; remove this key");
+      weight_map.set(key, value, n.key_loc(key));
+    } else if (key == "act") {
+      step.act = act_quant_spec_schema().parse(value, kp);
+    } else if (key == "targets") {
+      step.targets = read_string_list(value, kp);
+      check_regexes(step.targets, value, kp);
+    } else if (key == "ignore") {
+      step.ignore = read_string_list(value, kp);
+      check_regexes(step.ignore, value, kp);
+    } else if (info.options && info.options->has(key)) {
+      option_map.set(key, value, n.key_loc(key));
+    } else {
+      std::vector<std::string> valid = {"algorithm", "act", "targets", "ignore"};
+      if (info.uses_weight_spec)
+        for (auto& k : wschema.keys()) valid.push_back(k);
+      if (info.options)
+        for (auto& k : info.options->keys()) valid.push_back(k);
+      throw_unknown_key(n, key, path, valid);
+    }
+  }
+  if (info.uses_weight_spec) {
+    step.weight = wschema.parse(weight_map, path);
+  } else {
+    step.weight = QuantSpec{};
+    step.weight.bits = 16;
+  }
+  if (info.options) {
+    step.options = info.options->defaults();
+    for (auto& [key, value] : option_map.entries())
+      info.options->parse_key(step.options, key, value, join_path(path, key));
+    info.options->validate(step.options, option_map, path);
+  }
+  return step;
+}
+
+ConfigNode emit_step(const QuantStep& s, const AlgorithmRegistry& registry) {
+  const AlgorithmInfo& info = registry.get(s.algorithm);
+  ConfigNode m = ConfigNode::map();
+  m.set("algorithm", ConfigNode::scalar(s.algorithm));
+  if (info.uses_weight_spec) {
+    const ConfigNode grid = quant_spec_schema().emit(s.weight);
+    for (auto& [k, v] : grid.entries()) m.set(k, v);
+  }
+  m.set("act", act_quant_spec_schema().emit(s.act));
+  m.set("targets", string_list_node(s.targets));
+  m.set("ignore", string_list_node(s.ignore));
+  if (info.options) info.options->emit(s.options, m);
+  return m;
+}
+
+
+/// Parse the synthetic workload with the data sizes of calib:/eval: already in place, and
+/// report the validator's findings about those sizes at the calib:/eval: keys the user wrote.
+void parse_synthetic(RunConfig& rc, const ConfigNode& workload_map, const ConfigNode& root) {
+  SyntheticSpec& spec = rc.workload.synthetic;
+  spec.calib_tokens = static_cast<int>(rc.calib.tokens);
+  spec.calib_populations = rc.calib.populations;
+  spec.eval_units = static_cast<int>(rc.eval.units);
+  spec.unit_tokens = static_cast<int>(rc.eval.unit_tokens);
+  try {
+    synthetic_spec_schema().parse_into(spec, workload_map, "workload");
+  } catch (const ConfigError& e) {
+    static const std::vector<std::pair<std::string, std::string>> moved = {
+        {"workload.calib_tokens", "calib.tokens"},
+        {"workload.calib_populations", "calib.populations"},
+        {"workload.eval_units", "eval.units"},
+        {"workload.unit_tokens", "eval.unit_tokens"}};
+    for (auto& [from, to] : moved) {
+      if (e.key_path().rfind(from, 0) != 0) continue;
+      std::string path = to + e.key_path().substr(from.size());
+      const std::string section = to.substr(0, to.find('.'));
+      const ConfigNode* sec = root.find(section);
+      const ConfigNode* at = sec ? sec->get_path(path.substr(section.size() + 1)) : nullptr;
+      SourceLoc loc = at ? at->loc() : sec ? sec->loc() : root.loc();
+      throw ConfigError(loc, path, e.detail());
+    }
+    throw;
+  }
+}
+}  // namespace
+
+RunConfig parse_run_config(const ConfigNode& root, const std::string& label,
+                           const std::string& config_path, const AlgorithmRegistry& registry) {
+  RunConfig rc;
+  rc.label = label;
+  try {
+    if (!root.is_map())
+      throw ConfigError(root.loc(), "", "expected a map of sections (seed, workload, quant, ...)");
+    // calib: and eval: first: they size the workload's data, which its validator checks.
+    if (const ConfigNode* n = root.find("calib")) rc.calib = calib_schema().parse(*n, "calib");
+    if (const ConfigNode* n = root.find("eval")) rc.eval = eval_schema().parse(*n, "eval");
+    for (auto& [key, value] : root.entries()) {
+      if (key == "seed") {
+        rc.seed = static_cast<uint64_t>(read_int(value, key, 0, std::numeric_limits<long long>::max()));
+      } else if (key == "workload") {
+        if (!value.is_map())
+          throw ConfigError(value.loc(), key, "expected a map with 'kind: synthetic' and its options");
+        ConfigNode rest = value;
+        if (const ConfigNode* kind = value.find("kind")) {
+          rc.workload.kind = read_choice(*kind, "workload.kind", {"synthetic"});
+          rest.erase("kind");
+        }
+        parse_synthetic(rc, rest, root);
+      } else if (key == "calib" || key == "eval") {
+        // parsed above
+      } else if (key == "slices") {
+        rc.slices = slices_schema().parse(value, key);
+      } else if (key == "output") {
+        rc.output = output_schema().parse(value, key);
+      } else if (key == "quant") {
+        if (!value.is_sequence() || value.size() == 0)
+          throw ConfigError(value.loc(), key,
+                            "expected a non-empty list of steps such as [{algorithm: rtn, bits: 4}], found '" +
+                                value.to_flow() + "'");
+        for (std::size_t i = 0; i < value.size(); ++i)
+          rc.quant.push_back(parse_step(value.at(i), "quant." + std::to_string(i), registry));
+      } else {
+        throw_unknown_key(root, key, "", kTopKeys);
+      }
+    }
+    if (!root.find("workload")) parse_synthetic(rc, ConfigNode::map(root.loc()), root);
+    if (rc.quant.empty())
+      throw ConfigError(root.loc(), "quant", "expected a 'quant' list (use [{algorithm: fp}] for the FP reference)");
+  } catch (const ConfigError& e) {
+    throw e.with_run(label);
+  }
+
+  if (rc.output.path.empty())
+    rc.output.path =
+        "results/" + std::filesystem::path(config_path).stem().string() + ".h5";
+
+  ConfigNode c = ConfigNode::map();
+  c.set("seed", ConfigNode::scalar(std::to_string(rc.seed)));
+  ConfigNode w = ConfigNode::map();
+  w.set("kind", ConfigNode::scalar(rc.workload.kind));
+  const ConfigNode spec_node = synthetic_spec_schema().emit(rc.workload.synthetic);
+  for (auto& [k, v] : spec_node.entries()) w.set(k, v);
+  c.set("workload", w);
+  CalibConfig resolved_calib = rc.calib;
+  if (resolved_calib.populations.empty())
+    for (auto& p : rc.workload.synthetic.populations) resolved_calib.populations.push_back(p.name);
+  c.set("calib", calib_schema().emit(resolved_calib));
+  c.set("eval", eval_schema().emit(rc.eval));
+  c.set("slices", slices_schema().emit(rc.slices));
+  ConfigNode q = ConfigNode::sequence();
+  for (auto& s : rc.quant) q.push_back(emit_step(s, registry));
+  c.set("quant", q);
+  rc.canonical = c;
+  rc.run_id = run_id_of(c.to_yaml());
+  return rc;
+}
+
+std::string RunConfig::workload_key() const {
+  std::string k = "seed: " + std::to_string(seed) + "\n";
+  for (const char* s : {"workload", "calib", "eval"})
+    if (const ConfigNode* n = canonical.find(s)) k += std::string(s) + ":\n" + n->to_yaml();
+  return k;
+}
+
+int RunConfig::weight_bits() const {
+  int b = 16;
+  for (auto& s : quant) b = std::min(b, s.weight.bits);
+  return b;
+}
+
+std::string RunConfig::pipeline_name() const {
+  std::string p;
+  for (auto& s : quant) p += (p.empty() ? "" : "+") + s.algorithm;
+  return p;
+}
+
+namespace {
+void flatten_into(const ConfigNode& n, const std::string& prefix, std::vector<ParamRow>& out) {
+  if (n.is_map()) {
+    for (auto& [k, v] : n.entries()) flatten_into(v, join_path(prefix, k), out);
+  } else if (n.is_sequence()) {
+    bool scalars = true;
+    for (auto& e : n.items()) scalars = scalars && (e.is_scalar() || e.is_null());
+    if (scalars) {
+      out.push_back({prefix, n.to_flow()});
+    } else {
+      for (std::size_t i = 0; i < n.size(); ++i)
+        flatten_into(n.at(i), join_path(prefix, std::to_string(i)), out);
+    }
+  } else {
+    out.push_back({prefix, n.is_null() ? "" : n.value()});
+  }
+}
+}  // namespace
+
+std::vector<ParamRow> flatten_params(const ConfigNode& node) {
+  std::vector<ParamRow> out;
+  flatten_into(node, "", out);
+  return out;
+}
+
+}  // namespace ql

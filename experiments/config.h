@@ -1,0 +1,93 @@
+// The typed experiment config: one expanded run of a YAML file (after include:, overrides and
+// sweep expansion) parsed into structs with defaults. Every run of a sweep is parsed and
+// validated before any compute, so a typo in run 31 fails in a second, not after an hour.
+//
+// Top-level keys: seed, workload, calib, eval, slices, quant, output (+ include and sweep, which
+// experiments/sweep.h consumes before this parser sees the tree).
+#pragma once
+#include <any>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "algorithms/algorithm.h"
+#include "core/config_node.h"
+#include "core/quant_spec.h"
+#include "core/slices.h"
+#include "core/synthetic.h"
+#include "experiments/run_record.h"
+
+namespace ql {
+
+/// One step of the quantization pipeline, e.g. `{algorithm: rtn, bits: 4, granularity: group}`.
+struct QuantStep {
+  std::string algorithm;
+  QuantSpec weight;                       ///< bits 16 for algorithms without a weight grid
+  ActQuantSpec act;                       ///< `act:` map; bits 16 = activations stay float
+  std::vector<std::string> targets{".*"}; ///< regexes (full match) of layer names to quantize
+  std::vector<std::string> ignore;        ///< regexes of layer names to leave alone
+  std::any options;                       ///< the plugin's typed options struct
+  SourceLoc loc;                          ///< where the step was written, for run-time errors
+};
+
+/// `workload:` — what is quantized. Only `kind: synthetic` (a layer suite) exists so far.
+struct WorkloadConfig {
+  std::string kind = "synthetic";
+  SyntheticSpec synthetic;
+};
+
+/// `calib:` — calibration data drawn for the workload.
+struct CalibConfig {
+  long long tokens = 1024;               ///< calibration tokens per layer
+  std::vector<std::string> populations;  ///< populations drawn from (empty = all, by share)
+};
+
+/// `eval:` — evaluation data: `units` document-like groups of `unit_tokens` tokens; the
+/// bootstrap resamples units, never tokens.
+struct EvalConfig {
+  long long units = 128;
+  long long unit_tokens = 32;
+};
+
+/// `output:` — where results go and which table to print at the end.
+struct OutputConfig {
+  std::string path;  ///< HDF5 file; default results/<config file stem>.h5
+  std::string table_rows = "label";
+  std::string table_cols;  ///< empty: no table printed
+  std::vector<std::string> table_metrics;
+  std::string table_format = "md";
+};
+
+struct RunConfig {
+  std::string label;
+  std::string experiment;  ///< the sweep's experiment label, without swept values
+  uint64_t seed = 0;
+  WorkloadConfig workload;
+  CalibConfig calib;
+  EvalConfig eval;
+  BootstrapOptions slices;
+  std::vector<QuantStep> quant;
+  OutputConfig output;
+
+  /// Canonical resolved config (defaults filled in; output excluded): what run_id hashes.
+  ConfigNode canonical;
+  std::string run_id;
+
+  /// The workload part alone; runs with equal workload keys share generated data.
+  std::string workload_key() const;
+  /// "fp", "rtn", "smoothquant+gptq", ...
+  std::string pipeline_name() const;
+  /// Weight bits of the run: the smallest `bits` of its steps (16 when nothing is quantized).
+  int weight_bits() const;
+};
+
+/// Parse and validate one expanded run. `config_path` is used for the default output path.
+/// Throws ConfigError (file:line:col, key path, expected vs found, run label).
+RunConfig parse_run_config(const ConfigNode& root, const std::string& label,
+                           const std::string& config_path, const AlgorithmRegistry& registry);
+
+/// Flatten a tree into dotted keys ("quant.0.bits" -> "4"); sequences of scalars become flow
+/// text ("[a, b]").
+std::vector<ParamRow> flatten_params(const ConfigNode& node);
+
+}  // namespace ql

@@ -1,0 +1,485 @@
+#include "experiments/runner.h"
+
+#include <unistd.h>
+
+#include <chrono>
+#include <cmath>
+#include <ctime>
+#include <iomanip>
+#include <iostream>
+#include <limits>
+#include <map>
+#include <regex>
+#include <sstream>
+
+#include "core/calib_stats.h"
+#include "core/error.h"
+#include "core/linalg.h"
+#include "core/rng.h"
+#include "core/metrics.h"
+#include "core/parallel.h"
+#include "core/synthetic.h"
+#include "experiments/result_store.h"
+#include "experiments/sweep.h"
+
+namespace ql {
+
+// ------------------------------------------------------------------------------------------
+// Planning
+// ------------------------------------------------------------------------------------------
+
+std::vector<RunConfig> plan_runs(const std::string& config_path,
+                                 const std::vector<std::string>& overrides,
+                                 const AlgorithmRegistry& registry) {
+  ConfigNode root = load_config(config_path, overrides);
+  std::vector<ExpandedRun> expanded = expand_sweep(root);
+  std::vector<RunConfig> runs;
+  runs.reserve(expanded.size());
+  for (auto& e : expanded) {
+    runs.push_back(parse_run_config(e.config, e.label, config_path, registry));
+    runs.back().experiment = e.experiment;
+  }
+  return runs;
+}
+
+// ------------------------------------------------------------------------------------------
+// Workload preparation
+// ------------------------------------------------------------------------------------------
+
+struct WorkloadCache::Prepared {
+  struct Layer {
+    std::string name;
+    Matrix W;
+    HessianAccumulator H;   // of the calibration inputs
+    ChannelStats stats;     // of the calibration inputs
+    Matrix X_eval;          // evaluation tokens, unit-major
+    Matrix Y_ref;           // FP outputs on X_eval
+    VectorD sig;            // ‖y_t‖² per evaluation token, double
+  };
+  std::vector<Layer> layers;
+  std::vector<std::string> unit_ids;
+  std::vector<std::string> unit_population;
+  Index unit_tokens = 0;
+};
+
+WorkloadCache::WorkloadCache() = default;
+WorkloadCache::~WorkloadCache() = default;
+
+namespace {
+
+VectorD row_squared_norms(const Matrix& Y) {
+  VectorD out(Y.rows());
+#pragma omp parallel for schedule(static)
+  for (Index t = 0; t < Y.rows(); ++t) out[t] = Y.row(t).cast<double>().squaredNorm();
+  return out;
+}
+
+std::shared_ptr<WorkloadCache::Prepared> prepare(const RunConfig& run) {
+  // The parsed spec already carries the calib:/eval: data sizes (experiments/config.cc).
+  SyntheticSuite suite = generate_suite(run.workload.synthetic, run.seed);
+
+  auto p = std::make_shared<WorkloadCache::Prepared>();
+  p->unit_ids = suite.unit_ids;
+  p->unit_population = suite.unit_population;
+  p->unit_tokens = suite.unit_tokens;
+  for (auto& l : suite.layers) {
+    WorkloadCache::Prepared::Layer L;
+    L.name = l.name;
+    L.H = HessianAccumulator(l.W.cols());
+    L.H.add(l.X_calib);
+    L.stats = ChannelStats(l.W.cols());
+    L.stats.add(l.X_calib);
+    L.Y_ref = matmul_nt(l.X_eval, l.W);
+    L.sig = row_squared_norms(L.Y_ref);
+    L.W = std::move(l.W);
+    L.X_eval = std::move(l.X_eval);
+    p->layers.push_back(std::move(L));
+  }
+  return p;
+}
+
+}  // namespace
+
+std::shared_ptr<const WorkloadCache::Prepared> WorkloadCache::get(const RunConfig& run,
+                                                                double* seconds) {
+  const std::string key = run.workload_key();
+  if (current_ && key == key_) {
+    if (seconds) *seconds = 0;
+    return current_;
+  }
+  auto t0 = std::chrono::steady_clock::now();
+  current_.reset();  // free the old workload before building the next
+  current_ = prepare(run);
+  key_ = key;
+  if (seconds) *seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  return current_;
+}
+
+// ------------------------------------------------------------------------------------------
+// One run
+// ------------------------------------------------------------------------------------------
+
+namespace {
+
+double seconds_since(std::chrono::steady_clock::time_point t0) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+std::string utc_now() {
+  std::time_t t = std::time(nullptr);
+  std::tm tm{};
+  gmtime_r(&t, &tm);
+  char buf[32];
+  std::strftime(buf, sizeof buf, "%Y-%m-%dT%H:%M:%SZ", &tm);
+  return buf;
+}
+
+bool full_match_any(const std::vector<std::string>& res, const std::string& name) {
+  for (auto& r : res)
+    if (std::regex_match(name, std::regex(r))) return true;
+  return false;
+}
+
+const char* scheme_name(QuantScheme s) {
+  switch (s) {
+    case QuantScheme::Asym: return "asym";
+    case QuantScheme::Sym: return "sym";
+    case QuantScheme::SymOffset: return "sym_offset";
+  }
+  return "?";
+}
+
+int group_of(const QuantSpec& s) {
+  switch (s.granularity) {
+    case Granularity::PerTensor: return 0;
+    case Granularity::PerChannel: return -1;
+    case Granularity::PerGroup: return s.group_size;
+  }
+  return -1;
+}
+
+/// Per-token squared output error ‖ŷ_t - y_t‖² in double; tokens are independent, so the
+/// result does not depend on the thread count.
+VectorD token_errors(const Matrix& Yq, const Matrix& Y) {
+  VectorD out(Y.rows());
+#pragma omp parallel for schedule(static)
+  for (Index t = 0; t < Y.rows(); ++t)
+    out[t] = (Yq.row(t) - Y.row(t)).cast<double>().squaredNorm();
+  return out;
+}
+
+}  // namespace
+
+RunRecord execute_run(const RunConfig& run, WorkloadCache& cache, const AlgorithmRegistry& registry,
+                      const std::function<void(const std::string&)>& on_layer) {
+  RunRecord rec;
+  rec.run_id = run.run_id;
+  rec.label = run.label;
+  rec.config_yaml = run.canonical.to_yaml();
+  rec.code_revision = QL_GIT_REV;
+  rec.started_at = utc_now();
+  rec.seed = run.seed;
+  rec.threads = num_threads();
+  rec.params = flatten_params(run.canonical);
+  // Run-level keys for pivoting tables: the experiment, the pipeline and its weight bits.
+  rec.params.insert(rec.params.begin(),
+                    {ParamRow{"experiment", run.experiment.empty() ? run.label : run.experiment},
+                     ParamRow{"algorithm", run.pipeline_name()},
+                     ParamRow{"wbits", std::to_string(run.weight_bits())}});
+  const auto t_start = std::chrono::steady_clock::now();
+
+  try {
+    std::shared_ptr<const WorkloadCache::Prepared> wl = cache.get(run, &rec.seconds_calib);
+
+    std::vector<std::unique_ptr<Algorithm>> algos;
+    for (auto& step : run.quant) {
+      const AlgorithmInfo& info = registry.get(step.algorithm);
+      if (info.scope != Scope::Layer && info.scope != Scope::NormConsumers)
+        throw ConfigError(step.loc, "quant", "algorithm '" + step.algorithm + "' acts at " +
+                                                 scope_name(info.scope) +
+                                                 " scope; the synthetic layer suite has no transformer blocks",
+                          run.label);
+      algos.push_back(info.make());
+    }
+
+    const Index n_units = static_cast<Index>(wl->unit_ids.size());
+    const Index L = static_cast<Index>(wl->layers.size());
+    UnitTable& units = rec.units;
+    units.unit_ids = wl->unit_ids;
+    units.attr_keys = {"population"};
+    units.attrs = {wl->unit_population};
+    units.columns = {"n_tokens"};
+    for (auto& l : wl->layers) {
+      units.columns.push_back("err/" + l.name);
+      units.columns.push_back("sig/" + l.name);
+    }
+    units.sums = MatrixD::Zero(n_units, units.columns.size());
+    units.sums.col(0).setConstant(static_cast<double>(wl->unit_tokens));
+
+    for (Index li = 0; li < L; ++li) {
+      const auto& layer = wl->layers[li];
+      if (on_layer) on_layer(layer.name);
+      const auto t_q = std::chrono::steady_clock::now();
+
+      // Pipeline state of this layer: current weights in the transformed input space, the
+      // per-input-channel scale s (x' = x / s), and calibration statistics of x'.
+      Matrix W = layer.W;
+      VectorD s = VectorD::Ones(W.cols());
+      HessianAccumulator H = layer.H;
+      ChannelStats stats = layer.stats;
+      LayerRow row;
+      row.layer = layer.name;
+      row.algorithm = run.pipeline_name();
+      row.scheme = "none";
+      row.bits = 16;
+      row.group_size = -1;
+      row.bpw = 16;
+      double plugin_seconds = 0;
+      const ActQuantSpec* act = nullptr;
+
+      for (std::size_t si = 0; si < run.quant.size(); ++si) {
+        const QuantStep& step = run.quant[si];
+        if (!full_match_any(step.targets, layer.name) || full_match_any(step.ignore, layer.name))
+          continue;
+        if (step.act.quantized()) act = &step.act;
+        if (auto* la = dynamic_cast<const LayerAlgorithm*>(algos[si].get())) {
+          LayerInput in;
+          in.name = layer.name;
+          in.W = &W;
+          in.hessian = &H;
+          in.channels = &stats;
+          in.spec = step.weight;
+          in.options = &step.options;
+          in.seed = mix_stream(run.seed, static_cast<uint64_t>(li) * 131 + si);
+          LayerResult r = la->run(in);
+          plugin_seconds += r.metrics.seconds;
+          W = std::move(r.output.W);
+          if (r.output.quantized) {
+            row.bits = step.weight.bits;
+            row.scheme = scheme_name(step.weight.scheme);
+            row.group_size = group_of(step.weight);
+            row.bpw = r.metrics.bits_per_weight;
+          }
+          for (auto& [name, value] : r.output.diagnostics)
+            rec.diagnostics.push_back({layer.name, static_cast<int>(si), step.algorithm, name, value});
+        } else if (auto* na = dynamic_cast<const NormConsumerAlgorithm*>(algos[si].get())) {
+          NormConsumerInput in;
+          in.name = layer.name + ".input";
+          in.consumer_names = {layer.name};
+          in.consumers = {&W};
+          in.input_stats = &stats;
+          in.options = &step.options;
+          auto t0 = std::chrono::steady_clock::now();
+          ChannelScaleTransform tr = na->run(in);
+          plugin_seconds += seconds_since(t0);
+          // Fold once: W' = W diag(s), x' = x / s, so H' = D⁻¹ H D⁻¹ and the statistics of x'
+          // are re-derived by rescaling the calibration statistics.
+          const Vector sf = tr.scales.cast<float>();
+          W = W * sf.asDiagonal();
+          s = s.cwiseProduct(tr.scales);
+          H.scale_channels(tr.scales.cwiseInverse());
+          stats.scale_channels(tr.scales.cwiseInverse());
+          for (auto& [name, value] : tr.diagnostics)
+            rec.diagnostics.push_back({layer.name, static_cast<int>(si), step.algorithm, name, value});
+        }
+      }
+      rec.seconds_quant += seconds_since(t_q);
+
+      // Evaluation on held-out tokens from every population.
+      const auto t_e = std::chrono::steady_clock::now();
+      Matrix Xq = layer.X_eval;
+      if (s != VectorD::Ones(s.size())) Xq = Xq * s.cast<float>().cwiseInverse().asDiagonal();
+      if (act) {
+        ActRange range;
+        if (act->mode == ActRangeMode::Static) {
+          // Static ranges come from the calibration inputs in the transformed space.
+          range.lo = stats.min();
+          range.hi = stats.max();
+        }
+        fake_quant_activations(Xq, *act, act->mode == ActRangeMode::Static ? &range : nullptr);
+      }
+      const Matrix Yq = matmul_nt(Xq, W);
+      const VectorD err = token_errors(Yq, layer.Y_ref);
+      const Index T = wl->unit_tokens;
+      for (Index u = 0; u < n_units; ++u) {
+        units.sums(u, 1 + 2 * li) = err.segment(u * T, T).sum();
+        units.sums(u, 2 + 2 * li) = layer.sig.segment(u * T, T).sum();
+      }
+      const Matrix W_eff = W * s.cast<float>().cwiseInverse().asDiagonal();
+      const double sum_err = err.sum(), sum_sig = layer.sig.sum();
+      row.weight_mse = weight_mse(layer.W, W_eff);
+      row.rel_err_h = relative_output_error(layer.W, W_eff, layer.H.hessian());
+      row.rel_err_eval = sum_sig > 0 ? sum_err / sum_sig : std::numeric_limits<double>::quiet_NaN();
+      row.out_mse = sum_err / static_cast<double>(Yq.size());
+      row.sqnr_db = sqnr_db(layer.Y_ref, Yq);
+      row.cosine = cosine_similarity(layer.Y_ref, Yq);
+      row.max_abs = max_abs_error(layer.Y_ref, Yq);
+      row.seconds = plugin_seconds;
+      rec.layers.push_back(row);
+      rec.seconds_eval += seconds_since(t_e);
+    }
+
+    // Slice metrics over units. Each metric is a mean over layers of a per-layer ratio of
+    // sums; the FP reference's outputs are the targets themselves, so its error is 0.
+    const auto t_s = std::chrono::steady_clock::now();
+    std::vector<double> d_out;
+    for (auto& l : wl->layers) d_out.push_back(static_cast<double>(l.W.rows()));
+    const Index nl = L;
+    std::vector<SliceMetricDef> defs;
+    defs.push_back({"out_rel_err", false,
+                    [nl](const double* t) {
+                      double a = 0;
+                      for (Index l = 0; l < nl; ++l) a += t[1 + 2 * l] / t[2 + 2 * l];
+                      return a / nl;
+                    },
+                    [](const double*) { return 0.0; }});
+    defs.push_back({"out_mse", false,
+                    [nl, d_out](const double* t) {
+                      double a = 0;
+                      for (Index l = 0; l < nl; ++l) a += t[1 + 2 * l] / (t[0] * d_out[l]);
+                      return a / nl;
+                    },
+                    [](const double*) { return 0.0; }});
+    defs.push_back({"out_sqnr_db", true,
+                    [nl](const double* t) {
+                      double a = 0;
+                      for (Index l = 0; l < nl; ++l) a += 10.0 * std::log10(t[2 + 2 * l] / t[1 + 2 * l]);
+                      return a / nl;
+                    },
+                    {}});
+    SliceReport rep = evaluate_slices(units, defs, run.slices);
+    rec.slices = std::move(rep.rows);
+    rec.disparity = std::move(rep.disparity);
+    for (auto& r : rec.slices)
+      if (r.slice_key == "__all__")
+        rec.summary.push_back({r.metric, r.value, r.ci_low, r.ci_high, r.delta});
+
+    // Layer aggregates: bits per weight weighted by weight count, errors averaged over layers.
+    double nw = 0, bits = 0, wmse = 0, relh = 0;
+    for (std::size_t i = 0; i < rec.layers.size(); ++i) {
+      const double n = static_cast<double>(wl->layers[i].W.size());
+      nw += n;
+      bits += rec.layers[i].bpw * n;
+      wmse += rec.layers[i].weight_mse;
+      relh += rec.layers[i].rel_err_h;
+    }
+    const double nan = std::numeric_limits<double>::quiet_NaN();
+    const double nlay = static_cast<double>(rec.layers.size());
+    rec.summary.push_back({"bpw", bits / nw, nan, nan, bits / nw - 16.0});
+    rec.summary.push_back({"weight_mse", wmse / nlay, nan, nan, wmse / nlay});
+    rec.summary.push_back({"rel_err_h", relh / nlay, nan, nan, relh / nlay});
+    rec.seconds_eval += seconds_since(t_s);
+    rec.status = "ok";
+  } catch (const std::exception& e) {
+    rec.status = "failed";
+    rec.message = e.what();
+    rec.layers.clear();
+    rec.diagnostics.clear();
+    rec.summary.clear();
+    rec.slices.clear();
+    rec.disparity.clear();
+    rec.units = UnitTable{};
+  }
+  rec.seconds_total = seconds_since(t_start);
+  return rec;
+}
+
+// ------------------------------------------------------------------------------------------
+// Sweeps
+// ------------------------------------------------------------------------------------------
+
+namespace {
+
+/// Progress on stderr: a redrawn bar with ETA on a terminal, one plain line per run otherwise.
+class Progress {
+ public:
+  Progress(std::ostream& os, bool tty, int total) : os_(os), tty_(tty), total_(total) {}
+  void start(int index, const std::string& label) {
+    index_ = index;
+    label_ = label;
+    draw("");
+  }
+  void layer(const std::string& name) { draw(name); }
+  void finish(const RunRecord& r, bool skipped) {
+    ++done_;
+    if (!skipped) {
+      ++computed_;
+      seconds_ += r.seconds_total;
+    }
+    if (tty_) os_ << "\r\033[K";
+    os_ << "[" << index_ + 1 << "/" << total_ << "] ";
+    if (skipped)
+      os_ << "stored  " << label_ << "\n";
+    else if (r.status == "ok")
+      os_ << "ok " << std::fixed << std::setprecision(2) << r.seconds_total << "s  " << label_ << "\n";
+    else
+      os_ << "FAILED  " << label_ << ": " << r.message << "\n";
+    os_ << std::defaultfloat << std::flush;
+  }
+
+ private:
+  void draw(const std::string& layer) {
+    if (!tty_) return;
+    const int width = 24;
+    int filled = total_ ? width * done_ / total_ : width;
+    std::string bar(filled, '#');
+    bar += std::string(width - filled, '.');
+    os_ << "\r\033[K[" << bar << "] " << done_ << "/" << total_ << " " << label_;
+    if (!layer.empty()) os_ << " | " << layer;
+    if (computed_ > 0) {
+      double eta = seconds_ / computed_ * (total_ - done_);
+      os_ << " | ETA " << static_cast<int>(eta) / 60 << ":" << std::setw(2) << std::setfill('0')
+          << static_cast<int>(eta) % 60 << std::setfill(' ');
+    }
+    os_ << std::flush;
+  }
+  std::ostream& os_;
+  bool tty_;
+  int total_, done_ = 0, computed_ = 0, index_ = 0;
+  double seconds_ = 0;
+  std::string label_;
+};
+
+}  // namespace
+
+SweepSummary run_sweep(const std::vector<RunConfig>& runs, const RunnerOptions& opts,
+                       const AlgorithmRegistry& registry) {
+  set_num_threads(opts.threads);
+  SweepSummary sum;
+  sum.total = static_cast<int>(runs.size());
+  std::ostream& os = opts.progress ? *opts.progress : std::cerr;
+  const bool tty = !opts.progress && isatty(STDERR_FILENO);
+  std::ostringstream sink;
+  Progress progress(opts.quiet ? static_cast<std::ostream&>(sink) : os, tty && !opts.quiet,
+                    sum.total);
+
+  std::map<std::string, std::unique_ptr<ResultStore>> stores;
+  std::map<std::string, std::map<std::string, std::string>> statuses;
+  WorkloadCache cache;
+  for (int i = 0; i < sum.total; ++i) {
+    const RunConfig& run = runs[i];
+    const std::string path = opts.output.empty() ? run.output.path : opts.output;
+    if (!stores.count(path)) {
+      stores[path] = std::make_unique<ResultStore>(path);
+      statuses[path] = stores[path]->run_statuses();
+      sum.output_paths.push_back(path);
+    }
+    progress.start(i, run.label);
+    auto st = statuses[path].find(run.run_id);
+    if (st != statuses[path].end() && st->second == "ok") {
+      ++sum.skipped;
+      progress.finish(RunRecord{}, true);
+      continue;
+    }
+    RunRecord rec = execute_run(run, cache, registry,
+                                [&](const std::string& layer) { progress.layer(layer); });
+    stores[path]->append(rec);
+    statuses[path][run.run_id] = rec.status;
+    if (rec.status == "ok") ++sum.ok;
+    else ++sum.failed;
+    progress.finish(rec, false);
+  }
+  return sum;
+}
+
+}  // namespace ql

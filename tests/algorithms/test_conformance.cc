@@ -1,0 +1,125 @@
+// Conformance suite, parameterised over every registered algorithm: a new plugin is tested by
+// being registered. Layer-scope plugins run on a layer with a correlated, outlier-heavy input
+// covariance (white inputs would hide differences, ALGORITHMS.md §2.6).
+#include <gtest/gtest.h>
+
+#include "algorithms/algorithm.h"
+#include "core/config_node.h"
+#include "core/error.h"
+#include "core/rng.h"
+#include "experiments/config.h"
+
+namespace ql {
+namespace {
+
+/// A plugin's error may exceed RTN's on the same grid by at most this factor: anything that
+/// quantizes is expected to at least match round-to-nearest on its own objective.
+constexpr double kNoWorseThanRtnTolerance = 1.05;
+
+RunConfig parse_text(const std::string& yaml) {
+  ConfigNode root = ConfigNode::parse(yaml, "conformance.yaml");
+  return parse_run_config(root, "conformance", "conformance.yaml", default_registry());
+}
+
+std::string step_yaml(const std::string& name, const std::string& extra = "") {
+  const AlgorithmInfo& info = default_registry().get(name);
+  std::string s = "quant:\n  - algorithm: " + name + "\n";
+  if (info.uses_weight_spec) s += "    bits: 4\n    granularity: group\n    group_size: 32\n";
+  return s + extra;
+}
+
+struct Layer {
+  Matrix W;
+  HessianAccumulator H;
+  ChannelStats stats;
+};
+
+Layer make_layer() {
+  const Index d_in = 96, d_out = 40, n = 512;
+  CounterRng rng(11, 1);
+  Layer l;
+  l.W.resize(d_out, d_in);
+  for (Index i = 0; i < l.W.size(); ++i) l.W.data()[i] = static_cast<float>(rng.normal(i) * 0.1);
+  Matrix mix(d_in, d_in);
+  CounterRng rm(11, 2);
+  for (Index i = 0; i < mix.size(); ++i) mix.data()[i] = static_cast<float>(rm.normal(i));
+  for (Index j = 0; j < d_in; ++j) mix.col(j) *= std::pow(1.0f + j, -0.7f);
+  Matrix Z(n, d_in);
+  CounterRng rz(11, 3);
+  for (Index i = 0; i < Z.size(); ++i) Z.data()[i] = static_cast<float>(rz.normal(i));
+  Matrix X = Z * mix.transpose();
+  X.col(5) *= 10.0f;
+  X.col(40) *= 10.0f;
+  l.H = HessianAccumulator(d_in);
+  l.H.add(X);
+  l.stats = ChannelStats(d_in);
+  l.stats.add(X);
+  return l;
+}
+
+class Conformance : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(Conformance, LayerScopeContract) {
+  const std::string name = GetParam();
+  const AlgorithmInfo& info = default_registry().get(name);
+  if (info.scope != Scope::Layer) GTEST_SKIP() << name << " is not a layer-scope plugin";
+  RunConfig rc = parse_text(step_yaml(name));
+  const QuantStep& step = rc.quant.at(0);
+  Layer l = make_layer();
+  auto algo = info.make();
+  auto* la = dynamic_cast<LayerAlgorithm*>(algo.get());
+  ASSERT_NE(la, nullptr);
+  LayerInput in{"conf", &l.W, &l.H, &l.stats, step.weight, &step.options, 7};
+  LayerResult a = la->run(in);
+  LayerResult b = la->run(in);
+
+  EXPECT_TRUE(a.output.W.allFinite());
+  EXPECT_EQ(a.output.W, b.output.W) << "not deterministic for a fixed seed";
+  if (step.weight.quantized()) {
+    ASSERT_TRUE(a.output.quantized.has_value()) << name << " returned no codes";
+    const QuantizedTensor& q = *a.output.quantized;
+    EXPECT_GE(q.codes.minCoeff(), step.weight.qmin());
+    EXPECT_LE(q.codes.maxCoeff(), step.weight.qmax());
+    // Compare with RTN on the same grid and the same objective.
+    RunConfig rtn = parse_text(step_yaml("rtn"));
+    auto r = default_registry().get("rtn").make();
+    LayerInput rin{"conf", &l.W, &l.H, &l.stats, rtn.quant[0].weight, &rtn.quant[0].options, 7};
+    LayerResult rr = dynamic_cast<LayerAlgorithm*>(r.get())->run(rin);
+    EXPECT_LE(a.metrics.rel_output_error_h, rr.metrics.rel_output_error_h * kNoWorseThanRtnTolerance);
+    EXPECT_GT(a.metrics.rel_output_error_h, 0.0);
+    EXPECT_LT(a.metrics.bits_per_weight, 16.0);
+  } else {
+    EXPECT_EQ(a.metrics.bits_per_weight, 16.0);
+  }
+}
+
+TEST_P(Conformance, RejectsBadOptionWithKeyPath) {
+  const std::string name = GetParam();
+  const AlgorithmInfo& info = default_registry().get(name);
+  // An unknown key is rejected at its line with the full key path.
+  try {
+    parse_text(step_yaml(name, "    bogus_option: 1\n"));
+    FAIL() << name << " accepted an unknown option";
+  } catch (const ConfigError& e) {
+    EXPECT_EQ(e.key_path(), "quant.0.bogus_option") << e.what();
+    EXPECT_EQ(e.loc().line, info.uses_weight_spec ? 6 : 3) << e.what();
+    EXPECT_NE(std::string(e.what()).find("conformance.yaml:"), std::string::npos);
+  }
+  // A grid key is either out of range (grid plugins) or not accepted at all (no grid).
+  const std::string bad = info.uses_weight_spec ? "quant:\n  - algorithm: " + name + "\n    bits: 9\n"
+                                                : "quant:\n  - algorithm: " + name + "\n    bits: 4\n";
+  try {
+    parse_text(bad);
+    FAIL() << name << " accepted a bad bits value";
+  } catch (const ConfigError& e) {
+    EXPECT_EQ(e.key_path(), "quant.0.bits") << e.what();
+    EXPECT_EQ(e.loc().line, 3) << e.what();
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(AllRegistered, Conformance,
+                         ::testing::ValuesIn(default_registry().names()),
+                         [](const ::testing::TestParamInfo<std::string>& p) { return p.param; });
+
+}  // namespace
+}  // namespace ql

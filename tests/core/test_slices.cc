@@ -1,0 +1,454 @@
+#include "core/slices.h"
+
+#include <gtest/gtest.h>
+#include <omp.h>
+
+#include <cmath>
+#include <cstring>
+#include <map>
+
+#include "core/error.h"
+#include "core/rng.h"
+
+namespace ql {
+namespace {
+
+// Columns of every test table.
+enum Col { kTok, kNll, kNllRef, kAgree, kOnes, kNCols };
+
+UnitTable empty_table(std::vector<std::string> attr_keys) {
+  UnitTable t;
+  t.attr_keys = std::move(attr_keys);
+  t.attrs.resize(t.attr_keys.size());
+  t.columns = {"n_tokens", "nll", "nll_ref", "agree", "ones"};
+  t.sums = MatrixD(0, kNCols);
+  return t;
+}
+
+void add_unit(UnitTable& t, const std::vector<std::string>& attrs, double tok, double nll,
+              double nll_ref, double agree) {
+  const Index u = t.n_units();
+  t.unit_ids.push_back("u" + std::to_string(u));
+  for (size_t k = 0; k < attrs.size(); ++k) t.attrs[k].push_back(attrs[k]);
+  t.sums.conservativeResize(u + 1, kNCols);
+  t.sums.row(u) << tok, nll, nll_ref, agree, 1.0;
+}
+
+// Mean NLL per token (lower is better), paired with the FP reference on the same units.
+SliceMetricDef nll_metric() {
+  SliceMetricDef m;
+  m.name = "nll";
+  m.value = [](const double* t) { return t[kNll] / t[kTok]; };
+  m.reference = [](const double* t) { return t[kNllRef] / t[kTok]; };
+  return m;
+}
+
+SliceMetricDef nll_ref_only_metric() {
+  SliceMetricDef m;
+  m.name = "nll_fp";
+  m.value = [](const double* t) { return t[kNllRef] / t[kTok]; };
+  return m;
+}
+
+SliceMetricDef agree_metric() {
+  SliceMetricDef m;
+  m.name = "agree";
+  m.higher_is_better = true;
+  m.value = [](const double* t) { return t[kAgree] / t[kTok]; };
+  return m;
+}
+
+SliceMetricDef count_metric() {
+  SliceMetricDef m;
+  m.name = "units";
+  m.value = [](const double* t) { return t[kOnes]; };
+  return m;
+}
+
+// Units of one population: per-unit mean NLL mu_u (spread `spread` across units) for the FP
+// reference and mu_u + shift + noise for the quantized variant, so value and reference are
+// strongly correlated across units.
+void add_population(UnitTable& t, const std::string& pop, int n, double base, double shift,
+                    double spread, double noise, uint64_t stream) {
+  CounterRng rng(99, stream);
+  for (int i = 0; i < n; ++i) {
+    const double tok = 50.0 + std::floor(100.0 * rng.uniform(4 * i));
+    const double mu = base + spread * rng.normal(4 * i + 1);
+    const double mq = mu + shift + noise * rng.normal(4 * i + 2);
+    const double agree = std::floor(tok * (0.8 + 0.1 * rng.uniform(4 * i + 3)));
+    add_unit(t, {pop}, tok, tok * mq, tok * mu, agree);
+  }
+}
+
+const SliceRow& find_row(const SliceReport& r, const std::string& metric,
+                         const std::string& key, const std::string& value) {
+  for (const auto& row : r.rows)
+    if (row.metric == metric && row.slice_key == key && row.slice_value == value) return row;
+  throw std::runtime_error("row not found: " + metric + " " + key + "=" + value);
+}
+
+const DisparityRow& find_disp(const SliceReport& r, const std::string& metric,
+                              const std::string& key, const std::string& summary,
+                              const std::string& on) {
+  for (const auto& d : r.disparity)
+    if (d.metric == metric && d.slice_key == key && d.summary == summary && d.on == on) return d;
+  throw std::runtime_error("disparity row not found: " + metric + " " + summary + " " + on);
+}
+
+bool same_bits(double a, double b) { return std::memcmp(&a, &b, sizeof a) == 0; }
+
+bool identical(const SliceReport& a, const SliceReport& b) {
+  if (a.rows.size() != b.rows.size() || a.disparity.size() != b.disparity.size()) return false;
+  for (size_t i = 0; i < a.rows.size(); ++i) {
+    const auto &x = a.rows[i], &y = b.rows[i];
+    if (x.metric != y.metric || x.slice_key != y.slice_key || x.slice_value != y.slice_value ||
+        x.n_units != y.n_units || x.n_tokens != y.n_tokens || x.flags != y.flags)
+      return false;
+    for (auto f : {&SliceRow::value, &SliceRow::ci_low, &SliceRow::ci_high, &SliceRow::ref_value,
+                   &SliceRow::delta, &SliceRow::delta_ci_low, &SliceRow::delta_ci_high})
+      if (!same_bits(x.*f, y.*f)) return false;
+  }
+  for (size_t i = 0; i < a.disparity.size(); ++i) {
+    const auto &x = a.disparity[i], &y = b.disparity[i];
+    if (x.summary != y.summary || x.on != y.on || x.worst_slice != y.worst_slice) return false;
+    for (auto f : {&DisparityRow::value, &DisparityRow::ci_low, &DisparityRow::ci_high,
+                   &DisparityRow::p_worst})
+      if (!same_bits(x.*f, y.*f)) return false;
+  }
+  return true;
+}
+
+// Two populations crossed with two sources, small enough to compute by hand.
+UnitTable hand_table() {
+  UnitTable t = empty_table({"population", "source"});
+  add_unit(t, {"b", "web"}, 10, 30, 20, 8);
+  add_unit(t, {"a", "web"}, 20, 40, 36, 15);
+  add_unit(t, {"a", "book"}, 30, 45, 42, 27);
+  add_unit(t, {"b", "book"}, 40, 100, 88, 30);
+  add_unit(t, {"a", "web"}, 25, 50, 40, 20);
+  return t;
+}
+
+TEST(Slices, PointValuesEqualDirectComputation) {
+  const UnitTable t = hand_table();
+  BootstrapOptions o;
+  o.n_boot = 50;
+  const SliceReport r = evaluate_slices(t, {nll_metric(), agree_metric()}, o);
+  // Row order: per metric, overall then population {a, b} then source {book, web}.
+  ASSERT_EQ(r.rows.size(), 10u);
+  const std::vector<std::pair<std::string, std::string>> order = {
+      {"__all__", "__all__"}, {"population", "a"}, {"population", "b"}, {"source", "book"},
+      {"source", "web"}};
+  for (size_t i = 0; i < 10; ++i) {
+    EXPECT_EQ(r.rows[i].metric, i < 5 ? "nll" : "agree");
+    EXPECT_EQ(r.rows[i].slice_key, order[i % 5].first);
+    EXPECT_EQ(r.rows[i].slice_value, order[i % 5].second);
+  }
+  struct Expect { std::string key, value; int64_t n, tok; double nll, ref, agree; };
+  const std::vector<Expect> expect = {
+      {"__all__", "__all__", 5, 125, 265.0 / 125, 226.0 / 125, 100.0 / 125},
+      {"population", "a", 3, 75, 135.0 / 75, 118.0 / 75, 62.0 / 75},
+      {"population", "b", 2, 50, 130.0 / 50, 108.0 / 50, 38.0 / 50},
+      {"source", "book", 2, 70, 145.0 / 70, 130.0 / 70, 57.0 / 70},
+      {"source", "web", 3, 55, 120.0 / 55, 96.0 / 55, 43.0 / 55}};
+  for (const auto& e : expect) {
+    const SliceRow& n = find_row(r, "nll", e.key, e.value);
+    EXPECT_EQ(n.n_units, e.n);
+    EXPECT_EQ(n.n_tokens, e.tok);
+    EXPECT_NEAR(n.value, e.nll, 1e-14);
+    EXPECT_NEAR(n.ref_value, e.ref, 1e-14);
+    EXPECT_NEAR(n.delta, e.nll - e.ref, 1e-14);
+    const SliceRow& a = find_row(r, "agree", e.key, e.value);
+    EXPECT_NEAR(a.value, e.agree, 1e-14);
+    EXPECT_TRUE(std::isnan(a.ref_value));
+    EXPECT_TRUE(std::isnan(a.delta));
+    EXPECT_TRUE(std::isnan(a.delta_ci_low));
+    EXPECT_TRUE(std::isnan(a.delta_ci_high));
+  }
+}
+
+TEST(Slices, ReplicatesFollowTheDocumentedDraws) {
+  // With one replicate both CI bounds equal that replicate's value, which we rebuild from the
+  // documented scheme: cells sorted by attribute tuple, draw j of cell c from
+  // CounterRng(seed, mix_stream(b, c)).below(j, n_c).
+  const UnitTable t = hand_table();
+  BootstrapOptions o;
+  o.n_boot = 1;
+  o.seed = 1234;
+  const SliceReport r = evaluate_slices(t, {nll_metric()}, o);
+  // Cells (population, source) in order: (a,book)={2}, (a,web)={1,4}, (b,book)={3}, (b,web)={0}.
+  const std::vector<std::vector<Index>> cells = {{2}, {1, 4}, {3}, {0}};
+  double nll = 0, tok = 0, nll_a = 0, tok_a = 0;
+  for (size_t c = 0; c < cells.size(); ++c) {
+    const CounterRng rng(o.seed, mix_stream(0, c));
+    for (uint64_t j = 0; j < cells[c].size(); ++j) {
+      const Index u = cells[c][rng.below(j, cells[c].size())];
+      nll += t.sums(u, kNll);
+      tok += t.sums(u, kTok);
+      if (t.attrs[0][static_cast<size_t>(u)] == "a") {
+        nll_a += t.sums(u, kNll);
+        tok_a += t.sums(u, kTok);
+      }
+    }
+  }
+  const SliceRow& all = find_row(r, "nll", "__all__", "__all__");
+  EXPECT_NEAR(all.ci_low, nll / tok, 1e-14);
+  EXPECT_NEAR(all.ci_high, nll / tok, 1e-14);
+  const SliceRow& a = find_row(r, "nll", "population", "a");
+  EXPECT_NEAR(a.ci_low, nll_a / tok_a, 1e-14);
+}
+
+TEST(Slices, StratifiedReplicatesKeepCellSizes) {
+  UnitTable t = empty_table({"population"});
+  add_population(t, "a", 30, 2.0, 0.1, 0.3, 0.05, 1);
+  add_population(t, "b", 7, 2.5, 0.2, 0.3, 0.05, 2);
+  BootstrapOptions o;
+  o.n_boot = 200;
+  const SliceReport strat = evaluate_slices(t, {count_metric()}, o);
+  for (const auto& row : strat.rows) {
+    EXPECT_EQ(row.value, static_cast<double>(row.n_units));
+    EXPECT_EQ(row.ci_low, row.value) << row.slice_value;
+    EXPECT_EQ(row.ci_high, row.value) << row.slice_value;
+  }
+  // Without stratification only the total is fixed; the per-population sizes vary.
+  o.stratify = false;
+  const SliceReport iid = evaluate_slices(t, {count_metric()}, o);
+  const SliceRow& all = find_row(iid, "units", "__all__", "__all__");
+  EXPECT_EQ(all.ci_low, 37.0);
+  EXPECT_EQ(all.ci_high, 37.0);
+  const SliceRow& b = find_row(iid, "units", "population", "b");
+  EXPECT_LT(b.ci_low, 7.0);
+  EXPECT_GT(b.ci_high, 7.0);
+}
+
+TEST(Slices, CiContainsEstimateAndShrinksWithUnits) {
+  BootstrapOptions o;
+  o.n_boot = 400;
+  double width[2];
+  const int sizes[2] = {50, 800};
+  for (int i = 0; i < 2; ++i) {
+    UnitTable t = empty_table({"population"});
+    add_population(t, "a", sizes[i], 2.0, 0.1, 0.4, 0.05, 10);
+    const SliceReport r = evaluate_slices(t, {nll_metric()}, o);
+    const SliceRow& row = find_row(r, "nll", "__all__", "__all__");
+    EXPECT_LT(row.ci_low, row.value);
+    EXPECT_GT(row.ci_high, row.value);
+    EXPECT_LT(row.delta_ci_low, row.delta);
+    EXPECT_GT(row.delta_ci_high, row.delta);
+    width[i] = row.ci_high - row.ci_low;
+  }
+  // 16x the units: about 4x narrower.
+  EXPECT_LT(width[1], 0.5 * width[0]);
+  EXPECT_GT(width[1], 0.1 * width[0]);
+}
+
+TEST(Slices, PairedDeltaCiIsNarrowerThanUnpaired) {
+  UnitTable t = empty_table({"population"});
+  add_population(t, "a", 200, 2.0, 0.1, 0.5, 0.02, 20);
+  BootstrapOptions o;
+  o.n_boot = 400;
+  const SliceReport r = evaluate_slices(t, {nll_metric(), nll_ref_only_metric()}, o);
+  const SliceRow& q = find_row(r, "nll", "__all__", "__all__");
+  const SliceRow& fp = find_row(r, "nll_fp", "__all__", "__all__");
+  EXPECT_NEAR(fp.value, q.ref_value, 1e-15);
+  const double wq = q.ci_high - q.ci_low, wfp = fp.ci_high - fp.ci_low;
+  const double wd = q.delta_ci_high - q.delta_ci_low;
+  // An unpaired interval for the difference would be at least sqrt(wq² + wfp²) wide.
+  EXPECT_LT(wd, 0.2 * std::sqrt(wq * wq + wfp * wfp));
+  EXPECT_GT(wd, 0.0);
+}
+
+SliceReport disparity_example(int n_boot, uint64_t seed = 0, bool stratify = true) {
+  UnitTable t = empty_table({"population", "split"});
+  // Each population: tokens 100 total; NLL and reference chosen for round slice values:
+  //   a: 2.0 vs 1.5, b: 3.0 vs 2.0, c: 2.5 vs 2.4 (NLL/token), plus small per-unit noise.
+  const double q[3] = {2.0, 3.0, 2.5}, fp[3] = {1.5, 2.0, 2.4};
+  const char* names[3] = {"c", "a", "b"};  // inserted out of order; reported sorted
+  const int idx[3] = {2, 0, 1};
+  for (int p = 0; p < 3; ++p) {
+    const int i = idx[p];
+    for (int k = 0; k < 4; ++k) {
+      const double e = (k % 2 == 0 ? 0.01 : -0.01);  // cancels over the 4 equal-size units
+      add_unit(t, {names[p], "test"}, 25, 25 * (q[i] + e), 25 * (fp[i] + e), 20 - i);
+    }
+  }
+  BootstrapOptions o;
+  o.n_boot = n_boot;
+  o.seed = seed;
+  o.stratify = stratify;
+  return evaluate_slices(t, {nll_metric(), agree_metric()}, o);
+}
+
+TEST(Slices, DisparityHandExample) {
+  const SliceReport r = disparity_example(300);
+  const std::string P = "population";
+  // Level: worst (max NLL) is b; gap 3 - 2; overall 7.5/3 = 2.5; ratio 2/3; amplification
+  // gap(Q) - gap(FP) = 1.0 - 0.9.
+  const DisparityRow& w = find_disp(r, "nll", P, "worst", "level");
+  EXPECT_EQ(w.worst_slice, "b");
+  EXPECT_NEAR(w.value, 3.0, 1e-12);
+  EXPECT_NEAR(find_disp(r, "nll", P, "gap_between", "level").value, 1.0, 1e-12);
+  EXPECT_NEAR(find_disp(r, "nll", P, "gap_to_overall", "level").value, 0.5, 1e-12);
+  EXPECT_NEAR(find_disp(r, "nll", P, "ratio_min_max", "level").value, 2.0 / 3.0, 1e-12);
+  EXPECT_NEAR(find_disp(r, "nll", P, "amplification", "level").value, 0.1, 1e-12);
+  // Delta: 0.5, 1.0, 0.1; overall 2.5 - 5.9/3.
+  const DisparityRow& dw = find_disp(r, "nll", P, "worst", "delta");
+  EXPECT_EQ(dw.worst_slice, "b");
+  EXPECT_NEAR(dw.value, 1.0, 1e-12);
+  EXPECT_NEAR(find_disp(r, "nll", P, "gap_between", "delta").value, 0.9, 1e-12);
+  EXPECT_NEAR(find_disp(r, "nll", P, "gap_to_overall", "delta").value, 1.0 - (2.5 - 5.9 / 3.0),
+              1e-12);
+  // b is the worst in every replicate (noise is far smaller than the gaps); every row of the
+  // group carries the group's worst slice and p_worst.
+  for (const auto& d : r.disparity) {
+    if (d.metric != "nll") continue;
+    EXPECT_EQ(d.p_worst, 1.0) << d.summary << " " << d.on;
+    EXPECT_EQ(d.worst_slice, "b");
+    EXPECT_LE(d.ci_low, d.value + 1e-12) << d.summary << " " << d.on;
+    EXPECT_GE(d.ci_high, d.value - 1e-12) << d.summary << " " << d.on;
+  }
+  // Higher-is-better metric: worst is the minimum (agree/token 18/25 for c), no delta rows,
+  // no amplification. A family with one value (split) has no disparity rows.
+  const DisparityRow& aw = find_disp(r, "agree", P, "worst", "level");
+  EXPECT_EQ(aw.worst_slice, "c");
+  EXPECT_NEAR(aw.value, 18.0 / 25.0, 1e-12);
+  size_t n_nll = 0, n_agree = 0;
+  for (const auto& d : r.disparity) {
+    EXPECT_EQ(d.slice_key, P);
+    (d.metric == "nll" ? n_nll : n_agree)++;
+    if (d.metric == "agree") {
+      EXPECT_EQ(d.on, "level");
+    }
+  }
+  EXPECT_EQ(n_nll, 8u);
+  EXPECT_EQ(n_agree, 4u);
+  // Order: level summaries then delta summaries.
+  EXPECT_EQ(r.disparity[0].summary, "worst");
+  EXPECT_EQ(r.disparity[4].summary, "amplification");
+  EXPECT_EQ(r.disparity[5].on, "delta");
+}
+
+TEST(Slices, SameSeedSameOutputDifferentSeedDifferentCis) {
+  const SliceReport a = disparity_example(100, 5), b = disparity_example(100, 5);
+  const SliceReport c = disparity_example(100, 6);
+  EXPECT_TRUE(identical(a, b));
+  EXPECT_FALSE(identical(a, c));
+  for (size_t i = 0; i < a.rows.size(); ++i) EXPECT_EQ(a.rows[i].value, c.rows[i].value);
+}
+
+TEST(Slices, BitwiseIdenticalAcrossThreadCounts) {
+  UnitTable t = empty_table({"population"});
+  add_population(t, "a", 120, 2.0, 0.1, 0.4, 0.05, 30);
+  add_population(t, "b", 40, 2.6, 0.3, 0.4, 0.05, 31);
+  add_population(t, "c", 3, 2.2, 0.1, 0.4, 0.05, 32);
+  for (bool stratify : {true, false}) {
+    BootstrapOptions o;
+    o.n_boot = 257;
+    o.seed = 77;
+    o.stratify = stratify;
+    const int saved = omp_get_max_threads();
+    omp_set_num_threads(1);
+    const SliceReport one = evaluate_slices(t, {nll_metric(), agree_metric()}, o);
+    omp_set_num_threads(2);
+    const SliceReport two = evaluate_slices(t, {nll_metric(), agree_metric()}, o);
+    omp_set_num_threads(saved);
+    EXPECT_TRUE(identical(one, two)) << "stratify=" << stratify;
+  }
+}
+
+TEST(Slices, UnstratifiedIgnoresReplicatesMissingASlice) {
+  // "c" has one unit of 163: absent from about a third of i.i.d. replicates.
+  UnitTable t = empty_table({"population"});
+  add_population(t, "a", 120, 2.0, 0.1, 0.4, 0.05, 30);
+  add_population(t, "b", 42, 2.6, 0.3, 0.4, 0.05, 31);
+  add_population(t, "c", 1, 2.2, 0.1, 0.4, 0.05, 32);
+  BootstrapOptions o;
+  o.n_boot = 200;
+  o.stratify = false;
+  const SliceReport r = evaluate_slices(t, {nll_metric()}, o);
+  const SliceRow& c = find_row(r, "nll", "population", "c");
+  // A single unit's ratio is the same in every replicate where it appears.
+  EXPECT_NEAR(c.ci_low, c.value, 1e-14);
+  EXPECT_NEAR(c.ci_high, c.value, 1e-14);
+  const DisparityRow& g = find_disp(r, "nll", "population", "gap_between", "level");
+  EXPECT_TRUE(std::isfinite(g.ci_low));
+  EXPECT_TRUE(std::isfinite(g.ci_high));
+  EXPECT_GT(g.p_worst, 0.0);
+  EXPECT_LE(g.p_worst, 1.0);
+}
+
+TEST(Slices, Flags) {
+  UnitTable t = empty_table({"population"});
+  add_population(t, "big", 60, 2.0, 0.3, 0.4, 0.02, 40);   // >= 20 units, >= 2000 tokens
+  add_population(t, "small", 3, 2.0, 0.3, 0.4, 0.02, 41);  // few units and tokens
+  add_population(t, "noisy", 40, 2.0, 0.0, 0.4, 0.5, 42);  // delta ~ 0 with wide CI
+  BootstrapOptions o;
+  o.n_boot = 300;
+  const SliceReport r = evaluate_slices(t, {nll_metric(), agree_metric()}, o);
+  const SliceRow& big = find_row(r, "nll", "population", "big");
+  EXPECT_EQ(big.flags, 0u) << flags_to_string(big.flags);
+  const SliceRow& small = find_row(r, "nll", "population", "small");
+  EXPECT_TRUE(small.flags & kFlagFewUnits);
+  EXPECT_TRUE(small.flags & kFlagFewTokens);
+  EXPECT_FALSE(small.flags & kFlagEmpty);
+  const SliceRow& noisy = find_row(r, "nll", "population", "noisy");
+  EXPECT_TRUE(noisy.flags & kFlagImprecise) << noisy.delta << " [" << noisy.delta_ci_low << ", "
+                                            << noisy.delta_ci_high << "]";
+  EXPECT_FALSE(noisy.flags & kFlagFewUnits);
+  // No reference, no delta: never imprecise.
+  EXPECT_FALSE(find_row(r, "agree", "population", "noisy").flags & kFlagImprecise);
+  EXPECT_EQ(flags_to_string(kFlagFewUnits | kFlagFewTokens), "few_units|few_tokens");
+  EXPECT_EQ(flags_to_string(kFlagImprecise | kFlagEmpty), "imprecise|empty");
+  EXPECT_EQ(flags_to_string(0), "");
+
+  // An empty table: one overall row per metric, flagged empty, values NaN.
+  const SliceReport e = evaluate_slices(empty_table({"population"}), {nll_metric()}, o);
+  ASSERT_EQ(e.rows.size(), 1u);
+  EXPECT_TRUE(e.rows[0].flags & kFlagEmpty);
+  EXPECT_TRUE(std::isnan(e.rows[0].value));
+  EXPECT_TRUE(std::isnan(e.rows[0].ci_low));
+  EXPECT_TRUE(e.disparity.empty());
+}
+
+TEST(Slices, NoBootstrapGivesNanIntervals) {
+  const SliceReport r = disparity_example(0);
+  for (const auto& row : r.rows) {
+    EXPECT_TRUE(std::isfinite(row.value));
+    EXPECT_TRUE(std::isnan(row.ci_low));
+    EXPECT_TRUE(std::isnan(row.ci_high));
+    EXPECT_TRUE(std::isnan(row.delta_ci_low));
+    EXPECT_TRUE(std::isnan(row.delta_ci_high));
+    EXPECT_FALSE(row.flags & kFlagImprecise);
+  }
+  for (const auto& d : r.disparity) {
+    EXPECT_TRUE(std::isfinite(d.value));
+    EXPECT_TRUE(std::isnan(d.ci_low));
+    EXPECT_TRUE(std::isnan(d.ci_high));
+    EXPECT_TRUE(std::isnan(d.p_worst));
+  }
+  EXPECT_EQ(find_disp(r, "nll", "population", "worst", "level").worst_slice, "b");
+}
+
+TEST(Slices, RejectsInconsistentTables) {
+  BootstrapOptions o;
+  UnitTable t = hand_table();
+  t.sums.conservativeResize(4, kNCols);
+  EXPECT_THROW(evaluate_slices(t, {nll_metric()}, o), ShapeError);
+  t = hand_table();
+  t.attrs[1].pop_back();
+  EXPECT_THROW(evaluate_slices(t, {nll_metric()}, o), ShapeError);
+  t = hand_table();
+  t.token_column = "tokens";
+  EXPECT_THROW(evaluate_slices(t, {nll_metric()}, o), Error);
+  EXPECT_THROW(t.column("nope"), Error);
+  EXPECT_EQ(t.column("nll"), kNll);
+  t = hand_table();
+  o.ci_level = 1.0;
+  EXPECT_THROW(evaluate_slices(t, {nll_metric()}, o), ConfigError);
+  o.ci_level = 0.9;
+  o.n_boot = -1;
+  EXPECT_THROW(evaluate_slices(t, {nll_metric()}, o), ConfigError);
+}
+
+}  // namespace
+}  // namespace ql
