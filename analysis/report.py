@@ -188,8 +188,8 @@ def write_markdown(path, runs, metric, plots, source):
     if not levels:
         lines += [f"No slice rows for '{metric}'.", ""]
     else:
-        lines += ["Value [95% CI]; * marks a flagged slice (few units/tokens, imprecise, empty).",
-                  ""]
+        lines += ["Value [CI low, CI high] (bootstrap level per run: params slices.ci_level); "
+                  "* marks a flagged slice (few units/tokens, imprecise, empty).", ""]
         header = ["run", "overall"] + [f"{k}={v}" for k, v in levels]
         rows = []
         for r in runs:

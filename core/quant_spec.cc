@@ -104,7 +104,7 @@ std::string ActQuantSpec::str() const {
 const OptionSchema<QuantSpec>& quant_spec_schema() {
   static const OptionSchema<QuantSpec> schema = [] {
     OptionSchema<QuantSpec> s;
-    add_bits(s, &QuantSpec::bits, "weight bits: 2..8, or 16 = keep float");
+    add_bits(s, &QuantSpec::bits, "weight bits: 2..8, or 16 = keep float (required in a quant step)");
     s.add_enum("scheme", &QuantSpec::scheme,
                "asym: zero-point grid; sym: signed grid, zero 0; sym_offset: GPTQ reference's "
                "sym (unsigned grid, zero 2^(b-1))",

@@ -163,6 +163,11 @@ QuantStep parse_step(const ConfigNode& n, const std::string& path,
     }
   }
   if (info.uses_weight_spec) {
+    // No silent default grid: a step of a quantizing algorithm states its bits.
+    if (!n.find("bits"))
+      throw ConfigError(n.loc(), join_path(path, "bits"),
+                        "expected 'bits' (2..8, or 16 to keep the weights in float) for algorithm '" +
+                            step.algorithm + "'");
     step.weight = wschema.parse(weight_map, path);
   } else {
     step.weight = QuantSpec{};

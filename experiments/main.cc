@@ -83,10 +83,16 @@ int cmd_run(const std::vector<std::string>& args, bool plan_only) {
   const ql::RunConfig& first = runs.front();
   if (!first.output.table_cols.empty()) {
     const std::string path = opts.output.empty() ? first.output.path : opts.output;
+    // The runs are stored whatever happens here: a table that cannot be drawn (e.g. two runs
+    // in one cell) is reported but does not turn a successful sweep into a failure.
     for (const std::string& metric : first.output.table_metrics) {
-      std::cout << "\n" << metric << " (" << path << ")\n\n"
-                << ql::pivot_table(path, first.output.table_rows, first.output.table_cols, metric,
-                                   first.output.table_format);
+      try {
+        std::string table = ql::pivot_table(path, first.output.table_rows, first.output.table_cols,
+                                            metric, first.output.table_format);
+        std::cout << "\n" << metric << " (" << path << ")\n\n" << table;
+      } catch (const ql::Error& e) {
+        std::cerr << "quantlab: table of '" << metric << "': " << e.what() << "\n";
+      }
     }
   }
   for (auto& path : s.output_paths) std::cerr << "results: " << path << "\n";

@@ -32,9 +32,9 @@ fs::path temp_dir(const std::string& name) {
 
 bool same_bits(double a, double b) { return std::memcmp(&a, &b, sizeof a) == 0; }
 
-TEST(Plan, QuickstartExpandsToFpPlusSixteenRtnRuns) {
+TEST(Plan, QuickstartExpandsToFpPlusTwentyRtnRuns) {
   auto runs = plan_runs(kQuickstart, {}, default_registry());
-  ASSERT_EQ(runs.size(), 17u);
+  ASSERT_EQ(runs.size(), 21u);
   EXPECT_EQ(runs[0].label, "fp");
   std::set<std::string> ids;
   for (auto& r : runs) ids.insert(r.run_id);

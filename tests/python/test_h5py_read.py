@@ -193,7 +193,7 @@ def body(quantlab, src, tiny, tmp):
                 finite_rows = nonempty[np.isfinite(nonempty["value"].to_numpy(dtype=float))]
                 for c in ["ci_low", "ci_high"]:
                     check(finite(finite_rows[c]), f"{what}: slices.{c} finite")
-                check(bool(np.all(slices["n_units"][nonempty] > 0)), f"{what}: slices n_units > 0")
+                check(bool(np.all(nonempty["n_units"] > 0)), f"{what}: slices n_units > 0")
                 frame = slices.copy()
                 frame.insert(0, "run_id", name)
                 hdf_slices.append(frame)
