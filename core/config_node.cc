@@ -231,9 +231,7 @@ void ConfigNode::merge_from(const ConfigNode& other) {
 // ---------------------------------------------------------------------------------------------
 // Dotted paths
 
-namespace {
-
-std::vector<std::string> split_path(const std::string& dotted) {
+std::vector<std::string> split_dotted(const std::string& dotted) {
   std::vector<std::string> parts;
   std::string cur;
   for (char c : dotted) {
@@ -247,6 +245,9 @@ std::vector<std::string> split_path(const std::string& dotted) {
   parts.push_back(cur);
   return parts;
 }
+
+namespace {
+
 
 // A sequence index: decimal digits only, so "01" and "+1" are not indices.
 bool parse_index(const std::string& s, std::size_t& out) {
@@ -278,7 +279,7 @@ std::string kind_name(ConfigNode::Kind k) {
 
 void ConfigNode::set_path(const std::string& dotted, ConfigNode value) {
   const SourceLoc where = value.loc();
-  std::vector<std::string> parts = split_path(dotted);
+  std::vector<std::string> parts = split_dotted(dotted);
   for (std::size_t i = 0; i < parts.size(); ++i)
     if (parts[i].empty())
       throw ConfigError(where, dotted, "malformed key path (empty component)");
@@ -326,7 +327,7 @@ void ConfigNode::set_path(const std::string& dotted, ConfigNode value) {
 const ConfigNode* ConfigNode::get_path(const std::string& dotted) const {
   if (dotted.empty()) return this;
   const ConfigNode* cur = this;
-  for (const std::string& part : split_path(dotted)) {
+  for (const std::string& part : split_dotted(dotted)) {
     if (cur->is_sequence()) {
       std::size_t idx = 0;
       if (!parse_index(part, idx) || idx >= cur->items_.size()) return nullptr;

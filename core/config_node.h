@@ -86,6 +86,9 @@ class ConfigNode {
   friend struct ConfigNodeBuilder;
 };
 
+/// Split "quant.0.bits" into {"quant", "0", "bits"} (empty components kept).
+std::vector<std::string> split_dotted(const std::string& dotted);
+
 /// Levenshtein distance; used to suggest the closest valid key.
 int edit_distance(const std::string& a, const std::string& b);
 /// The candidate closest to `word` if it is close enough to be a plausible misspelling.

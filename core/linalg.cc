@@ -3,6 +3,7 @@
 #include <cblas.h>
 
 #include <algorithm>
+#include <string>
 
 #include "core/error.h"
 
@@ -12,11 +13,17 @@ namespace {
 inline Index n_panels(Index rows) { return (rows + kPanelRows - 1) / kPanelRows; }
 }  // namespace
 
-Matrix matmul_nt(const Matrix& A, const Matrix& B) {
-  if (A.cols() != B.cols())
-    throw ShapeError("matmul_nt: A is " + std::to_string(A.rows()) + "x" + std::to_string(A.cols()) +
-                     ", B is " + std::to_string(B.rows()) + "x" + std::to_string(B.cols()));
-  const Index m = A.rows(), n = B.rows(), k = A.cols();
+namespace {
+
+/// C = A op(B) with op(B) = Bᵀ when transpose_b, in fixed row panels of A (one single-threaded
+/// GEMM each).
+Matrix panel_gemm(const Matrix& A, const Matrix& B, bool transpose_b, const char* name) {
+  const Index k = A.cols(), kb = transpose_b ? B.cols() : B.rows();
+  if (k != kb)
+    throw ShapeError(std::string(name) + ": A is " + std::to_string(A.rows()) + "x" +
+                     std::to_string(A.cols()) + ", B is " + std::to_string(B.rows()) + "x" +
+                     std::to_string(B.cols()));
+  const Index m = A.rows(), n = transpose_b ? B.rows() : B.cols();
   Matrix C(m, n);
   if (m == 0 || n == 0) return C;
   if (k == 0) {
@@ -24,35 +31,20 @@ Matrix matmul_nt(const Matrix& A, const Matrix& B) {
     return C;
   }
   const Index np = n_panels(m);
+  const Index ldb = B.cols();
 #pragma omp parallel for schedule(dynamic, 1)
   for (Index p = 0; p < np; ++p) {
     const Index r0 = p * kPanelRows, rows = std::min(kPanelRows, m - r0);
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, n, k, 1.0f, A.data() + r0 * k, k,
-                B.data(), k, 0.0f, C.data() + r0 * n, n);
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, transpose_b ? CblasTrans : CblasNoTrans, rows, n, k,
+                1.0f, A.data() + r0 * k, k, B.data(), ldb, 0.0f, C.data() + r0 * n, n);
   }
   return C;
 }
 
-Matrix matmul_nn(const Matrix& A, const Matrix& B) {
-  if (A.cols() != B.rows())
-    throw ShapeError("matmul_nn: A is " + std::to_string(A.rows()) + "x" + std::to_string(A.cols()) +
-                     ", B is " + std::to_string(B.rows()) + "x" + std::to_string(B.cols()));
-  const Index m = A.rows(), n = B.cols(), k = A.cols();
-  Matrix C(m, n);
-  if (m == 0 || n == 0) return C;
-  if (k == 0) {
-    C.setZero();
-    return C;
-  }
-  const Index np = n_panels(m);
-#pragma omp parallel for schedule(dynamic, 1)
-  for (Index p = 0; p < np; ++p) {
-    const Index r0 = p * kPanelRows, rows = std::min(kPanelRows, m - r0);
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rows, n, k, 1.0f, A.data() + r0 * k, k,
-                B.data(), n, 0.0f, C.data() + r0 * n, n);
-  }
-  return C;
-}
+}  // namespace
+
+Matrix matmul_nt(const Matrix& A, const Matrix& B) { return panel_gemm(A, B, true, "matmul_nt"); }
+Matrix matmul_nn(const Matrix& A, const Matrix& B) { return panel_gemm(A, B, false, "matmul_nn"); }
 
 void syrk_upper(const Matrix& X, float alpha, float beta, Matrix& C) {
   const Index n = X.rows(), d = X.cols();

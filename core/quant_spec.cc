@@ -18,14 +18,6 @@ int QuantSpec::qmax() const {
 
 namespace {
 
-const char* scheme_name(QuantScheme s) {
-  switch (s) {
-    case QuantScheme::Asym: return "asym";
-    case QuantScheme::Sym: return "sym";
-    case QuantScheme::SymOffset: return "sym_offset";
-  }
-  return "?";
-}
 
 std::vector<std::pair<std::string, QuantScheme>> scheme_names() {
   return {{"asym", QuantScheme::Asym}, {"sym", QuantScheme::Sym},
@@ -172,6 +164,15 @@ const OptionSchema<ActQuantSpec>& act_quant_spec_schema() {
     return s;
   }();
   return schema;
+}
+
+const char* scheme_name(QuantScheme s) {
+  switch (s) {
+    case QuantScheme::Asym: return "asym";
+    case QuantScheme::Sym: return "sym";
+    case QuantScheme::SymOffset: return "sym_offset";
+  }
+  return "?";
 }
 
 }  // namespace ql

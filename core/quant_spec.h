@@ -19,6 +19,8 @@ namespace ql {
 ///   lo = 0 there and then clips every value above max|x|/2).
 /// An all-zero slice uses the range [-1, 1] so the scale is never 0.
 enum class QuantScheme { Asym, Sym, SymOffset };
+/// The YAML name: "asym", "sym" or "sym_offset".
+const char* scheme_name(QuantScheme s);
 
 /// Which weights share one (scale, zero):
 /// - PerTensor: the whole matrix;

@@ -1,5 +1,7 @@
 #include "core/synthetic.h"
 
+#include "core/hash.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -29,16 +31,9 @@ enum Purpose : uint64_t {
   kEvalZ = 7,   // per population
 };
 
-// FNV-1a: streams are keyed by names so a layer's or population's data do not change when
+// Streams are keyed by names (FNV-1a) so a layer's or population's data do not change when
 // other layers or populations are added, removed or reordered.
-uint64_t name_key(const std::string& s) {
-  uint64_t h = 0xcbf29ce484222325ull;
-  for (unsigned char c : s) {
-    h ^= c;
-    h *= 0x100000001b3ull;
-  }
-  return h;
-}
+inline uint64_t name_key(const std::string& s) { return fnv1a64(s); }
 
 uint64_t layer_stream(const std::string& layer, Purpose p) {
   return mix_stream(name_key(layer), p);

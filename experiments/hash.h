@@ -2,14 +2,11 @@
 // config gives the same id on every platform, build and run (used for resume and for joining
 // result files). FNV-1a is not cryptographic; it only has to tell configs apart.
 #pragma once
-#include <cstdint>
 #include <string>
 
-namespace ql {
+#include "core/hash.h"
 
-/// 64-bit FNV-1a over the bytes of `bytes` (offset basis 0xcbf29ce484222325,
-/// prime 0x100000001b3). Pure function, thread safe.
-uint64_t fnv1a64(const std::string& bytes);
+namespace ql {
 
 /// 16 lowercase hex digits of fnv1a64(canonical_text), zero-padded.
 /// `canonical_text` should be ConfigNode::to_yaml() of the resolved config.

@@ -140,15 +140,6 @@ bool full_match_any(const std::vector<std::string>& res, const std::string& name
   return false;
 }
 
-const char* scheme_name(QuantScheme s) {
-  switch (s) {
-    case QuantScheme::Asym: return "asym";
-    case QuantScheme::Sym: return "sym";
-    case QuantScheme::SymOffset: return "sym_offset";
-  }
-  return "?";
-}
-
 int group_of(const QuantSpec& s) {
   switch (s.granularity) {
     case Granularity::PerTensor: return 0;

@@ -15,20 +15,6 @@ namespace fs = std::filesystem;
 
 namespace {
 
-std::vector<std::string> split_dots(const std::string& dotted) {
-  std::vector<std::string> parts;
-  std::string cur;
-  for (char c : dotted) {
-    if (c == '.') {
-      parts.push_back(cur);
-      cur.clear();
-    } else {
-      cur += c;
-    }
-  }
-  parts.push_back(cur);
-  return parts;
-}
 
 std::string join_range(const std::vector<std::string>& parts, std::size_t from, std::size_t to) {
   std::string s;
@@ -160,7 +146,7 @@ void apply_override(ConfigNode& root, const std::string& text, int index) {
 
   // Grid and zip keys are dotted paths themselves: "sweep.grid.quant.0.bits" names the key
   // "quant.0.bits" of the map sweep.grid, not a nested map.
-  const std::vector<std::string> parts = split_dots(key);
+  const std::vector<std::string> parts = split_dotted(key);
   std::size_t split = 0;
   if (parts.size() >= 3 && parts[0] == "sweep" && (parts[1] == "grid" || parts[1] == "zip"))
     split = 2;
