@@ -16,35 +16,79 @@ namespace {
 
 constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
 
-// Where every unit and slice lives. Groups are the distinct tuples of all attribute values in
-// lexicographic order (the design cells); slices are indexed 0 = overall, then per family in
-// attr_keys order, per value in sorted order.
+// Where every unit and slice lives. Groups are the distinct tuples of all design attribute
+// values in lexicographic order (the design cells). Slices are indexed 0 = overall, then per
+// design family in attr_keys order with values sorted, then per token family in declared
+// order with values in declared order. Only overall and design slices own a row of totals; a
+// token slice reads the overall row at its block's column offset.
+struct Family {
+  std::string key;
+  std::vector<std::string> values;
+  int slice_offset = 0;  // slice index of values[0]
+};
+
 struct Layout {
   Index n_units = 0, n_cols = 0;
   int n_groups = 0;
   std::vector<int> group_of;                     // unit -> group
   std::vector<std::vector<Index>> group_units;   // group -> units, in unit order
-  std::vector<std::vector<int>> value_of_group;  // [family][group] -> value index
-  std::vector<std::vector<std::string>> values;  // [family] -> sorted distinct values
-  std::vector<int> slice_offset;                 // [family] -> slice index of its first value
+  std::vector<std::vector<int>> value_of_group;  // [design family][group] -> value index
+  std::vector<Family> families;                  // design families, then token families
+  size_t n_design_families = 0;
+  int n_design_slices = 1;                       // overall + design slices: rows of totals
   int n_slices = 1;
+  int n_token_slices = 0;
+  std::vector<int> total_row;                    // [slice] -> row of totals it reads
+  std::vector<Index> col_offset;                 // [slice] -> first column of its block
+  Index tok_col = -1;                            // token column within a block (or table)
+  std::vector<uint8_t> has_tokens;               // [unit * n_token_slices + t]: bucket non-empty
 };
 
 Layout make_layout(const UnitTable& t) {
   Layout L;
   L.n_units = t.n_units();
   L.n_cols = static_cast<Index>(t.columns.size());
+  L.tok_col = t.token_column.empty() ? -1 : t.column(t.token_column);
   const size_t K = t.attr_keys.size();
 
-  L.values.resize(K);
-  L.slice_offset.resize(K);
+  L.n_design_families = K;
   for (size_t k = 0; k < K; ++k) {
     std::vector<std::string> v = t.attrs[k];
     std::sort(v.begin(), v.end());
     v.erase(std::unique(v.begin(), v.end()), v.end());
-    L.values[k] = std::move(v);
-    L.slice_offset[k] = L.n_slices;
-    L.n_slices += static_cast<int>(L.values[k].size());
+    Family f;
+    f.key = t.attr_keys[k];
+    f.values = std::move(v);
+    f.slice_offset = L.n_slices;
+    L.n_slices += static_cast<int>(f.values.size());
+    L.families.push_back(std::move(f));
+  }
+  L.n_design_slices = L.n_slices;
+  L.total_row.resize(static_cast<size_t>(L.n_slices));
+  for (int s = 0; s < L.n_slices; ++s) L.total_row[static_cast<size_t>(s)] = s;
+  L.col_offset.assign(static_cast<size_t>(L.n_slices), 0);
+  for (const auto& tf : t.token_families) {
+    Family f;
+    f.key = tf.key;
+    f.values = tf.values;
+    f.slice_offset = L.n_slices;
+    L.n_slices += static_cast<int>(f.values.size());
+    for (Index off : tf.offsets) {
+      L.total_row.push_back(0);
+      L.col_offset.push_back(off);
+    }
+    L.families.push_back(std::move(f));
+  }
+  L.n_token_slices = L.n_slices - L.n_design_slices;
+  if (L.n_token_slices > 0) {
+    const size_t NT = static_cast<size_t>(L.n_token_slices);
+    L.has_tokens.resize(static_cast<size_t>(L.n_units) * NT);
+    for (Index u = 0; u < L.n_units; ++u) {
+      for (size_t i = 0; i < NT; ++i) {
+        const Index c = L.col_offset[static_cast<size_t>(L.n_design_slices) + i] + L.tok_col;
+        L.has_tokens[static_cast<size_t>(u) * NT + i] = t.sums(u, c) != 0.0 ? 1 : 0;
+      }
+    }
   }
 
   std::map<std::vector<std::string>, int> cell_index;  // ordered: lexicographic by tuple
@@ -59,7 +103,7 @@ Layout make_layout(const UnitTable& t) {
   for (auto& [key, idx] : cell_index) {
     idx = g;
     for (size_t k = 0; k < K; ++k) {
-      const auto& vals = L.values[k];
+      const auto& vals = L.families[k].values;
       L.value_of_group[k][static_cast<size_t>(g)] =
           static_cast<int>(std::lower_bound(vals.begin(), vals.end(), key[k]) - vals.begin());
     }
@@ -77,20 +121,23 @@ Layout make_layout(const UnitTable& t) {
   return L;
 }
 
-// Scratch for one resample: per-group column totals and draw counts, then per-slice ones.
+// Scratch for one resample: per-group column totals, draw counts and counts of drawn units
+// with tokens in each token slice, then per-slice ones.
 struct Totals {
-  std::vector<double> group, slice;  // row-major: [group|slice][column]
-  std::vector<int64_t> group_n, slice_n;
+  std::vector<double> group, slice;  // row-major: [group|design slice][column]
+  std::vector<int64_t> group_n, group_tok_n, slice_n;  // group_tok_n: [group][token slice]
 
   explicit Totals(const Layout& L)
       : group(static_cast<size_t>(L.n_groups * L.n_cols)),
-        slice(static_cast<size_t>(L.n_slices * L.n_cols)),
+        slice(static_cast<size_t>(L.n_design_slices * L.n_cols)),
         group_n(static_cast<size_t>(L.n_groups)),
+        group_tok_n(static_cast<size_t>(L.n_groups) * static_cast<size_t>(L.n_token_slices)),
         slice_n(static_cast<size_t>(L.n_slices)) {}
 
   void clear_groups() {
     std::fill(group.begin(), group.end(), 0.0);
     std::fill(group_n.begin(), group_n.end(), 0);
+    std::fill(group_tok_n.begin(), group_tok_n.end(), 0);
   }
 
   void add_unit(const Layout& L, const MatrixD& sums, Index u) {
@@ -99,6 +146,12 @@ struct Totals {
     double* dst = group.data() + static_cast<size_t>(g) * static_cast<size_t>(L.n_cols);
     for (Index c = 0; c < L.n_cols; ++c) dst[c] += src[c];
     ++group_n[static_cast<size_t>(g)];
+    const size_t NT = static_cast<size_t>(L.n_token_slices);
+    if (NT > 0) {
+      const uint8_t* has = L.has_tokens.data() + static_cast<size_t>(u) * NT;
+      int64_t* cnt = group_tok_n.data() + static_cast<size_t>(g) * NT;
+      for (size_t i = 0; i < NT; ++i) cnt[i] += has[i];
+    }
   }
 
   // Slice totals are sums of group totals in group order, so their rounding is fixed.
@@ -106,6 +159,7 @@ struct Totals {
     std::fill(slice.begin(), slice.end(), 0.0);
     std::fill(slice_n.begin(), slice_n.end(), 0);
     const size_t C = static_cast<size_t>(L.n_cols);
+    const size_t NT = static_cast<size_t>(L.n_token_slices);
     auto add_to = [&](int s, int g) {
       const double* src = group.data() + static_cast<size_t>(g) * C;
       double* dst = slice.data() + static_cast<size_t>(s) * C;
@@ -114,37 +168,33 @@ struct Totals {
     };
     for (int g = 0; g < L.n_groups; ++g) {
       add_to(0, g);
-      for (size_t k = 0; k < L.values.size(); ++k)
-        add_to(L.slice_offset[k] + L.value_of_group[k][static_cast<size_t>(g)], g);
+      for (size_t k = 0; k < L.n_design_families; ++k)
+        add_to(L.families[k].slice_offset + L.value_of_group[k][static_cast<size_t>(g)], g);
+      for (size_t i = 0; i < NT; ++i)
+        slice_n[static_cast<size_t>(L.n_design_slices) + i] +=
+            group_tok_n[static_cast<size_t>(g) * NT + i];
     }
+  }
+
+  // The first column a metric of slice s reads.
+  const double* at(const Layout& L, size_t s) const {
+    return slice.data() + static_cast<size_t>(L.total_row[s]) * static_cast<size_t>(L.n_cols) +
+           static_cast<size_t>(L.col_offset[s]);
   }
 };
 
-// val/ref[m * S + s]; NaN for a slice with no units in this resample.
+// val/ref[m * S + s]; NaN for a slice absent from this resample.
 void eval_metrics(const Layout& L, const Totals& T, const std::vector<SliceMetricDef>& metrics,
                   double* val, double* ref) {
-  const size_t S = static_cast<size_t>(L.n_slices), C = static_cast<size_t>(L.n_cols);
+  const size_t S = static_cast<size_t>(L.n_slices);
   for (size_t m = 0; m < metrics.size(); ++m) {
     for (size_t s = 0; s < S; ++s) {
-      const double* tot = T.slice.data() + s * C;
+      const double* tot = T.at(L, s);
       const bool present = T.slice_n[s] > 0;
       val[m * S + s] = present ? metrics[m].value(tot) : kNaN;
       ref[m * S + s] = present && metrics[m].reference ? metrics[m].reference(tot) : kNaN;
     }
   }
-}
-
-// Percentile with linear interpolation between order statistics (numpy's default method),
-// over the non-NaN entries; NaN when there are none.
-double quantile(std::vector<double> v, double q) {
-  v.erase(std::remove_if(v.begin(), v.end(), [](double x) { return std::isnan(x); }), v.end());
-  if (v.empty()) return kNaN;
-  std::sort(v.begin(), v.end());
-  const double pos = q * static_cast<double>(v.size() - 1);
-  const size_t lo = static_cast<size_t>(std::floor(pos));
-  if (lo + 1 >= v.size()) return v.back();
-  const double frac = pos - static_cast<double>(lo);
-  return v[lo] + frac * (v[lo + 1] - v[lo]);
 }
 
 enum LevelSummary { kWorst, kGapBetween, kGapToOverall, kRatioMinMax, kAmplification, kNLevel };
@@ -224,6 +274,50 @@ FamilySummary summarize(const std::vector<double>& x, const std::vector<double>&
   return f;
 }
 
+// The block layout: every metric call must stay inside `columns`, the token column must be
+// inside a block, and every slice family key must name one family only.
+void validate_blocks(const UnitTable& t) {
+  const Index n_cols = static_cast<Index>(t.columns.size());
+  const Index bs = t.block_size;
+  auto bad = [](const std::string& what) { throw ShapeError("unit table: " + what); };
+  if (bs < 0 || bs > n_cols) {
+    bad("block_size " + std::to_string(bs) + " is outside [0, " + std::to_string(n_cols) +
+        "] (the number of columns)");
+  }
+  const Index tok = t.token_column.empty() ? -1 : t.column(t.token_column);
+  if (bs > 0 && tok >= bs) {
+    bad("token column '" + t.token_column + "' is column " + std::to_string(tok) +
+        ", outside the first block of " + std::to_string(bs) + " columns");
+  }
+  if (t.token_families.empty()) return;
+  if (bs == 0) bad("token families need block_size > 0");
+  if (tok < 0) bad("token families need a token_column (n_units counts units with tokens)");
+  std::vector<std::string> keys = t.attr_keys;
+  keys.push_back("__all__");
+  for (const auto& f : t.token_families) {
+    if (std::find(keys.begin(), keys.end(), f.key) != keys.end()) {
+      bad("token family key '" + f.key + "' is already used by another slice family");
+    }
+    keys.push_back(f.key);
+    if (f.offsets.size() != f.values.size()) {
+      bad("token family '" + f.key + "' has " + std::to_string(f.offsets.size()) +
+          " offsets for " + std::to_string(f.values.size()) + " values");
+    }
+    for (size_t v = 0; v < f.values.size(); ++v) {
+      if (std::find(f.values.begin(), f.values.begin() + static_cast<std::ptrdiff_t>(v),
+                    f.values[v]) != f.values.begin() + static_cast<std::ptrdiff_t>(v)) {
+        bad("token family '" + f.key + "' lists value '" + f.values[v] + "' twice");
+      }
+      const Index off = f.offsets[v];
+      if (off < 0 || off + bs > n_cols) {
+        bad("token family '" + f.key + "' value '" + f.values[v] + "': block at column " +
+            std::to_string(off) + " of size " + std::to_string(bs) + " exceeds the " +
+            std::to_string(n_cols) + " columns");
+      }
+    }
+  }
+}
+
 void validate(const UnitTable& t, const std::vector<SliceMetricDef>& metrics,
               const BootstrapOptions& o) {
   const Index n = t.n_units();
@@ -243,6 +337,7 @@ void validate(const UnitTable& t, const std::vector<SliceMetricDef>& metrics,
                      std::to_string(t.sums.cols()) + ", expected " + std::to_string(n) + "x" +
                      std::to_string(t.columns.size()) + " (units x columns)");
   }
+  validate_blocks(t);
   for (const auto& m : metrics) {
     if (!m.value) throw Error("slice metric '" + m.name + "' has no value function");
   }
@@ -257,6 +352,17 @@ void validate(const UnitTable& t, const std::vector<SliceMetricDef>& metrics,
 }
 
 }  // namespace
+
+double quantile_linear(std::vector<double> v, double q) {
+  v.erase(std::remove_if(v.begin(), v.end(), [](double x) { return std::isnan(x); }), v.end());
+  if (v.empty()) return kNaN;
+  std::sort(v.begin(), v.end());
+  const double pos = q * static_cast<double>(v.size() - 1);
+  const size_t lo = static_cast<size_t>(std::floor(pos));
+  if (lo + 1 >= v.size()) return v.back();
+  const double frac = pos - static_cast<double>(lo);
+  return v[lo] + frac * (v[lo + 1] - v[lo]);
+}
 
 Index UnitTable::column(const std::string& name) const {
   for (size_t i = 0; i < columns.size(); ++i) {
@@ -283,9 +389,8 @@ SliceReport evaluate_slices(const UnitTable& units, const std::vector<SliceMetri
                             const BootstrapOptions& opts) {
   validate(units, metrics, opts);
   const Layout L = make_layout(units);
-  const Index tok_col = units.token_column.empty() ? -1 : units.column(units.token_column);
+  const Index tok_col = L.tok_col;
   const size_t M = metrics.size(), S = static_cast<size_t>(L.n_slices);
-  const size_t C = static_cast<size_t>(L.n_cols);
   const int B = opts.n_boot;
 
   // ---- point estimates: every unit once ----
@@ -334,18 +439,18 @@ SliceReport evaluate_slices(const UnitTable& units, const std::vector<SliceMetri
       *lo = *hi = kNaN;
       return;
     }
-    *lo = quantile(reps, q_lo);
-    *hi = quantile(reps, q_hi);
+    *lo = quantile_linear(reps, q_lo);
+    *hi = quantile_linear(reps, q_hi);
   };
 
   SliceReport report;
 
   // ---- per-slice rows ----
   std::vector<std::string> slice_key(S, "__all__"), slice_value(S, "__all__");
-  for (size_t k = 0; k < L.values.size(); ++k) {
-    for (size_t v = 0; v < L.values[k].size(); ++v) {
-      slice_key[static_cast<size_t>(L.slice_offset[k]) + v] = units.attr_keys[k];
-      slice_value[static_cast<size_t>(L.slice_offset[k]) + v] = L.values[k][v];
+  for (const Family& f : L.families) {
+    for (size_t v = 0; v < f.values.size(); ++v) {
+      slice_key[static_cast<size_t>(f.slice_offset) + v] = f.key;
+      slice_value[static_cast<size_t>(f.slice_offset) + v] = f.values[v];
     }
   }
   std::vector<double> reps(static_cast<size_t>(B)), dreps(static_cast<size_t>(B));
@@ -357,7 +462,7 @@ SliceReport evaluate_slices(const UnitTable& units, const std::vector<SliceMetri
       row.slice_key = slice_key[s];
       row.slice_value = slice_value[s];
       row.n_units = point.slice_n[s];
-      row.n_tokens = tok_col < 0 ? 0 : std::llround(point.slice[s * C + static_cast<size_t>(tok_col)]);
+      row.n_tokens = tok_col < 0 ? 0 : std::llround(point.at(L, s)[tok_col]);
       row.value = pval[m * S + s];
       row.ref_value = pref[m * S + s];
       row.delta = has_ref ? row.value - row.ref_value : kNaN;
@@ -388,10 +493,10 @@ SliceReport evaluate_slices(const UnitTable& units, const std::vector<SliceMetri
   for (size_t m = 0; m < M; ++m) {
     const bool has_ref = static_cast<bool>(metrics[m].reference);
     const bool hib = metrics[m].higher_is_better;
-    for (size_t k = 0; k < L.values.size(); ++k) {
-      const size_t V = L.values[k].size();
+    for (const Family& fam : L.families) {
+      const size_t V = fam.values.size();
       if (V < 2) continue;
-      const size_t s0 = static_cast<size_t>(L.slice_offset[k]);
+      const size_t s0 = static_cast<size_t>(fam.slice_offset);
       auto family = [&](const double* val, const double* ref) {
         std::vector<double> x(val + s0, val + s0 + V), r(ref + s0, ref + s0 + V);
         return summarize(x, r, val[0], ref[0], has_ref, hib);
@@ -418,12 +523,12 @@ SliceReport evaluate_slices(const UnitTable& units, const std::vector<SliceMetri
                       const double* obs_vals, bool on_delta) {
         const double pw = p_worst(observed, on_delta);
         const std::string worst =
-            observed < 0 ? std::string() : L.values[k][static_cast<size_t>(observed)];
+            observed < 0 ? std::string() : fam.values[static_cast<size_t>(observed)];
         for (int i = 0; i < n_summ; ++i) {
           if (!on_delta && i == kAmplification && !has_ref) continue;
           DisparityRow d;
           d.metric = metrics[m].name;
-          d.slice_key = units.attr_keys[k];
+          d.slice_key = fam.key;
           d.summary = names[i];
           d.on = on;
           d.worst_slice = worst;

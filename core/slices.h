@@ -7,6 +7,14 @@
 // replicate recomputes both on the same resample (paired) and the delta's CI carries the
 // covariance. Units are resampled, never tokens.
 //
+// Token slices (FAIRNESS §3 item 3): frequency or position buckets cut across units, since
+// every unit contributes tokens to every bucket. They are described by column *blocks*: with
+// block_size > 0 every metric is written against one block of block_size columns; the overall
+// row and the design-slice rows pass totals + 0 (the all-tokens block), and the token-slice row
+// (key, values[v]) passes the all-unit totals + offsets[v] (that bucket's block). Token slices
+// therefore use the same replicate index sets as everything else, and their deltas, gaps and
+// disparity summaries are paired too.
+//
 // Replicates: one index set per replicate b, shared by every slice, metric and variant. With
 // stratify = true the units are resampled within each cell (the intersection of all design
 // attributes), keeping design sizes; otherwise i.i.d. over all units (fairlearn's scheme). Draw
@@ -22,20 +30,37 @@
 
 namespace ql {
 
+/// A token slice family: value v's statistics are the block of columns starting at offsets[v].
+struct TokenFamily {
+  std::string key;                  ///< e.g. "token_freq"; must differ from every attr_key
+  std::vector<std::string> values;  ///< reported in this order (not sorted); distinct
+  std::vector<Index> offsets;       ///< column of each value's block; offsets.size() == values.size()
+};
+
 struct UnitTable {
   std::vector<std::string> unit_ids;
   std::vector<std::string> attr_keys;             ///< slice families
   std::vector<std::vector<std::string>> attrs;    ///< attrs[k][u]: value of family k for unit u
   std::vector<std::string> columns;               ///< names of the sufficient statistics
   MatrixD sums;                                   ///< units x columns
-  /// Name of the column that counts tokens (reported as n_tokens, used for flags).
+  /// Name of the column that counts tokens (reported as n_tokens, used for flags). With
+  /// block_size > 0 it must lie in the first block: its index is then the index *within* a
+  /// block, read at offset 0 for overall/design rows and at offsets[v] for token rows.
   std::string token_column = "n_tokens";
+  /// 0: metrics see all columns and there are no token families (the design-only behaviour).
+  /// > 0: metrics see one block [offset, offset + block_size); the all-tokens block is at 0.
+  Index block_size = 0;
+  /// Token slice families (need block_size > 0 and a token_column). Every block must fit in
+  /// `columns`. Their rows follow the design families' rows; n_units of a token-slice row is
+  /// the number of units with a non-zero token count in that bucket.
+  std::vector<TokenFamily> token_families;
 
   Index n_units() const { return static_cast<Index>(unit_ids.size()); }
   Index column(const std::string& name) const;  ///< throws Error if absent
 };
 
-/// A metric computed from column totals (a pointer to totals in `UnitTable::columns` order).
+/// A metric computed from column totals: a pointer to totals in `UnitTable::columns` order, or,
+/// when block_size > 0, to the first column of one block (see UnitTable::block_size).
 struct SliceMetricDef {
   std::string name;
   bool higher_is_better = false;
@@ -88,8 +113,18 @@ struct SliceReport {
 };
 
 /// Evaluate every metric overall and per value of every slice family, with CIs and disparity
-/// summaries. Slice values are reported in sorted order.
+/// summaries (design and token families alike). Rows are ordered per metric: overall, then
+/// each design family in attr_keys order with its values sorted, then each token family in
+/// declared order with its values in declared order. A slice absent from a replicate (no
+/// drawn unit; for a token slice, no drawn unit with tokens in the bucket) is NaN there and
+/// ignored by that row's percentiles. Throws ShapeError for an inconsistent table (including
+/// a malformed block layout), ConfigError for bad options.
 SliceReport evaluate_slices(const UnitTable& units, const std::vector<SliceMetricDef>& metrics,
                             const BootstrapOptions& opts);
+
+/// The q-quantile (q in [0, 1]) with linear interpolation between order statistics (numpy's
+/// default "linear" method) over the non-NaN entries; NaN when there are none. The engine's
+/// percentile CIs use it; callers use it for point quantiles such as the KL p99.
+double quantile_linear(std::vector<double> v, double q);
 
 }  // namespace ql

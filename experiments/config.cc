@@ -4,6 +4,7 @@
 #include <filesystem>
 #include <limits>
 #include <regex>
+#include <set>
 
 #include "core/options.h"
 #include "experiments/hash.h"
@@ -20,7 +21,17 @@ ConfigNode string_list_node(const std::vector<std::string>& v) {
   return s;
 }
 
-const OptionSchema<CalibConfig>& calib_schema() {
+/// A path as written in a config, resolved against the directory of the file that wrote it
+/// (command-line overrides resolve against the working directory).
+std::string resolve_path(const ConfigNode& n, const std::string& path) {
+  namespace fs = std::filesystem;
+  const std::string& file = n.loc().file;
+  fs::path p(path);
+  if (p.is_absolute() || file.empty() || file[0] == '<') return fs::absolute(p).lexically_normal().string();
+  return (fs::absolute(fs::path(file)).parent_path() / p).lexically_normal().string();
+}
+
+const OptionSchema<CalibConfig>& synthetic_calib_schema() {
   static const OptionSchema<CalibConfig> s = [] {
     OptionSchema<CalibConfig> o;
     o.add("tokens", &CalibConfig::tokens, "calibration tokens per layer", {1, 1 << 24});
@@ -36,13 +47,162 @@ const OptionSchema<CalibConfig>& calib_schema() {
   return s;
 }
 
-const OptionSchema<EvalConfig>& eval_schema() {
+const OptionSchema<CalibConfig>& model_calib_schema() {
+  static const OptionSchema<CalibConfig> s = [] {
+    OptionSchema<CalibConfig> o;
+    o.add_custom(
+        "text", "path", "calibration text file, tokenized with the stream protocol (required)",
+        [](CalibConfig& c, const ConfigNode& n, const std::string& p) {
+          c.text = resolve_path(n, read_string(n, p));
+        },
+        [](const CalibConfig& c) { return ConfigNode::scalar(c.text); });
+    o.add("n_samples", &CalibConfig::n_samples, "calibration windows", {1, 1 << 20});
+    o.add("seq_len", &CalibConfig::seq_len, "tokens per calibration window", {2, 1 << 20});
+    o.add("seed", &CalibConfig::seed, "seed of the random window rule", {0, 9.2e18});
+    o.add_custom(
+        "rule", "random|strided",
+        "random: offsets drawn from the seed; strided: window i starts at i*((len-seq_len)//n_samples), the GPTQ reference's rule",
+        [](CalibConfig& c, const ConfigNode& n, const std::string& p) {
+          c.rule = read_choice(n, p, {"random", "strided"});
+        },
+        [](const CalibConfig& c) { return ConfigNode::scalar(c.rule); });
+    o.add_custom(
+        "propagate", "quantized|fp",
+        "inputs of block b+1 during calibration: outputs of the quantized blocks (GPTQ) or of the FP blocks",
+        [](CalibConfig& c, const ConfigNode& n, const std::string& p) {
+          c.propagate = read_choice(n, p, {"quantized", "fp"});
+        },
+        [](const CalibConfig& c) { return ConfigNode::scalar(c.propagate); });
+    o.validator([](const CalibConfig& c, const ConfigNode& map, const std::string& path) {
+      if (c.text.empty())
+        throw ConfigError(map.loc(), join_path(path, "text"), "expected a calibration text file");
+    });
+    return o;
+  }();
+  return s;
+}
+
+const OptionSchema<EvalConfig>& synthetic_eval_schema() {
   static const OptionSchema<EvalConfig> s = [] {
     OptionSchema<EvalConfig> o;
     o.add("units", &EvalConfig::units,
           "evaluation units (document-like token groups; the bootstrap resamples units)",
           {2, 1 << 20});
     o.add("unit_tokens", &EvalConfig::unit_tokens, "tokens per evaluation unit", {1, 1 << 20});
+    return o;
+  }();
+  return s;
+}
+
+EvalSet parse_eval_set(const ConfigNode& n, const std::string& path, const std::string& kind) {
+  if (!n.is_map())
+    throw ConfigError(n.loc(), path, "expected a map {name, path, max_windows}, found '" + n.to_flow() + "'");
+  EvalSet e;
+  e.kind = kind;
+  for (auto& [k, v] : n.entries()) {
+    const std::string kp = join_path(path, k);
+    if (k == "name") e.name = read_string(v, kp);
+    else if (k == "path") e.path = resolve_path(v, read_string(v, kp));
+    else if (k == "max_windows") e.max_windows = read_int(v, kp, 0, 1LL << 40);
+    else throw_unknown_key(n, k, path, {"name", "path", "max_windows"});
+  }
+  if (e.name.empty() || e.path.empty())
+    throw ConfigError(n.loc(), path, "expected both 'name' and 'path'");
+  return e;
+}
+
+ConfigNode emit_eval_set(const EvalSet& e) {
+  ConfigNode m = ConfigNode::map();
+  m.set("name", ConfigNode::scalar(e.name));
+  m.set("path", ConfigNode::scalar(e.path));
+  m.set("max_windows", ConfigNode::scalar(std::to_string(e.max_windows)));
+  return m;
+}
+
+const OptionSchema<EvalConfig>& model_eval_schema() {
+  static const OptionSchema<EvalConfig> s = [] {
+    OptionSchema<EvalConfig> o;
+    o.add_custom(
+        "streams", "list of {name, path, max_windows}",
+        "texts scored as one stream each: BOS + documents joined by a blank line, non-overlapping windows",
+        [](EvalConfig& c, const ConfigNode& n, const std::string& p) {
+          if (!n.is_sequence()) throw ConfigError(n.loc(), p, "expected a list of {name, path}");
+          for (std::size_t i = 0; i < n.size(); ++i)
+            c.sets.push_back(parse_eval_set(n.at(i), join_path(p, std::to_string(i)), "stream"));
+        },
+        [](const EvalConfig& c) {
+          ConfigNode l = ConfigNode::sequence();
+          for (auto& e : c.sets)
+            if (e.kind == "stream") l.push_back(emit_eval_set(e));
+          return l;
+        });
+    o.add_custom(
+        "slices", "list of {name, path, max_windows}",
+        "JSONL files of documents {text, slice: {key: value}}; every slice attribute becomes a slice family",
+        [](EvalConfig& c, const ConfigNode& n, const std::string& p) {
+          if (!n.is_sequence()) throw ConfigError(n.loc(), p, "expected a list of {name, path}");
+          for (std::size_t i = 0; i < n.size(); ++i)
+            c.sets.push_back(parse_eval_set(n.at(i), join_path(p, std::to_string(i)), "jsonl"));
+        },
+        [](const EvalConfig& c) {
+          ConfigNode l = ConfigNode::sequence();
+          for (auto& e : c.sets)
+            if (e.kind == "jsonl") l.push_back(emit_eval_set(e));
+          return l;
+        });
+    o.add("seq_len", &EvalConfig::seq_len, "evaluation window length", {2, 1 << 20});
+    o.add("kl", &EvalConfig::kl,
+          "evaluate the FP model beside the quantized one (KL, top-1 agreement, paired deltas); false: quantized model only");
+    o.add_custom(
+        "freq_corpus", "path", "text whose token counts rank the frequency buckets (default: calib.text)",
+        [](EvalConfig& c, const ConfigNode& n, const std::string& p) {
+          c.freq_corpus = resolve_path(n, read_string(n, p));
+        },
+        [](const EvalConfig& c) { return ConfigNode::scalar(c.freq_corpus); });
+    o.add_custom(
+        "rank_edges", "list of int", "frequency-rank band edges of the token_freq slices",
+        [](EvalConfig& c, const ConfigNode& n, const std::string& p) {
+          if (!n.is_sequence()) throw ConfigError(n.loc(), p, "expected a list of increasing ranks");
+          c.rank_edges.clear();
+          for (std::size_t i = 0; i < n.size(); ++i) {
+            long long v = read_int(n.at(i), join_path(p, std::to_string(i)), 1, 1LL << 40);
+            if (!c.rank_edges.empty() && v <= c.rank_edges.back())
+              throw ConfigError(n.at(i).loc(), join_path(p, std::to_string(i)), "expected increasing ranks");
+            c.rank_edges.push_back(v);
+          }
+        },
+        [](const EvalConfig& c) {
+          ConfigNode l = ConfigNode::sequence();
+          for (auto v : c.rank_edges) l.push_back(ConfigNode::scalar(std::to_string(v)));
+          return l;
+        });
+    o.validator([](const EvalConfig& c, const ConfigNode& map, const std::string& path) {
+      if (c.sets.empty())
+        throw ConfigError(map.loc(), path, "expected at least one of 'streams' or 'slices'");
+      std::set<std::string> names;
+      for (auto& e : c.sets)
+        if (!names.insert(e.name).second)
+          throw ConfigError(map.loc(), path, "evaluation set name '" + e.name + "' is used twice");
+    });
+    return o;
+  }();
+  return s;
+}
+
+const OptionSchema<ModelWorkload>& model_workload_schema() {
+  static const OptionSchema<ModelWorkload> s = [] {
+    OptionSchema<ModelWorkload> o;
+    o.add_custom(
+        "path", "path", "checkpoint directory: config.json, model.safetensors (or sharded + index), tokenizer.model",
+        [](ModelWorkload& m, const ConfigNode& n, const std::string& p) {
+          m.path = resolve_path(n, read_string(n, p));
+        },
+        [](const ModelWorkload& m) { return ConfigNode::scalar(m.path); });
+    o.add("architecture", &ModelWorkload::architecture,
+          "if set, the checkpoint's architecture must equal it (e.g. LlamaForCausalLM)");
+    o.validator([](const ModelWorkload& m, const ConfigNode& map, const std::string& path) {
+      if (m.path.empty()) throw ConfigError(map.loc(), join_path(path, "path"), "expected a checkpoint directory");
+    });
     return o;
   }();
   return s;
@@ -235,9 +395,21 @@ RunConfig parse_run_config(const ConfigNode& root, const std::string& label,
   try {
     if (!root.is_map())
       throw ConfigError(root.loc(), "", "expected a map of sections (seed, workload, quant, ...)");
+    // The workload kind decides which calib:/eval: keys exist.
+    if (const ConfigNode* w = root.find("workload"); w && w->is_map())
+      if (const ConfigNode* kind = w->find("kind"))
+        rc.workload.kind = read_choice(*kind, "workload.kind", {"synthetic", "model"});
+    const bool model = rc.workload.is_model();
     // calib: and eval: first: they size the workload's data, which its validator checks.
-    if (const ConfigNode* n = root.find("calib")) rc.calib = calib_schema().parse(*n, "calib");
-    if (const ConfigNode* n = root.find("eval")) rc.eval = eval_schema().parse(*n, "eval");
+    if (const ConfigNode* n = root.find("calib"))
+      rc.calib = (model ? model_calib_schema() : synthetic_calib_schema()).parse(*n, "calib");
+    else if (model)
+      throw ConfigError(root.loc(), "calib", "expected a 'calib' section with the calibration text");
+    if (const ConfigNode* n = root.find("eval"))
+      rc.eval = (model ? model_eval_schema() : synthetic_eval_schema()).parse(*n, "eval");
+    else if (model)
+      throw ConfigError(root.loc(), "eval", "expected an 'eval' section with streams and/or slices");
+    if (model && rc.eval.freq_corpus.empty()) rc.eval.freq_corpus = rc.calib.text;
     for (auto& [key, value] : root.entries()) {
       if (key == "seed") {
         rc.seed = static_cast<uint64_t>(read_int(value, key, 0, std::numeric_limits<long long>::max()));
@@ -245,11 +417,11 @@ RunConfig parse_run_config(const ConfigNode& root, const std::string& label,
         if (!value.is_map())
           throw ConfigError(value.loc(), key, "expected a map with 'kind: synthetic' and its options");
         ConfigNode rest = value;
-        if (const ConfigNode* kind = value.find("kind")) {
-          rc.workload.kind = read_choice(*kind, "workload.kind", {"synthetic"});
-          rest.erase("kind");
-        }
-        parse_synthetic(rc, rest, root);
+        rest.erase("kind");
+        if (model)
+          rc.workload.model = model_workload_schema().parse(rest, "workload");
+        else
+          parse_synthetic(rc, rest, root);
       } else if (key == "calib" || key == "eval") {
         // parsed above
       } else if (key == "slices") {
@@ -268,6 +440,8 @@ RunConfig parse_run_config(const ConfigNode& root, const std::string& label,
       }
     }
     if (!root.find("workload")) parse_synthetic(rc, ConfigNode::map(root.loc()), root);
+    if (model && rc.workload.model.path.empty())
+      throw ConfigError(root.loc(), "workload.path", "expected a checkpoint directory");
     if (rc.quant.empty())
       throw ConfigError(root.loc(), "quant", "expected a 'quant' list (use [{algorithm: fp}] for the FP reference)");
   } catch (const ConfigError& e) {
@@ -282,14 +456,21 @@ RunConfig parse_run_config(const ConfigNode& root, const std::string& label,
   c.set("seed", ConfigNode::scalar(std::to_string(rc.seed)));
   ConfigNode w = ConfigNode::map();
   w.set("kind", ConfigNode::scalar(rc.workload.kind));
-  const ConfigNode spec_node = synthetic_spec_schema().emit(rc.workload.synthetic);
+  const ConfigNode spec_node = rc.workload.is_model()
+                                   ? model_workload_schema().emit(rc.workload.model)
+                                   : synthetic_spec_schema().emit(rc.workload.synthetic);
   for (auto& [k, v] : spec_node.entries()) w.set(k, v);
   c.set("workload", w);
-  CalibConfig resolved_calib = rc.calib;
-  if (resolved_calib.populations.empty())
-    for (auto& p : rc.workload.synthetic.populations) resolved_calib.populations.push_back(p.name);
-  c.set("calib", calib_schema().emit(resolved_calib));
-  c.set("eval", eval_schema().emit(rc.eval));
+  if (rc.workload.is_model()) {
+    c.set("calib", model_calib_schema().emit(rc.calib));
+    c.set("eval", model_eval_schema().emit(rc.eval));
+  } else {
+    CalibConfig resolved_calib = rc.calib;
+    if (resolved_calib.populations.empty())
+      for (auto& p : rc.workload.synthetic.populations) resolved_calib.populations.push_back(p.name);
+    c.set("calib", synthetic_calib_schema().emit(resolved_calib));
+    c.set("eval", synthetic_eval_schema().emit(rc.eval));
+  }
   c.set("slices", slices_schema().emit(rc.slices));
   ConfigNode q = ConfigNode::sequence();
   for (auto& s : rc.quant) q.push_back(emit_step(s, registry));

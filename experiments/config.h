@@ -30,23 +30,57 @@ struct QuantStep {
   SourceLoc loc;                          ///< where the step was written, for run-time errors
 };
 
-/// `workload:` — what is quantized. Only `kind: synthetic` (a layer suite) exists so far.
+/// `workload: {kind: model, ...}` — a Hugging Face checkpoint directory as users have it on
+/// disk. Relative paths in a config resolve against the directory of the file that wrote them.
+struct ModelWorkload {
+  std::string path;          ///< checkpoint directory (config.json + safetensors + tokenizer)
+  std::string architecture;  ///< if set, the checkpoint's architecture must equal it
+};
+
+/// `workload:` — what is quantized: `kind: synthetic` (a layer suite) or `kind: model`.
 struct WorkloadConfig {
   std::string kind = "synthetic";
   SyntheticSpec synthetic;
+  ModelWorkload model;
+  bool is_model() const { return kind == "model"; }
 };
 
-/// `calib:` — calibration data drawn for the workload.
+/// `calib:` — calibration data. Synthetic suites use tokens/populations; models use the rest.
 struct CalibConfig {
-  long long tokens = 1024;               ///< calibration tokens per layer
-  std::vector<std::string> populations;  ///< populations drawn from (empty = all, by share)
+  long long tokens = 1024;               ///< synthetic: calibration tokens per layer
+  std::vector<std::string> populations;  ///< synthetic: populations drawn from (empty = all)
+  std::string text;             ///< model: calibration text (stream protocol)
+  int n_samples = 128;          ///< model: calibration windows
+  int seq_len = 256;            ///< model: tokens per calibration window
+  long long seed = 0;           ///< model: seed of the random window rule
+  std::string rule = "random";  ///< model: random | strided (the GPTQ reference's rule)
+  /// model: what feeds block b+1 during block-sequential calibration: the outputs of the
+  /// already quantized blocks (GPTQ) or of the FP blocks (FlatQuant).
+  std::string propagate = "quantized";
 };
 
-/// `eval:` — evaluation data: `units` document-like groups of `unit_tokens` tokens; the
-/// bootstrap resamples units, never tokens.
+/// One evaluation text: a stream (perplexity protocol) or a JSONL file of slice-labelled
+/// documents.
+struct EvalSet {
+  std::string name;
+  std::string path;
+  std::string kind = "stream";  ///< stream | jsonl
+  long long max_windows = 0;    ///< 0 = all windows; otherwise the first max_windows
+};
+
+/// `eval:` — evaluation data. Synthetic suites: `units` document-like groups of
+/// `unit_tokens` tokens. Models: texts, window length, token-slice definition. The bootstrap
+/// resamples units (documents; the windows of a stream), never tokens.
 struct EvalConfig {
   long long units = 128;
   long long unit_tokens = 32;
+  std::vector<EvalSet> sets;  ///< model: `streams:` then `slices:` entries
+  int seq_len = 256;
+  /// model: evaluate the FP model beside the quantized one (KL, top-1 agreement, deltas).
+  /// false halves the cost and reports only the quantized model's own ppl, nll and accuracy.
+  bool kl = true;
+  std::string freq_corpus;    ///< token-frequency buckets are ranked on this text (default calib.text)
+  std::vector<long long> rank_edges{100, 1000, 10000};
 };
 
 /// `output:` — where results go and which table to print at the end.

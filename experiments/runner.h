@@ -15,6 +15,7 @@
 
 #include "algorithms/algorithm.h"
 #include "experiments/config.h"
+#include "experiments/model_runner.h"
 #include "experiments/run_record.h"
 
 namespace ql {
@@ -58,8 +59,11 @@ class WorkloadCache {
   /// The prepared workload of `run`, generating it if the cached one has another key.
   /// `seconds` receives the time spent preparing (0 on a cache hit).
   std::shared_ptr<const Prepared> get(const RunConfig& run, double* seconds);
+  /// Checkpoints, tokenized texts and windows of `kind: model` workloads.
+  ModelCache& model() { return model_; }
 
  private:
+  ModelCache model_;
   std::shared_ptr<const Prepared> current_;
   std::string key_;
 };

@@ -450,5 +450,302 @@ TEST(Slices, RejectsInconsistentTables) {
   EXPECT_THROW(evaluate_slices(t, {nll_metric()}, o), ConfigError);
 }
 
+// ---- token slice families (column blocks) ----
+
+// Per-unit statistics of one block, in Col order (kOnes is left 0 in bucket blocks).
+struct BlockStats { double tok, nll, nll_ref, agree; };
+
+// Blocks of kNCols columns: 0 = all tokens, 1 = bucket "rare", 2 = bucket "common". The
+// family's values are declared out of sorted order to check that the declared order is kept.
+UnitTable token_table(std::vector<std::string> attr_keys) {
+  UnitTable t;
+  t.attr_keys = std::move(attr_keys);
+  t.attrs.resize(t.attr_keys.size());
+  const char* names[kNCols] = {"n_tokens", "nll", "nll_ref", "agree", "ones"};
+  for (const std::string prefix : {"", "rare/", "common/"})
+    for (const char* n : names) t.columns.push_back(prefix + n);
+  t.sums = MatrixD(0, 3 * kNCols);
+  t.block_size = kNCols;
+  t.token_families = {{"freq", {"rare", "common"}, {kNCols, 2 * kNCols}}};
+  return t;
+}
+
+void add_token_unit(UnitTable& t, const std::vector<std::string>& attrs, const BlockStats& rare,
+                    const BlockStats& common) {
+  const Index u = t.n_units();
+  t.unit_ids.push_back("u" + std::to_string(u));
+  for (size_t k = 0; k < attrs.size(); ++k) t.attrs[k].push_back(attrs[k]);
+  t.sums.conservativeResize(u + 1, 3 * kNCols);
+  t.sums.row(u).setZero();
+  const BlockStats all = {rare.tok + common.tok, rare.nll + common.nll,
+                          rare.nll_ref + common.nll_ref, rare.agree + common.agree};
+  const BlockStats* blocks[3] = {&all, &rare, &common};
+  for (int b = 0; b < 3; ++b) {
+    t.sums(u, b * kNCols + kTok) = blocks[b]->tok;
+    t.sums(u, b * kNCols + kNll) = blocks[b]->nll;
+    t.sums(u, b * kNCols + kNllRef) = blocks[b]->nll_ref;
+    t.sums(u, b * kNCols + kAgree) = blocks[b]->agree;
+  }
+  t.sums(u, kOnes) = 1.0;
+}
+
+UnitTable hand_token_table() {
+  UnitTable t = token_table({"population"});
+  add_token_unit(t, {"a"}, {2, 8, 6, 1}, {8, 16, 12, 6});
+  add_token_unit(t, {"a"}, {0, 0, 0, 0}, {10, 15, 14, 9});
+  add_token_unit(t, {"b"}, {5, 20, 10, 2}, {15, 30, 27, 12});
+  add_token_unit(t, {"b"}, {3, 9, 9, 1}, {7, 14, 7, 7});
+  return t;
+}
+
+// Populations with per-unit bucket statistics correlated between Q and FP.
+UnitTable random_token_table(const std::vector<std::pair<std::string, int>>& pops,
+                             uint64_t stream) {
+  UnitTable t = token_table({"population"});
+  CounterRng rng(7, stream);
+  uint64_t i = 0;
+  for (const auto& [pop, n] : pops) {
+    for (int k = 0; k < n; ++k, i += 8) {
+      const double rt = std::floor(20.0 * rng.uniform(i));
+      const double ct = 40.0 + std::floor(60.0 * rng.uniform(i + 1));
+      const double mr = 4.0 + 0.5 * rng.normal(i + 2), mc = 2.0 + 0.3 * rng.normal(i + 3);
+      const double sr = 0.6 + 0.05 * rng.normal(i + 4), sc = 0.1 + 0.02 * rng.normal(i + 5);
+      add_token_unit(t, {pop}, {rt, rt * (mr + sr), rt * mr, std::floor(0.5 * rt)},
+                     {ct, ct * (mc + sc), ct * mc, std::floor(0.8 * ct)});
+    }
+  }
+  return t;
+}
+
+TEST(SlicesTokenFamilies, PointValuesEqualDirectComputationOnBucketColumns) {
+  const UnitTable t = hand_token_table();
+  BootstrapOptions o;
+  o.n_boot = 50;
+  const SliceReport r = evaluate_slices(t, {nll_metric(), agree_metric()}, o);
+  // Per metric: overall, population {a, b}, then freq in declared order {rare, common}.
+  ASSERT_EQ(r.rows.size(), 10u);
+  const std::vector<std::pair<std::string, std::string>> order = {
+      {"__all__", "__all__"}, {"population", "a"}, {"population", "b"}, {"freq", "rare"},
+      {"freq", "common"}};
+  for (size_t i = 0; i < 10; ++i) {
+    EXPECT_EQ(r.rows[i].slice_key, order[i % 5].first);
+    EXPECT_EQ(r.rows[i].slice_value, order[i % 5].second);
+  }
+  struct Expect { std::string key, value; int64_t n, tok; double nll, ref, agree; };
+  const std::vector<Expect> expect = {
+      {"__all__", "__all__", 4, 50, 112.0 / 50, 85.0 / 50, 38.0 / 50},
+      {"population", "a", 2, 20, 39.0 / 20, 32.0 / 20, 16.0 / 20},
+      {"population", "b", 2, 30, 73.0 / 30, 53.0 / 30, 22.0 / 30},
+      // Unit 1 has no rare tokens: 3 units contribute to the bucket.
+      {"freq", "rare", 3, 10, 37.0 / 10, 25.0 / 10, 4.0 / 10},
+      {"freq", "common", 4, 40, 75.0 / 40, 60.0 / 40, 34.0 / 40}};
+  for (const auto& e : expect) {
+    const SliceRow& n = find_row(r, "nll", e.key, e.value);
+    EXPECT_EQ(n.n_units, e.n) << e.key << "=" << e.value;
+    EXPECT_EQ(n.n_tokens, e.tok) << e.key << "=" << e.value;
+    EXPECT_NEAR(n.value, e.nll, 1e-14);
+    EXPECT_NEAR(n.ref_value, e.ref, 1e-14);
+    EXPECT_NEAR(n.delta, e.nll - e.ref, 1e-14);
+    EXPECT_LE(n.ci_low, n.ci_high);
+    EXPECT_NEAR(find_row(r, "agree", e.key, e.value).value, e.agree, 1e-14);
+  }
+}
+
+TEST(SlicesTokenFamilies, ReplicatesShareTheDesignIndexSets) {
+  // One replicate: the token rows are the bucket ratios over the very units drawn for the
+  // design rows (cells a = {0, 1}, b = {2, 3}), so their deltas are paired with everything.
+  const UnitTable t = hand_token_table();
+  BootstrapOptions o;
+  o.n_boot = 1;
+  o.seed = 4321;
+  const SliceReport r = evaluate_slices(t, {nll_metric()}, o);
+  const std::vector<std::vector<Index>> cells = {{0, 1}, {2, 3}};
+  double tot[3] = {0, 0, 0}, nll[3] = {0, 0, 0}, ref[3] = {0, 0, 0};
+  for (size_t c = 0; c < cells.size(); ++c) {
+    const CounterRng rng(o.seed, mix_stream(0, c));
+    for (uint64_t j = 0; j < cells[c].size(); ++j) {
+      const Index u = cells[c][rng.below(j, cells[c].size())];
+      for (int b = 0; b < 3; ++b) {
+        tot[b] += t.sums(u, b * kNCols + kTok);
+        nll[b] += t.sums(u, b * kNCols + kNll);
+        ref[b] += t.sums(u, b * kNCols + kNllRef);
+      }
+    }
+  }
+  const char* names[3] = {"__all__", "rare", "common"};
+  for (int b = 0; b < 3; ++b) {
+    const SliceRow& row = find_row(r, "nll", b == 0 ? "__all__" : "freq", names[b]);
+    EXPECT_NEAR(row.ci_low, nll[b] / tot[b], 1e-14) << names[b];
+    EXPECT_NEAR(row.ci_high, nll[b] / tot[b], 1e-14) << names[b];
+    EXPECT_NEAR(row.delta_ci_low, (nll[b] - ref[b]) / tot[b], 1e-14) << names[b];
+  }
+}
+
+TEST(SlicesTokenFamilies, PairedDeltaCiIsNarrowerThanUnpaired) {
+  const UnitTable t = random_token_table({{"a", 150}}, 3);
+  BootstrapOptions o;
+  o.n_boot = 400;
+  const SliceReport r = evaluate_slices(t, {nll_metric(), nll_ref_only_metric()}, o);
+  for (const std::string v : {"rare", "common"}) {
+    const SliceRow& q = find_row(r, "nll", "freq", v);
+    const SliceRow& fp = find_row(r, "nll_fp", "freq", v);
+    EXPECT_EQ(fp.value, q.ref_value);
+    const double wq = q.ci_high - q.ci_low, wfp = fp.ci_high - fp.ci_low;
+    const double wd = q.delta_ci_high - q.delta_ci_low;
+    EXPECT_GT(wd, 0.0) << v;
+    EXPECT_LT(wd, 0.5 * std::sqrt(wq * wq + wfp * wfp)) << v;
+    EXPECT_LT(q.delta_ci_low, q.delta);
+    EXPECT_GT(q.delta_ci_high, q.delta);
+  }
+}
+
+TEST(SlicesTokenFamilies, DisparityRowsForATokenFamily) {
+  const SliceReport r = evaluate_slices(hand_token_table(), {nll_metric(), agree_metric()},
+                                        [] { BootstrapOptions o; o.n_boot = 200; return o; }());
+  const std::string F = "freq";
+  // Levels: rare 3.7, common 1.875, overall 2.24 (the all-tokens block); FP 2.5, 1.5.
+  const DisparityRow& w = find_disp(r, "nll", F, "worst", "level");
+  EXPECT_EQ(w.worst_slice, "rare");
+  EXPECT_NEAR(w.value, 3.7, 1e-12);
+  EXPECT_NEAR(find_disp(r, "nll", F, "gap_between", "level").value, 1.825, 1e-12);
+  EXPECT_NEAR(find_disp(r, "nll", F, "gap_to_overall", "level").value, 3.7 - 2.24, 1e-12);
+  EXPECT_NEAR(find_disp(r, "nll", F, "ratio_min_max", "level").value, 1.875 / 3.7, 1e-12);
+  EXPECT_NEAR(find_disp(r, "nll", F, "amplification", "level").value, 1.825 - 1.0, 1e-12);
+  // Deltas: rare 1.2, common 0.375, overall 27/50.
+  const DisparityRow& dw = find_disp(r, "nll", F, "worst", "delta");
+  EXPECT_EQ(dw.worst_slice, "rare");
+  EXPECT_NEAR(dw.value, 1.2, 1e-12);
+  EXPECT_NEAR(find_disp(r, "nll", F, "gap_between", "delta").value, 0.825, 1e-12);
+  EXPECT_NEAR(find_disp(r, "nll", F, "gap_to_overall", "delta").value, 1.2 - 0.54, 1e-12);
+  // Higher is better: the worst agreement is rare (0.4 vs 0.85).
+  EXPECT_EQ(find_disp(r, "agree", F, "worst", "level").worst_slice, "rare");
+  // Per metric, the design family's summaries come first, then the token family's.
+  std::vector<std::string> order;
+  for (const auto& d : r.disparity) {
+    const std::string group = d.metric + "/" + d.slice_key;
+    if (order.empty() || order.back() != group) order.push_back(group);
+  }
+  EXPECT_EQ(order, (std::vector<std::string>{"nll/population", "nll/freq", "agree/population",
+                                             "agree/freq"}));
+  size_t n_freq = 0;
+  for (const auto& d : r.disparity) n_freq += d.slice_key == F;
+  EXPECT_EQ(n_freq, 8u + 4u);
+  for (const auto& d : r.disparity) {
+    if (d.slice_key != F || d.metric != "nll") continue;
+    EXPECT_LE(d.ci_low, d.value + 1e-12) << d.summary << " " << d.on;
+    EXPECT_GE(d.ci_high, d.value - 1e-12) << d.summary << " " << d.on;
+  }
+}
+
+TEST(SlicesTokenFamilies, DesignRowsUnchangedByBlocks) {
+  // The blocked table and a plain table holding only its all-tokens block must give bitwise
+  // the same overall and design rows and design disparity (same draws, same totals).
+  const UnitTable blocked = random_token_table({{"a", 40}, {"b", 9}, {"c", 25}}, 5);
+  UnitTable plain = blocked;
+  plain.columns.resize(kNCols);
+  plain.sums = blocked.sums.leftCols(kNCols).eval();
+  plain.block_size = 0;
+  plain.token_families.clear();
+  for (bool stratify : {true, false}) {
+    BootstrapOptions o;
+    o.n_boot = 150;
+    o.seed = 11;
+    o.stratify = stratify;
+    const std::vector<SliceMetricDef> defs = {nll_metric(), agree_metric()};
+    const SliceReport rb = evaluate_slices(blocked, defs, o);
+    const SliceReport rp = evaluate_slices(plain, defs, o);
+    SliceReport kept;
+    for (const auto& row : rb.rows)
+      if (row.slice_key != "freq") kept.rows.push_back(row);
+    for (const auto& d : rb.disparity)
+      if (d.slice_key != "freq") kept.disparity.push_back(d);
+    EXPECT_TRUE(identical(kept, rp)) << "stratify=" << stratify;
+    EXPECT_EQ(rb.rows.size(), rp.rows.size() + 2 * 2);
+  }
+}
+
+TEST(SlicesTokenFamilies, BucketAbsentFromSomeReplicates) {
+  // Only one unit of 60 has rare tokens: i.i.d. replicates without it leave the bucket empty
+  // (NaN, ignored), the others reproduce that unit's ratio.
+  UnitTable t = token_table({"population"});
+  for (int i = 0; i < 60; ++i) {
+    const BlockStats rare = i == 17 ? BlockStats{4, 10, 6, 1} : BlockStats{0, 0, 0, 0};
+    add_token_unit(t, {"a"}, rare, {50, 100.0 + i, 90.0 + i, 40});
+  }
+  BootstrapOptions o;
+  o.n_boot = 200;
+  o.stratify = false;
+  const SliceReport r = evaluate_slices(t, {nll_metric()}, o);
+  const SliceRow& rare = find_row(r, "nll", "freq", "rare");
+  EXPECT_EQ(rare.n_units, 1);
+  EXPECT_EQ(rare.n_tokens, 4);
+  EXPECT_TRUE(rare.flags & kFlagFewUnits);
+  EXPECT_TRUE(rare.flags & kFlagFewTokens);
+  EXPECT_NEAR(rare.value, 2.5, 1e-14);
+  EXPECT_NEAR(rare.ci_low, 2.5, 1e-14);
+  EXPECT_NEAR(rare.ci_high, 2.5, 1e-14);
+  EXPECT_NEAR(rare.delta_ci_low, 1.0, 1e-14);
+  EXPECT_EQ(find_row(r, "nll", "freq", "common").n_units, 60);
+}
+
+TEST(SlicesTokenFamilies, BitwiseIdenticalAcrossThreadCounts) {
+  const UnitTable t = random_token_table({{"a", 70}, {"b", 20}, {"c", 2}}, 9);
+  for (bool stratify : {true, false}) {
+    BootstrapOptions o;
+    o.n_boot = 201;
+    o.seed = 3;
+    o.stratify = stratify;
+    const int saved = omp_get_max_threads();
+    omp_set_num_threads(1);
+    const SliceReport one = evaluate_slices(t, {nll_metric(), agree_metric()}, o);
+    omp_set_num_threads(2);
+    const SliceReport two = evaluate_slices(t, {nll_metric(), agree_metric()}, o);
+    omp_set_num_threads(saved);
+    EXPECT_TRUE(identical(one, two)) << "stratify=" << stratify;
+  }
+}
+
+TEST(SlicesTokenFamilies, RejectsMalformedBlocks) {
+  BootstrapOptions o;
+  o.n_boot = 0;
+  const auto run = [&](const UnitTable& t) { evaluate_slices(t, {nll_metric()}, o); };
+  EXPECT_NO_THROW(run(hand_token_table()));
+  UnitTable t = hand_token_table();
+  t.token_families[0].offsets[1] = 2 * kNCols + 1;  // block runs past the last column
+  EXPECT_THROW(run(t), ShapeError);
+  t = hand_token_table();
+  t.token_families[0].offsets.pop_back();
+  EXPECT_THROW(run(t), ShapeError);
+  t = hand_token_table();
+  t.block_size = 0;  // token families without blocks
+  EXPECT_THROW(run(t), ShapeError);
+  t = hand_token_table();
+  t.block_size = 3 * kNCols + 1;
+  EXPECT_THROW(run(t), ShapeError);
+  t = hand_token_table();
+  t.token_column = "rare/n_tokens";  // not inside the first block
+  EXPECT_THROW(run(t), ShapeError);
+  t = hand_token_table();
+  t.token_column = "";
+  EXPECT_THROW(run(t), ShapeError);
+  t = hand_token_table();
+  t.token_families[0].key = "population";
+  EXPECT_THROW(run(t), ShapeError);
+  t = hand_token_table();
+  t.token_families[0].values[1] = "rare";
+  EXPECT_THROW(run(t), ShapeError);
+}
+
+TEST(Slices, QuantileLinearMatchesNumpyDefault) {
+  // numpy.quantile([3, 1, 4, 1, 5], q) with the linear method.
+  const std::vector<double> v = {3, 1, 4, 1, 5};
+  EXPECT_EQ(quantile_linear(v, 0.0), 1.0);
+  EXPECT_EQ(quantile_linear(v, 0.5), 3.0);
+  EXPECT_DOUBLE_EQ(quantile_linear(v, 0.9), 4.6);
+  EXPECT_EQ(quantile_linear(v, 1.0), 5.0);
+  EXPECT_DOUBLE_EQ(quantile_linear({2.0, std::nan(""), 4.0}, 0.25), 2.5);
+  EXPECT_TRUE(std::isnan(quantile_linear({}, 0.5)));
+}
+
 }  // namespace
 }  // namespace ql

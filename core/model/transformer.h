@@ -1,0 +1,156 @@
+// Float32 forward pass of a LLaMA-family decoder (LlamaForCausalLM, MistralForCausalLM,
+// Qwen2ForCausalLM) over a ModelWeights (core/model/model.h), with hooks at every linear and
+// at the attention's keys/values, a KV cache for incremental decoding, and a batched path.
+//
+// Per block, with h the T x hidden residual stream of one window (row = token):
+//   x  = RMSNorm(h) ⊙ w_in,   RMSNorm(x) = x · 1/sqrt(mean(x²) + eps)   (float32, as HF)
+//   Q, K, V = x Wqᵀ (+bq), x Wkᵀ (+bk), x Wvᵀ (+bv)
+//   Q, K <- rotate-half RoPE: inv_freq_i = 1 / theta^(2i/head_dim) and angle = pos · inv_freq_i,
+//           both rounded to float32 exactly as HF computes them; cos/sin repeated over both halves
+//   head j attends with kv head j / (num_heads / num_kv_heads), causal softmax of
+//           Q_j K_gᵀ / sqrt(head_dim), output P V_g
+//   h += attn Woᵀ;   x = RMSNorm(h) ⊙ w_post;   h += (silu(x Wgᵀ) ⊙ x Wuᵀ) Wdᵀ
+// then logits = RMSNorm(h) ⊙ w_final · lm_headᵀ. Positions start at 0 for each window unless a
+// cache or pos0 says otherwise.
+//
+// Determinism: every matrix product is cut into fixed tiles (kPanelRows token rows x
+// kTileCols output columns; attention in fixed chunks of query rows per head), each tile is one
+// single-threaded BLAS call, and all reductions have a fixed order. forward() spreads the tiles
+// of one window over the OpenMP threads; forward_batch() runs whole windows on different
+// threads with the same tiles in sequence; windows shorter than 16 tokens run on the calling
+// thread alone. Hence results are bitwise identical for any thread count and between forward(),
+// forward_batch() and the embed/block/head pieces. forward_incremental() uses different
+// product shapes, so it agrees with forward() to float32 rounding (~1e-6), not bitwise.
+// (A single BLAS call over several windows at once would not do: OpenBLAS's bits depend on the
+// call's shape, so every path issues the same per-window tiles.)
+//
+// Thread safety: a Transformer is immutable after construction; its const methods may be called
+// concurrently. It keeps a reference to the ModelWeights, which must outlive it and must not be
+// modified while a call runs. A KvCache must not be shared between concurrent calls.
+#pragma once
+#include <cstdint>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "core/model/model.h"
+#include "core/tensor.h"
+
+namespace ql {
+
+/// Output columns per GEMM tile (with kPanelRows token rows from core/linalg.h). Fixed:
+/// changing it changes results in the last bits.
+constexpr Index kTileCols = 128;
+/// Query rows per attention task (one head x one chunk of query rows). Fixed, as kTileCols.
+constexpr Index kAttnRows = 128;
+
+/// Where a kv hook sees keys/values: straight out of k_proj/v_proj (+bias), or after RoPE has
+/// been applied to K (V is the same at both stages unless a PreRope hook replaced it).
+enum class KvStage { PreRope, PostRope };
+
+/// Optional callbacks into the forward pass. Unset members cost nothing.
+///
+/// Order at each linear (Q, K, V, O, Gate, Up, Down of block b):
+///   1. transform_input(b, kind, X) may modify X in place (e.g. activation fake-quant); shape
+///      must stay. Q/K/V (and Gate/Up) read the same normed activations; each kind receives
+///      its own copy, so a transform of Q's input does not leak into K's.
+///   2. capture_input(b, kind, X) sees exactly what the linear multiplies (after the transform).
+///   3. Y = X Wᵀ + b.
+/// X is tokens x d_in: the new tokens of this call only (never cached ones).
+///
+/// kv(b, stage, K, V) is called twice per block, PreRope then PostRope, with K and V of the
+/// new tokens (tokens x num_kv_heads*head_dim; head g = columns [g*head_dim, (g+1)*head_dim)).
+/// It may capture them or substitute values in place (shape must stay); what it leaves is what
+/// attention uses and what the KV cache stores.
+///
+/// Thread safety: in forward_batch() with a shared ForwardHooks the callbacks are called
+/// concurrently from different windows and must be thread-safe; the per-window overload of
+/// forward_batch() avoids that. Elsewhere they are called from the calling thread, outside any
+/// OpenMP region (so a callback may itself use OpenMP/linalg.h). A callback may throw; the
+/// exception propagates out of the forward call (of forward_batch: the lowest window's).
+struct ForwardHooks {
+  std::function<void(int block, LinearKind kind, const Matrix& X)> capture_input;
+  std::function<void(int block, LinearKind kind, Matrix& X)> transform_input;
+  std::function<void(int block, KvStage stage, Matrix& K, Matrix& V)> kv;
+};
+
+class Transformer {
+ public:
+  /// Keys and values of past tokens, per block, after the kv hooks and RoPE (post-RoPE K).
+  /// Filled by forward_incremental() of one model; reusing a non-empty cache with a model of
+  /// other shapes is a ShapeError. Not thread-safe: one decoding sequence per cache.
+  class KvCache {
+   public:
+    /// Number of cached tokens (= position of the next token).
+    int64_t length() const { return length_; }
+    void clear() { length_ = 0; }
+    /// Cached keys (post-RoPE) / values of block b: length() x (num_kv_heads*head_dim), a view
+    /// valid until the next call that modifies the cache (0 x 0 before the first call).
+    Eigen::Map<const Matrix> keys(int b) const;
+    Eigen::Map<const Matrix> values(int b) const;
+
+   private:
+    friend class Transformer;
+    std::vector<Matrix> k_, v_;  // per block; capacity rows, the first length_ are valid
+    int64_t length_ = 0;
+  };
+
+  /// Validates the config sizes and every tensor shape (ShapeError naming the tensor). Keeps a
+  /// reference to `weights`; to run with substituted (e.g. quantized) weights, build another
+  /// Transformer over another ModelWeights.
+  explicit Transformer(const ModelWeights& weights);
+  /// A temporary would dangle.
+  explicit Transformer(ModelWeights&&) = delete;
+
+  const ModelConfig& config() const { return w_.config; }
+  const ModelWeights& weights() const { return w_; }
+
+  /// Logits (T x vocab) of one window; token t is at position t (T = 0 gives 0 x vocab).
+  /// Token ids must lie in [0, vocab) (ShapeError naming the id and position). Spreads the
+  /// product tiles over the OpenMP threads (one thread below 16 tokens; same bits).
+  Matrix forward(const std::vector<int32_t>& tokens, const ForwardHooks* hooks = nullptr) const;
+
+  /// Pieces of forward() for the block-sequential calibration runner:
+  /// forward(t) == head(block(L-1, ... block(0, embed(t), 0) ...)) bitwise.
+  /// embed: T x hidden rows of the embedding table.
+  Matrix embed(const std::vector<int32_t>& tokens) const;
+  /// One decoder block on the residual stream h (T x hidden) -> T x hidden. pos0 is the
+  /// position of h's first row (RoPE only; attention is causal within h). override_weights,
+  /// when given, replaces block b's weights (same shapes; e.g. a block being quantized).
+  Matrix block(int b, const Matrix& h, int64_t pos0 = 0, const ForwardHooks* hooks = nullptr,
+               const DecoderBlock* override_weights = nullptr) const;
+  /// Final RMSNorm + lm_head: T x hidden -> T x vocab.
+  Matrix head(const Matrix& h) const;
+
+  /// Appends new_tokens to the sequence held in `cache` (positions cache.length(), ...) and
+  /// returns their logits (new x vocab). Hooks see the new tokens only (kv: their K/V before
+  /// they join the cache). The cache grows geometrically (no per-token allocation); if the call
+  /// throws, the cache keeps its previous length and contents.
+  Matrix forward_incremental(const std::vector<int32_t>& new_tokens, KvCache& cache,
+                             const ForwardHooks* hooks = nullptr) const;
+
+  /// forward() of many windows (lengths may differ): OpenMP over windows, each window's BLAS
+  /// calls single-threaded. Result i is bitwise equal to forward(windows[i]). Shared hooks
+  /// must be thread-safe (see ForwardHooks).
+  std::vector<Matrix> forward_batch(const std::vector<std::vector<int32_t>>& windows,
+                                    const ForwardHooks* hooks = nullptr) const;
+  /// Same, with one ForwardHooks per window (per_window.size() == windows.size()); window i's
+  /// callbacks are only ever called by the one thread running window i, so they may write to
+  /// per-window state without locks.
+  std::vector<Matrix> forward_batch(const std::vector<std::vector<int32_t>>& windows,
+                                    const std::vector<ForwardHooks>& per_window) const;
+
+ private:
+  struct Workspace;
+  void check_block(const DecoderBlock& blk, const std::string& where) const;
+  void embed_into(const std::vector<int32_t>& tokens, Matrix& h) const;
+  void run_block(int b, const DecoderBlock& w, Matrix& h, int64_t pos0, KvCache* cache,
+                 const ForwardHooks* hooks, bool parallel, Workspace& ws) const;
+  Matrix run_head(const Matrix& h, bool parallel, Workspace& ws) const;
+  Matrix run_window(const std::vector<int32_t>& tokens, const ForwardHooks* hooks,
+                    bool parallel) const;
+
+  const ModelWeights& w_;
+};
+
+}  // namespace ql

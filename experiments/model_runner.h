@@ -1,0 +1,47 @@
+// The `kind: model` workload: a Hugging Face checkpoint quantized block by block and evaluated
+// on texts, overall and per slice.
+//
+//   load (cached across runs) -> calibration windows -> for each block: capture the inputs of
+//   its linears over every calibration window (Hessian + channel statistics per shared input),
+//   apply the pipeline (norm->consumer transforms folded into the RMSNorm weights and the
+//   consumers; layer-scope quantization per linear), feed the next block with the quantized
+//   block's outputs (or the FP block's, calib.propagate: fp) -> evaluate FP and quantized
+//   models window by window in the same process -> LM metrics per unit -> slices.
+//
+// Memory during calibration is bounded by one block's activations for all calibration windows
+// (n_samples x seq_len x hidden floats) plus the statistics of one block's linears.
+#pragma once
+#include <functional>
+#include <memory>
+#include <string>
+
+#include "algorithms/algorithm.h"
+#include "experiments/config.h"
+#include "experiments/run_record.h"
+
+namespace ql {
+
+/// Loaded checkpoints, tokenized texts and windows, reused by every run of a sweep that shares
+/// them (each piece keyed by the config values it depends on).
+class ModelCache {
+ public:
+  ModelCache();
+  ~ModelCache();
+  struct State;
+  State& state() { return *state_; }
+
+ private:
+  std::unique_ptr<State> state_;
+};
+
+/// Load the checkpoint, tokenizer and texts of `run` into the cache (what every run of the
+/// workload would otherwise do first), so that a broken checkpoint or text fails once, before
+/// any run, with one error.
+void preload_model_workload(const RunConfig& run, ModelCache& cache);
+
+/// Fill `rec` (layers, diagnostics, summary, slices, disparity, units, timings) for one run of
+/// a model workload. Throws on failure; the caller records it.
+void execute_model_run(const RunConfig& run, ModelCache& cache, const AlgorithmRegistry& registry,
+                       RunRecord& rec, const std::function<void(const std::string&)>& on_layer);
+
+}  // namespace ql

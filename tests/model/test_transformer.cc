@@ -1,0 +1,638 @@
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <mutex>
+#include <nlohmann/json.hpp>
+
+#include "core/error.h"
+#include "core/model/checkpoint.h"
+#include "core/model/transformer.h"
+#include "core/parallel.h"
+#include "core/rng.h"
+
+namespace ql {
+namespace {
+
+struct TinySpec {
+  std::string architecture = "LlamaForCausalLM";
+  int hidden = 64, heads = 4, kv_heads = 2, head_dim = 16, inter = 160, vocab = 300, layers = 3;
+  bool qkv_bias = false;
+  double theta = 10000.0;
+};
+
+Matrix random_matrix(Index r, Index c, double scale, uint64_t stream) {
+  CounterRng rng(7, stream);
+  Matrix m(r, c);
+  for (Index i = 0; i < m.size(); ++i) m.data()[i] = static_cast<float>(scale * rng.normal(i));
+  return m;
+}
+
+Vector random_vector(Index n, double mean, double scale, uint64_t stream) {
+  CounterRng rng(7, stream);
+  Vector v(n);
+  for (Index i = 0; i < n; ++i) v[i] = static_cast<float>(mean + scale * rng.normal(i));
+  return v;
+}
+
+/// Small random LLaMA-family weights: W ~ N(0, 1/d_in) keeps activations O(1).
+ModelWeights tiny_model(const TinySpec& s) {
+  ModelWeights w;
+  ModelConfig& c = w.config;
+  c.architecture = s.architecture;
+  c.hidden_size = s.hidden;
+  c.intermediate_size = s.inter;
+  c.num_layers = s.layers;
+  c.num_heads = s.heads;
+  c.num_kv_heads = s.kv_heads;
+  c.head_dim = s.head_dim;
+  c.vocab_size = s.vocab;
+  c.max_position_embeddings = 512;
+  c.rms_norm_eps = 1e-5;
+  c.rope_theta = s.theta;
+  c.attention_bias = s.qkv_bias;
+  uint64_t stream = 1;
+  w.embed = random_matrix(s.vocab, s.hidden, 1.0, stream++);
+  const int qd = s.heads * s.head_dim, kvd = s.kv_heads * s.head_dim;
+  auto linear = [&](int d_out, int d_in, bool bias) {
+    Linear l;
+    l.W = random_matrix(d_out, d_in, 1.0 / std::sqrt(double(d_in)), stream++);
+    if (bias) l.b = random_vector(d_out, 0.0, 0.5, stream++);
+    return l;
+  };
+  for (int b = 0; b < s.layers; ++b) {
+    DecoderBlock blk;
+    blk.input_norm = random_vector(s.hidden, 1.0, 0.2, stream++);
+    blk.post_attn_norm = random_vector(s.hidden, 1.0, 0.2, stream++);
+    blk.q = linear(qd, s.hidden, s.qkv_bias);
+    blk.k = linear(kvd, s.hidden, s.qkv_bias);
+    blk.v = linear(kvd, s.hidden, s.qkv_bias);
+    blk.o = linear(s.hidden, qd, false);
+    blk.gate = linear(s.inter, s.hidden, false);
+    blk.up = linear(s.inter, s.hidden, false);
+    blk.down = linear(s.hidden, s.inter, false);
+    w.blocks.push_back(std::move(blk));
+  }
+  w.final_norm = random_vector(s.hidden, 1.0, 0.2, stream++);
+  w.lm_head = random_matrix(s.vocab, s.hidden, 1.0 / std::sqrt(double(s.hidden)), stream++);
+  return w;
+}
+
+std::vector<int32_t> random_tokens(size_t n, int vocab, uint64_t stream) {
+  CounterRng rng(11, stream);
+  std::vector<int32_t> t(n);
+  for (size_t i = 0; i < n; ++i) t[i] = static_cast<int32_t>(rng.below(i, vocab));
+  return t;
+}
+
+bool bitwise_equal(const Matrix& a, const Matrix& b) {
+  return a.rows() == b.rows() && a.cols() == b.cols() &&
+         std::memcmp(a.data(), b.data(), sizeof(float) * a.size()) == 0;
+}
+
+float max_abs_diff(const Matrix& a, const Matrix& b) {
+  EXPECT_EQ(a.rows(), b.rows());
+  EXPECT_EQ(a.cols(), b.cols());
+  return (a - b).cwiseAbs().maxCoeff();
+}
+
+/// Restores the OpenMP thread count when a test changes it.
+struct ThreadGuard {
+  int saved = num_threads();
+  ~ThreadGuard() { set_num_threads(saved); }
+};
+
+// ---- an independent, deliberately naive double-precision reference ----
+
+MatrixD ref_rms_norm(const MatrixD& h, const Vector& w, double eps) {
+  MatrixD out(h.rows(), h.cols());
+  for (Index t = 0; t < h.rows(); ++t) {
+    const double ms = h.row(t).squaredNorm() / double(h.cols());
+    for (Index j = 0; j < h.cols(); ++j) out(t, j) = double(w[j]) * h(t, j) / std::sqrt(ms + eps);
+  }
+  return out;
+}
+
+MatrixD ref_linear(const MatrixD& x, const Linear& l) {
+  MatrixD y = x * l.W.cast<double>().transpose();
+  if (l.b.size()) y.rowwise() += l.b.cast<double>().transpose();
+  return y;
+}
+
+/// Rotate-half RoPE with angles in double: pairs (i, i + head_dim/2) of each head.
+void ref_rope(MatrixD& X, int n_heads, int head_dim, double theta, int64_t pos0) {
+  const int half = head_dim / 2;
+  for (Index t = 0; t < X.rows(); ++t)
+    for (int hh = 0; hh < n_heads; ++hh)
+      for (int i = 0; i < half; ++i) {
+        const double a = double(pos0 + t) * std::pow(theta, -2.0 * i / head_dim);
+        double& x1 = X(t, hh * head_dim + i);
+        double& x2 = X(t, hh * head_dim + i + half);
+        const double y1 = x1 * std::cos(a) - x2 * std::sin(a);
+        const double y2 = x2 * std::cos(a) + x1 * std::sin(a);
+        x1 = y1;
+        x2 = y2;
+      }
+}
+
+MatrixD ref_forward(const ModelWeights& w, const std::vector<int32_t>& tokens) {
+  const ModelConfig& c = w.config;
+  const Index T = tokens.size();
+  MatrixD h(T, c.hidden_size);
+  for (Index t = 0; t < T; ++t) h.row(t) = w.embed.row(tokens[t]).cast<double>();
+  for (const DecoderBlock& blk : w.blocks) {
+    MatrixD x = ref_rms_norm(h, blk.input_norm, c.rms_norm_eps);
+    MatrixD Q = ref_linear(x, blk.q), K = ref_linear(x, blk.k), V = ref_linear(x, blk.v);
+    ref_rope(Q, c.num_heads, c.head_dim, c.rope_theta, 0);
+    ref_rope(K, c.num_kv_heads, c.head_dim, c.rope_theta, 0);
+    MatrixD attn = MatrixD::Zero(T, Index(c.num_heads) * c.head_dim);
+    const int per_kv = c.num_heads / c.num_kv_heads;
+    for (int hh = 0; hh < c.num_heads; ++hh) {
+      const int g = hh / per_kv;
+      for (Index t = 0; t < T; ++t) {
+        std::vector<double> s(t + 1);
+        double mx = -1e300, sum = 0;
+        for (Index u = 0; u <= t; ++u) {
+          double dot = 0;
+          for (int i = 0; i < c.head_dim; ++i)
+            dot += Q(t, hh * c.head_dim + i) * K(u, g * c.head_dim + i);
+          s[u] = dot / std::sqrt(double(c.head_dim));
+          mx = std::max(mx, s[u]);
+        }
+        for (auto& v : s) sum += (v = std::exp(v - mx));
+        for (Index u = 0; u <= t; ++u)
+          for (int i = 0; i < c.head_dim; ++i)
+            attn(t, hh * c.head_dim + i) += s[u] / sum * V(u, g * c.head_dim + i);
+      }
+    }
+    h += ref_linear(attn, blk.o);
+    x = ref_rms_norm(h, blk.post_attn_norm, c.rms_norm_eps);
+    MatrixD G = ref_linear(x, blk.gate), U = ref_linear(x, blk.up);
+    for (Index i = 0; i < G.size(); ++i) {
+      const double g = G.data()[i];
+      G.data()[i] = g / (1.0 + std::exp(-g)) * U.data()[i];
+    }
+    h += ref_linear(G, blk.down);
+  }
+  return ref_rms_norm(h, w.final_norm, c.rms_norm_eps) * w.lm_head.cast<double>().transpose();
+}
+
+// ---- tests ----
+
+TEST(Transformer, MatchesNaiveDoubleReferenceWithGqa) {
+  const ModelWeights w = tiny_model(TinySpec{});  // 4 heads over 2 kv heads
+  const Transformer model(w);
+  const auto tokens = random_tokens(37, w.config.vocab_size, 1);
+  const Matrix logits = model.forward(tokens);
+  ASSERT_EQ(logits.rows(), 37);
+  ASSERT_EQ(logits.cols(), w.config.vocab_size);
+  const float diff = max_abs_diff(logits, ref_forward(w, tokens).cast<float>());
+  EXPECT_LT(diff, 2e-5) << "max abs diff vs double reference " << diff;
+  EXPECT_GT(logits.cwiseAbs().maxCoeff(), 0.5f);  // not a degenerate comparison
+}
+
+TEST(Transformer, MatchesReferenceQwen2BiasAndWideGroups) {
+  TinySpec s;
+  s.architecture = "Qwen2ForCausalLM";
+  s.heads = 6;
+  s.kv_heads = 2;  // 3 query heads per kv head
+  s.head_dim = 8;
+  s.hidden = 48;
+  s.qkv_bias = true;
+  s.theta = 1000000.0;
+  const ModelWeights w = tiny_model(s);
+  const Transformer model(w);
+  const auto tokens = random_tokens(29, s.vocab, 2);
+  const Matrix logits = model.forward(tokens);
+  EXPECT_LT(max_abs_diff(logits, ref_forward(w, tokens).cast<float>()), 2e-5);
+
+  // The biases matter: dropping them changes the output.
+  ModelWeights nb = w;
+  for (auto& blk : nb.blocks) blk.q.b.setZero(), blk.k.b.setZero(), blk.v.b.setZero();
+  EXPECT_GT(max_abs_diff(Transformer(nb).forward(tokens), logits), 1e-3);
+}
+
+TEST(Transformer, MatchesReferenceMultiHeadAttention) {
+  TinySpec s;
+  s.kv_heads = s.heads;
+  const ModelWeights w = tiny_model(s);
+  const auto tokens = random_tokens(21, s.vocab, 3);
+  EXPECT_LT(max_abs_diff(Transformer(w).forward(tokens), ref_forward(w, tokens).cast<float>()),
+            2e-5);
+}
+
+TEST(Transformer, LongWindowSpansSeveralTilesAndMatchesReference) {
+  // 300 tokens: two row panels, three attention chunks; vocab 300: three column tiles.
+  const ModelWeights w = tiny_model(TinySpec{});
+  const auto tokens = random_tokens(300, w.config.vocab_size, 4);
+  const Matrix logits = Transformer(w).forward(tokens);
+  const MatrixD ref = ref_forward(w, tokens);
+  EXPECT_LT(max_abs_diff(logits, ref.cast<float>()), 5e-5);
+}
+
+TEST(Transformer, IncrementalEqualsForwardTokenByTokenAndInChunks) {
+  TinySpec s;
+  s.qkv_bias = true;
+  const ModelWeights w = tiny_model(s);
+  const Transformer model(w);
+  const auto tokens = random_tokens(45, s.vocab, 5);
+  const Matrix full = model.forward(tokens);
+
+  Transformer::KvCache cache;
+  Matrix steps(tokens.size(), s.vocab);
+  for (size_t t = 0; t < tokens.size(); ++t) {
+    steps.row(t) = model.forward_incremental({tokens[t]}, cache).row(0);
+    EXPECT_EQ(cache.length(), static_cast<int64_t>(t + 1));
+  }
+  EXPECT_LT(max_abs_diff(steps, full), 1e-5);
+
+  cache.clear();
+  EXPECT_EQ(cache.length(), 0);
+  Matrix chunked(tokens.size(), s.vocab);
+  size_t at = 0;
+  for (size_t len : {7, 1, 13, 24}) {
+    std::vector<int32_t> part(tokens.begin() + at, tokens.begin() + at + len);
+    chunked.middleRows(at, len) = model.forward_incremental(part, cache);
+    at += len;
+  }
+  ASSERT_EQ(at, tokens.size());
+  EXPECT_LT(max_abs_diff(chunked, full), 1e-5);
+  // The cache holds post-RoPE keys: one block's cache equals the keys a kv hook sees.
+  EXPECT_EQ(cache.keys(0).rows(), 45);
+
+  // An empty step is a no-op.
+  EXPECT_EQ(model.forward_incremental({}, cache).rows(), 0);
+  EXPECT_EQ(cache.length(), 45);
+}
+
+TEST(Transformer, BlockPiecesComposeToForwardBitwise) {
+  const ModelWeights w = tiny_model(TinySpec{});
+  const Transformer model(w);
+  const auto tokens = random_tokens(50, w.config.vocab_size, 6);
+  Matrix h = model.embed(tokens);
+  for (int b = 0; b < w.config.num_layers; ++b) h = model.block(b, h);
+  EXPECT_TRUE(bitwise_equal(model.head(h), model.forward(tokens)));
+}
+
+TEST(Transformer, BlockOverrideEqualsModelWithThoseWeights) {
+  const ModelWeights w = tiny_model(TinySpec{});
+  ModelWeights w2 = w;
+  w2.blocks[1].gate.W *= 0.5f;
+  w2.blocks[1].k.W.col(3).setZero();
+  const Transformer model(w), model2(w2);
+  const auto tokens = random_tokens(30, w.config.vocab_size, 7);
+  Matrix h = model.embed(tokens);
+  h = model.block(0, h);
+  h = model.block(1, h, 0, nullptr, &w2.blocks[1]);
+  h = model.block(2, h);
+  EXPECT_TRUE(bitwise_equal(model.head(h), model2.forward(tokens)));
+  EXPECT_FALSE(bitwise_equal(model.head(h), model.forward(tokens)));
+
+  // pos0 is the position of h's first row: RoPE of block 0's keys uses positions 5, 6, ...
+  const Matrix e = model.embed(tokens);
+  Matrix pre, post;
+  ForwardHooks kv;
+  kv.kv = [&](int, KvStage st, Matrix& K, Matrix&) { (st == KvStage::PreRope ? pre : post) = K; };
+  model.block(0, e, 5, &kv);
+  MatrixD rotated = pre.cast<double>();
+  ref_rope(rotated, w.config.num_kv_heads, w.config.head_dim, w.config.rope_theta, 5);
+  EXPECT_LT(max_abs_diff(post, rotated.cast<float>()), 2e-5);
+  EXPECT_FALSE(bitwise_equal(model.block(0, e, 5), model.block(0, e, 0)));
+}
+
+TEST(Transformer, ForwardBatchEqualsForwardBitwise) {
+  ThreadGuard guard;
+  set_num_threads(2);
+  const ModelWeights w = tiny_model(TinySpec{});
+  const Transformer model(w);
+  std::vector<std::vector<int32_t>> windows;
+  for (size_t i = 0; i < 5; ++i)
+    windows.push_back(random_tokens(std::vector<size_t>{64, 300, 1, 129, 64}[i], 300, 100 + i));
+  const std::vector<Matrix> batch = model.forward_batch(windows);
+  ASSERT_EQ(batch.size(), windows.size());
+  for (size_t i = 0; i < windows.size(); ++i)
+    EXPECT_TRUE(bitwise_equal(batch[i], model.forward(windows[i]))) << "window " << i;
+  // A single window takes the tile-parallel path: same bits.
+  EXPECT_TRUE(bitwise_equal(model.forward_batch({windows[1]})[0], batch[1]));
+}
+
+TEST(Transformer, OneAndTwoThreadsGiveIdenticalBits) {
+  ThreadGuard guard;
+  // Products large enough that a threaded OpenBLAS call would split them (and change bits).
+  TinySpec s;
+  s.hidden = 256, s.heads = 8, s.kv_heads = 4, s.head_dim = 32, s.inter = 768, s.vocab = 512;
+  s.layers = 2;
+  s.qkv_bias = true;
+  const ModelWeights w = tiny_model(s);
+  const Transformer model(w);
+  const auto tokens = random_tokens(300, s.vocab, 8);
+  const auto short_window = random_tokens(9, s.vocab, 12);  // below the parallel threshold
+  std::vector<std::vector<int32_t>> windows = {random_tokens(100, s.vocab, 9), tokens,
+                                               random_tokens(77, s.vocab, 10), short_window};
+  struct Run {
+    Matrix full, short_full, inc;
+    std::vector<Matrix> batch;
+  };
+  auto run = [&] {
+    Run r;
+    r.full = model.forward(tokens);
+    r.short_full = model.forward(short_window);
+    r.batch = model.forward_batch(windows);
+    Transformer::KvCache cache;
+    model.forward_incremental(std::vector<int32_t>(tokens.begin(), tokens.begin() + 40), cache);
+    r.inc = model.forward_incremental({tokens[40]}, cache);
+    return r;
+  };
+  set_num_threads(1);
+  const Run one = run();
+  set_num_threads(2);
+  const Run two = run();
+  EXPECT_TRUE(bitwise_equal(one.full, two.full));
+  EXPECT_TRUE(bitwise_equal(one.short_full, two.short_full));
+  EXPECT_TRUE(bitwise_equal(one.inc, two.inc));
+  for (size_t i = 0; i < windows.size(); ++i)
+    EXPECT_TRUE(bitwise_equal(one.batch[i], two.batch[i])) << "window " << i;
+  EXPECT_TRUE(bitwise_equal(two.batch[1], one.full));
+  EXPECT_TRUE(bitwise_equal(two.batch[3], one.short_full));
+}
+
+TEST(Transformer, CaptureInputSeesEveryLinearWithTheRightShapesAndValues) {
+  const ModelWeights w = tiny_model(TinySpec{});
+  const ModelConfig& c = w.config;
+  const Transformer model(w);
+  const auto tokens = random_tokens(23, c.vocab_size, 11);
+  std::map<std::pair<int, int>, Matrix> seen;
+  ForwardHooks hooks;
+  hooks.capture_input = [&](int b, LinearKind k, const Matrix& X) {
+    EXPECT_TRUE(seen.emplace(std::make_pair(b, int(k)), X).second) << linear_name(b, k);
+  };
+  const Matrix logits = model.forward(tokens, &hooks);
+  auto X = [&](int b, LinearKind k) -> const Matrix& { return seen[std::make_pair(b, int(k))]; };
+  EXPECT_TRUE(bitwise_equal(logits, model.forward(tokens)));  // capturing changes nothing
+  ASSERT_EQ(seen.size(), size_t(c.num_layers * kLinearKinds));
+  for (int b = 0; b < c.num_layers; ++b) {
+    for (LinearKind k :
+         {LinearKind::Q, LinearKind::K, LinearKind::V, LinearKind::Gate, LinearKind::Up}) {
+      EXPECT_EQ(X(b, k).rows(), 23);
+      EXPECT_EQ(X(b, k).cols(), c.hidden_size) << linear_name(b, k);
+    }
+    EXPECT_EQ(X(b, LinearKind::O).cols(), c.num_heads * c.head_dim);
+    EXPECT_EQ(X(b, LinearKind::Down).cols(), c.intermediate_size);
+  }
+  // Block 0's q_proj input is RMSNorm(embedding rows) ⊙ input_norm.
+  MatrixD e(23, c.hidden_size);
+  for (Index t = 0; t < 23; ++t) e.row(t) = w.embed.row(tokens[t]).cast<double>();
+  const MatrixD x0 = ref_rms_norm(e, w.blocks[0].input_norm, c.rms_norm_eps);
+  EXPECT_LT(max_abs_diff(X(0, LinearKind::Q), x0.cast<float>()), 1e-5);
+  // Gate and Up read the same normed activations.
+  EXPECT_TRUE(bitwise_equal(X(1, LinearKind::Gate), X(1, LinearKind::Up)));
+  // Down's input is silu(gate) ⊙ up of its block.
+  const Matrix& xg = X(2, LinearKind::Gate);
+  MatrixD act = ref_linear(xg.cast<double>(), w.blocks[2].gate);
+  const MatrixD up = ref_linear(xg.cast<double>(), w.blocks[2].up);
+  for (Index i = 0; i < act.size(); ++i)
+    act.data()[i] = act.data()[i] / (1 + std::exp(-act.data()[i])) * up.data()[i];
+  EXPECT_LT(max_abs_diff(X(2, LinearKind::Down), act.cast<float>()), 1e-5);
+}
+
+TEST(Transformer, TransformInputIdentityIsExactAndZeroingChangesOutput) {
+  const ModelWeights w = tiny_model(TinySpec{});
+  const Transformer model(w);
+  const auto tokens = random_tokens(40, w.config.vocab_size, 12);
+  const Matrix base = model.forward(tokens);
+
+  ForwardHooks identity;
+  int calls = 0;
+  identity.transform_input = [&](int, LinearKind, Matrix&) { ++calls; };
+  EXPECT_TRUE(bitwise_equal(model.forward(tokens, &identity), base));
+  EXPECT_EQ(calls, w.config.num_layers * kLinearKinds);
+
+  // Zeroing q_proj's input of block 0: capture sees the zeros, k_proj's input is untouched,
+  // and the logits change.
+  ForwardHooks zero_q;
+  Matrix seen_q, seen_k;
+  zero_q.transform_input = [](int b, LinearKind k, Matrix& X) {
+    if (b == 0 && k == LinearKind::Q) X.setZero();
+  };
+  zero_q.capture_input = [&](int b, LinearKind k, const Matrix& X) {
+    if (b == 0 && k == LinearKind::Q) seen_q = X;
+    if (b == 0 && k == LinearKind::K) seen_k = X;
+  };
+  const Matrix changed = model.forward(tokens, &zero_q);
+  EXPECT_EQ(seen_q.cwiseAbs().maxCoeff(), 0.0f);
+  EXPECT_GT(seen_k.cwiseAbs().maxCoeff(), 0.1f);
+  EXPECT_GT(max_abs_diff(changed, base), 1e-3);
+
+  // Zeroing down_proj's input of the last block removes that MLP: same as zero down weights.
+  ForwardHooks zero_down;
+  zero_down.transform_input = [&](int b, LinearKind k, Matrix& X) {
+    if (b == w.config.num_layers - 1 && k == LinearKind::Down) X.setZero();
+  };
+  ModelWeights w2 = w;
+  w2.blocks.back().down.W.setZero();
+  EXPECT_TRUE(bitwise_equal(model.forward(tokens, &zero_down), Transformer(w2).forward(tokens)));
+}
+
+TEST(Transformer, KvHookPostRopeIsRopeOfPreRope) {
+  const ModelWeights w = tiny_model(TinySpec{});
+  const ModelConfig& c = w.config;
+  const Transformer model(w);
+  const auto tokens = random_tokens(33, c.vocab_size, 13);
+  std::map<std::pair<int, int>, std::pair<Matrix, Matrix>> kv;
+  Matrix xk0;
+  ForwardHooks hooks;
+  hooks.kv = [&](int b, KvStage st, Matrix& K, Matrix& V) {
+    kv[std::make_pair(b, int(st))] = {K, V};
+  };
+  hooks.capture_input = [&](int b, LinearKind k, const Matrix& X) {
+    if (b == 0 && k == LinearKind::K) xk0 = X;
+  };
+  EXPECT_TRUE(bitwise_equal(model.forward(tokens, &hooks), model.forward(tokens)));
+  ASSERT_EQ(kv.size(), size_t(2 * c.num_layers));
+  for (int b = 0; b < c.num_layers; ++b) {
+    const auto& pre = kv[std::make_pair(b, int(KvStage::PreRope))];
+    const auto& post = kv[std::make_pair(b, int(KvStage::PostRope))];
+    ASSERT_EQ(pre.first.rows(), 33);
+    ASSERT_EQ(pre.first.cols(), c.num_kv_heads * c.head_dim);
+    EXPECT_TRUE(bitwise_equal(pre.second, post.second));  // V is not rotated
+    MatrixD rotated = pre.first.cast<double>();
+    ref_rope(rotated, c.num_kv_heads, c.head_dim, c.rope_theta, 0);
+    EXPECT_LT(max_abs_diff(post.first, rotated.cast<float>()), 2e-5) << "block " << b;
+    EXPECT_GT(max_abs_diff(post.first, pre.first), 1e-2);  // RoPE did something
+  }
+  // Pre-RoPE K is k_proj applied to its input.
+  EXPECT_LT(max_abs_diff(kv[std::make_pair(0, int(KvStage::PreRope))].first,
+                         ref_linear(xk0.cast<double>(), w.blocks[0].k).cast<float>()),
+            1e-5);
+
+  // The cache stores post-RoPE keys: incremental decoding of the same tokens holds them.
+  Transformer::KvCache cache;
+  model.forward_incremental(tokens, cache);
+  EXPECT_TRUE(
+      bitwise_equal(Matrix(cache.keys(1)), kv[std::make_pair(1, int(KvStage::PostRope))].first));
+}
+
+TEST(Transformer, KvHookSubstitutionIsUsedByAttentionAndCache) {
+  const ModelWeights w = tiny_model(TinySpec{});
+  const Transformer model(w);
+  const auto tokens = random_tokens(26, w.config.vocab_size, 14);
+  const Matrix base = model.forward(tokens);
+
+  // V := 0 in block 1 equals a model whose v_proj of block 1 is zero.
+  for (KvStage stage : {KvStage::PreRope, KvStage::PostRope}) {
+    ForwardHooks zero_v;
+    zero_v.kv = [stage](int b, KvStage st, Matrix&, Matrix& V) {
+      if (b == 1 && st == stage) V.setZero();
+    };
+    ModelWeights w2 = w;
+    w2.blocks[1].v.W.setZero();
+    const Matrix out = model.forward(tokens, &zero_v);
+    EXPECT_GT(max_abs_diff(out, base), 1e-3);
+    EXPECT_TRUE(bitwise_equal(out, Transformer(w2).forward(tokens)));
+
+    // The same substitution through the KV cache.
+    Transformer::KvCache cache;
+    Matrix inc(tokens.size(), w.config.vocab_size);
+    for (size_t t = 0; t < tokens.size(); ++t)
+      inc.row(t) = model.forward_incremental({tokens[t]}, cache, &zero_v).row(0);
+    EXPECT_LT(max_abs_diff(inc, out), 1e-5);
+    EXPECT_EQ(cache.values(1).cwiseAbs().maxCoeff(), 0.0f);
+  }
+
+  // Substituting pre-RoPE K with K scaled by 2 in every block changes the output.
+  ForwardHooks scale_k;
+  scale_k.kv = [](int, KvStage st, Matrix& K, Matrix&) {
+    if (st == KvStage::PreRope) K *= 2.0f;
+  };
+  EXPECT_GT(max_abs_diff(model.forward(tokens, &scale_k), base), 1e-3);
+}
+
+TEST(Transformer, PerWindowHooksInBatch) {
+  ThreadGuard guard;
+  set_num_threads(2);
+  const ModelWeights w = tiny_model(TinySpec{});
+  const Transformer model(w);
+  std::vector<std::vector<int32_t>> windows;
+  for (int i = 0; i < 4; ++i) windows.push_back(random_tokens(20 + 10 * i, 300, 200 + i));
+  std::vector<Matrix> captured(windows.size());
+  std::vector<ForwardHooks> hooks(windows.size());
+  for (size_t i = 0; i < windows.size(); ++i) {
+    hooks[i].capture_input = [&captured, i](int b, LinearKind k, const Matrix& X) {
+      if (b == 2 && k == LinearKind::Down) captured[i] = X;  // per-window slot, no lock
+    };
+    // Window 3 drops block 0's attention values: only its logits differ.
+    if (i == 3)
+      hooks[i].kv = [](int b, KvStage st, Matrix&, Matrix& V) {
+        if (b == 0 && st == KvStage::PostRope) V.setZero();
+      };
+  }
+  const auto out = model.forward_batch(windows, hooks);
+  for (size_t i = 0; i < windows.size(); ++i) {
+    Matrix single_capture;
+    ForwardHooks h = hooks[i];
+    h.capture_input = [&](int b, LinearKind k, const Matrix& X) {
+      if (b == 2 && k == LinearKind::Down) single_capture = X;
+    };
+    EXPECT_TRUE(bitwise_equal(out[i], model.forward(windows[i], &h))) << i;
+    EXPECT_TRUE(bitwise_equal(captured[i], single_capture)) << i;
+  }
+  EXPECT_FALSE(bitwise_equal(out[3], model.forward(windows[3])));
+
+  // A shared thread-safe hook sees every window.
+  std::mutex mu;
+  long rows = 0;
+  ForwardHooks shared;
+  shared.capture_input = [&](int b, LinearKind k, const Matrix& X) {
+    if (b == 0 && k == LinearKind::Q) {
+      std::lock_guard<std::mutex> lock(mu);
+      rows += X.rows();
+    }
+  };
+  model.forward_batch(windows, &shared);
+  EXPECT_EQ(rows, 20 + 30 + 40 + 50);
+}
+
+TEST(Transformer, ErrorsAreClear) {
+  const ModelWeights w = tiny_model(TinySpec{});
+  const Transformer model(w);
+  try {
+    model.forward({1, 2, 300});
+    FAIL() << "no error";
+  } catch (const ShapeError& e) {
+    EXPECT_NE(std::string(e.what()).find("token id 300 at position 2"), std::string::npos)
+        << e.what();
+  }
+  // An error in one window of a batch surfaces after the parallel region.
+  EXPECT_THROW(model.forward_batch({{1, 2}, {3, -1}, {4}}), ShapeError);
+
+  ModelWeights bad = w;
+  bad.blocks[2].up.W.resize(10, 64);
+  try {
+    Transformer t(bad);
+    FAIL() << "no error";
+  } catch (const ShapeError& e) {
+    EXPECT_NE(std::string(e.what()).find("model.layers.2.mlp.up_proj.weight is 10x64"),
+              std::string::npos)
+        << e.what();
+  }
+  ForwardHooks reshape;
+  reshape.transform_input = [](int, LinearKind, Matrix& X) { X.resize(1, 1); };
+  EXPECT_THROW(model.forward({1, 2}, &reshape), ShapeError);
+  ForwardHooks reshape_kv;
+  reshape_kv.kv = [](int, KvStage, Matrix& K, Matrix&) { K.resize(1, 1); };
+  EXPECT_THROW(model.forward({1, 2}, &reshape_kv), ShapeError);
+
+  // A failed incremental step leaves the cache as it was.
+  Transformer::KvCache cache;
+  model.forward_incremental({1, 2, 3}, cache);
+  EXPECT_THROW(model.forward_incremental({4, 999}, cache), ShapeError);
+  ForwardHooks throwing;
+  throwing.kv = [](int b, KvStage, Matrix&, Matrix&) {
+    if (b == 2) throw NumericError("hook failure");
+  };
+  EXPECT_THROW(model.forward_incremental({4, 5}, cache, &throwing), NumericError);
+  EXPECT_EQ(cache.length(), 3);
+  const Matrix next = model.forward_incremental({4}, cache);
+  EXPECT_LT(max_abs_diff(next.row(0), model.forward({1, 2, 3, 4}).row(3)), 1e-5);
+}
+
+// ---- golden logits of the real checkpoint ----
+
+TEST(TransformerGolden, LogitsFirst64MatchReference) {
+  const std::string dir = std::string(QL_SHARED_DATA_DIR) + "/austen-llama-7m";
+  if (!std::filesystem::exists(dir + "/model.safetensors"))
+    GTEST_SKIP() << "../shared/data not found at " << QL_SHARED_DATA_DIR;
+  std::ifstream gj(dir + "/golden/golden.json");
+  const nlohmann::json golden = nlohmann::json::parse(gj);
+  const auto& ref = golden.at("logits_first64");
+  const std::vector<int32_t> tokens = ref.at("token_ids").get<std::vector<int32_t>>();
+  const int64_t rows = ref.at("shape")[0], cols = ref.at("shape")[1];
+  ASSERT_EQ(static_cast<int64_t>(tokens.size()), rows);
+  Matrix expected(rows, cols);
+  std::ifstream bin(dir + "/golden/" + ref.at("file").get<std::string>(), std::ios::binary);
+  bin.read(reinterpret_cast<char*>(expected.data()), sizeof(float) * expected.size());
+  ASSERT_TRUE(bin.good()) << "short read of logits_first64.f32";
+
+  const ModelWeights w = load_checkpoint(dir);
+  const Transformer model(w);
+  const Matrix logits = model.forward(tokens);
+  const float diff = max_abs_diff(logits, expected);
+  std::printf("[golden] logits_first64 max abs diff = %.3g\n", diff);
+  EXPECT_LT(diff, 1e-4);
+
+  // The other paths agree on the real model too.
+  EXPECT_TRUE(bitwise_equal(model.forward_batch({tokens, tokens})[1], logits));
+  Transformer::KvCache cache;
+  Matrix inc(rows, cols);
+  for (int64_t t = 0; t < rows; ++t) inc.row(t) = model.forward_incremental({tokens[t]}, cache);
+  const float inc_diff = max_abs_diff(inc, expected);
+  std::printf("[golden] incremental decoding max abs diff = %.3g\n", inc_diff);
+  EXPECT_LT(inc_diff, 1e-4);
+}
+
+}  // namespace
+}  // namespace ql
