@@ -229,6 +229,22 @@ void prepare(const RunConfig& run, ModelCache::State& st, double* seconds) {
           }
         }
       }
+      if (s.kind != "stream") {
+        // Units are the documents that have at least one window (skipped or cut-off documents
+        // would otherwise count as empty clusters).
+        std::vector<int> remap(d.unit_ids.size(), -1);
+        std::vector<std::string> ids;
+        std::vector<std::vector<std::string>> attrs(d.attr_keys.size());
+        for (auto& w : wins)
+          if (remap[w.doc] < 0) {
+            remap[w.doc] = static_cast<int>(ids.size());
+            ids.push_back(d.unit_ids[w.doc]);
+            for (std::size_t k = 0; k < attrs.size(); ++k) attrs[k].push_back(d.attrs[k][w.doc]);
+          }
+        for (auto& w : wins) w.doc = remap[w.doc];
+        d.unit_ids = std::move(ids);
+        d.attrs = std::move(attrs);
+      }
       for (auto& w : wins) {
         for (int32_t id : w.ids)
           if (id < 0 || id >= vocab)

@@ -158,6 +158,20 @@ void write_units(const h5::Group& run_group, const UnitTable& u, const std::stri
   g.write_strings("attr_keys", u.attr_keys);
   h5::Group a = g.create_group("attrs");
   for (size_t k = 0; k < u.attr_keys.size(); ++k) a.write_strings(u.attr_keys[k], u.attrs[k]);
+  // Token slice families (core/slices.h): column blocks of block_size, one per bucket, so the
+  // token-slice intervals can be recomputed offline too. Long format: family, value, offset.
+  g.set_int64_attr("block_size", static_cast<int64_t>(u.block_size));
+  std::vector<std::string> fam, val;
+  std::vector<int64_t> off;
+  for (auto& f : u.token_families)
+    for (size_t v = 0; v < f.values.size(); ++v) {
+      fam.push_back(f.key);
+      val.push_back(f.values[v]);
+      off.push_back(static_cast<int64_t>(f.offsets[v]));
+    }
+  h5::Table t;
+  t.add_strings("family", fam).add_strings("value", val).add_int64("offset", off);
+  g.write_table("token_families", t);
 }
 
 void write_run(const h5::Group& g, const RunRecord& r, int64_t order) {
@@ -301,6 +315,18 @@ UnitTable read_units(const h5::Group& run_group) {
   u.attr_keys = g.read_strings("attr_keys");
   h5::Group a = g.open_group("attrs");
   for (const auto& key : u.attr_keys) u.attrs.push_back(a.read_strings(key));
+  if (g.has_attr("block_size")) u.block_size = static_cast<Index>(g.int64_attr("block_size"));
+  if (g.has("token_families")) {
+    h5::Table t = g.read_table("token_families");
+    const auto fam = t.strings("family"), val = t.strings("value");
+    const auto off = t.int64s("offset");
+    for (size_t i = 0; i < fam.size(); ++i) {
+      if (u.token_families.empty() || u.token_families.back().key != fam[i])
+        u.token_families.push_back(TokenFamily{fam[i], {}, {}});
+      u.token_families.back().values.push_back(val[i]);
+      u.token_families.back().offsets.push_back(static_cast<Index>(off[i]));
+    }
+  }
   if (static_cast<size_t>(u.sums.rows()) != u.unit_ids.size() ||
       static_cast<size_t>(u.sums.cols()) != u.columns.size())
     throw IoError(g.file_path() + ": " + g.path() + ": sums shape does not match ids/columns");

@@ -137,6 +137,9 @@ RunRecord full_record(const std::string& run_id, int k) {
   for (int u = 0; u < 5; ++u)
     for (int c = 0; c < 3; ++c) r.units.sums(u, c) = 100.0 * u + c + 0.5 * k;
   r.units.token_column = "n_tokens";
+  // One-column blocks: the all-tokens block at 0 and a token family over the other two.
+  r.units.block_size = 1;
+  r.units.token_families = {TokenFamily{"token_freq", {"rare", "frequent"}, {2, 1}}};
   return r;
 }
 
@@ -236,6 +239,13 @@ void expect_equal(const RunRecord& a, const RunRecord& b) {
   ASSERT_EQ(a.units.sums.rows(), b.units.sums.rows());
   ASSERT_EQ(a.units.sums.cols(), b.units.sums.cols());
   EXPECT_TRUE(a.units.sums == b.units.sums);
+  EXPECT_EQ(a.units.block_size, b.units.block_size);
+  ASSERT_EQ(a.units.token_families.size(), b.units.token_families.size());
+  for (size_t i = 0; i < a.units.token_families.size(); ++i) {
+    EXPECT_EQ(a.units.token_families[i].key, b.units.token_families[i].key);
+    EXPECT_EQ(a.units.token_families[i].values, b.units.token_families[i].values);
+    EXPECT_EQ(a.units.token_families[i].offsets, b.units.token_families[i].offsets);
+  }
 }
 
 TEST_F(ResultStoreTest, RoundTripsEveryField) {
