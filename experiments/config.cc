@@ -56,6 +56,12 @@ const OptionSchema<CalibConfig>& model_calib_schema() {
           c.text = resolve_path(n, read_string(n, p));
         },
         [](const CalibConfig& c) { return ConfigNode::scalar(c.text); });
+    o.add_custom(
+        "ids", "path", "pre-tokenized calibration data instead of text: one document per line of token ids",
+        [](CalibConfig& c, const ConfigNode& n, const std::string& p) {
+          c.ids = resolve_path(n, read_string(n, p));
+        },
+        [](const CalibConfig& c) { return ConfigNode::scalar(c.ids); });
     o.add("n_samples", &CalibConfig::n_samples, "calibration windows", {1, 1 << 20});
     o.add("seq_len", &CalibConfig::seq_len, "tokens per calibration window", {2, 1 << 20});
     o.add("seed", &CalibConfig::seed, "seed of the random window rule", {0, 9.2e18});
@@ -74,8 +80,9 @@ const OptionSchema<CalibConfig>& model_calib_schema() {
         },
         [](const CalibConfig& c) { return ConfigNode::scalar(c.propagate); });
     o.validator([](const CalibConfig& c, const ConfigNode& map, const std::string& path) {
-      if (c.text.empty())
-        throw ConfigError(map.loc(), join_path(path, "text"), "expected a calibration text file");
+      if (c.text.empty() == c.ids.empty())
+        throw ConfigError(map.loc(), join_path(path, "text"),
+                          "expected exactly one of 'text' (a text file) or 'ids' (a token-id file)");
     });
     return o;
   }();
@@ -150,6 +157,20 @@ const OptionSchema<EvalConfig>& model_eval_schema() {
             if (e.kind == "jsonl") l.push_back(emit_eval_set(e));
           return l;
         });
+    o.add_custom(
+        "token_ids", "list of {name, path, max_windows}",
+        "pre-tokenized documents: one document per line of whitespace-separated token ids (BOS included if wanted)",
+        [](EvalConfig& c, const ConfigNode& n, const std::string& p) {
+          if (!n.is_sequence()) throw ConfigError(n.loc(), p, "expected a list of {name, path}");
+          for (std::size_t i = 0; i < n.size(); ++i)
+            c.sets.push_back(parse_eval_set(n.at(i), join_path(p, std::to_string(i)), "ids"));
+        },
+        [](const EvalConfig& c) {
+          ConfigNode l = ConfigNode::sequence();
+          for (auto& e : c.sets)
+            if (e.kind == "ids") l.push_back(emit_eval_set(e));
+          return l;
+        });
     o.add("seq_len", &EvalConfig::seq_len, "evaluation window length", {2, 1 << 20});
     o.add("kl", &EvalConfig::kl,
           "evaluate the FP model beside the quantized one (KL, top-1 agreement, paired deltas); false: quantized model only");
@@ -178,7 +199,7 @@ const OptionSchema<EvalConfig>& model_eval_schema() {
         });
     o.validator([](const EvalConfig& c, const ConfigNode& map, const std::string& path) {
       if (c.sets.empty())
-        throw ConfigError(map.loc(), path, "expected at least one of 'streams' or 'slices'");
+        throw ConfigError(map.loc(), path, "expected at least one of 'streams', 'slices' or 'token_ids'");
       std::set<std::string> names;
       for (auto& e : c.sets)
         if (!names.insert(e.name).second)
@@ -409,7 +430,10 @@ RunConfig parse_run_config(const ConfigNode& root, const std::string& label,
       rc.eval = (model ? model_eval_schema() : synthetic_eval_schema()).parse(*n, "eval");
     else if (model)
       throw ConfigError(root.loc(), "eval", "expected an 'eval' section with streams and/or slices");
-    if (model && rc.eval.freq_corpus.empty()) rc.eval.freq_corpus = rc.calib.text;
+    if (model && rc.eval.freq_corpus.empty()) {
+      rc.eval.freq_corpus = rc.calib.text.empty() ? rc.calib.ids : rc.calib.text;
+      rc.eval.freq_corpus_is_ids = rc.calib.text.empty();
+    }
     for (auto& [key, value] : root.entries()) {
       if (key == "seed") {
         rc.seed = static_cast<uint64_t>(read_int(value, key, 0, std::numeric_limits<long long>::max()));

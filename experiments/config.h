@@ -50,6 +50,7 @@ struct CalibConfig {
   long long tokens = 1024;               ///< synthetic: calibration tokens per layer
   std::vector<std::string> populations;  ///< synthetic: populations drawn from (empty = all)
   std::string text;             ///< model: calibration text (stream protocol)
+  std::string ids;              ///< model: or a token-id file (one document per line), instead of text
   int n_samples = 128;          ///< model: calibration windows
   int seq_len = 256;            ///< model: tokens per calibration window
   long long seed = 0;           ///< model: seed of the random window rule
@@ -64,7 +65,7 @@ struct CalibConfig {
 struct EvalSet {
   std::string name;
   std::string path;
-  std::string kind = "stream";  ///< stream | jsonl
+  std::string kind = "stream";  ///< stream | jsonl | ids (token-id file, one document per line)
   long long max_windows = 0;    ///< 0 = all windows; otherwise the first max_windows
 };
 
@@ -79,7 +80,8 @@ struct EvalConfig {
   /// model: evaluate the FP model beside the quantized one (KL, top-1 agreement, deltas).
   /// false halves the cost and reports only the quantized model's own ppl, nll and accuracy.
   bool kl = true;
-  std::string freq_corpus;    ///< token-frequency buckets are ranked on this text (default calib.text)
+  std::string freq_corpus;    ///< token-frequency buckets are ranked on this text (default: the calibration data)
+  bool freq_corpus_is_ids = false;  ///< freq_corpus is a token-id file (the default when calib.ids is used)
   std::vector<long long> rank_edges{100, 1000, 10000};
 };
 

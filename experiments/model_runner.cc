@@ -139,10 +139,30 @@ struct ModelCache::State {
   /// are often the same files); cleared with the tokenizer.
   std::map<std::string, std::shared_ptr<const std::vector<int32_t>>> streams;
 
+  std::string model_dir;
+
+  /// The tokenizer is loaded on first use, so a checkpoint without a sentencepiece model
+  /// still works with pre-tokenized inputs.
+  const Tokenizer& tok() {
+    if (!tokenizer) tokenizer = std::make_shared<const Tokenizer>(Tokenizer::load(model_dir));
+    return *tokenizer;
+  }
   const std::vector<int32_t>& stream(const std::string& path) {
     auto it = streams.find(path);
     if (it == streams.end())
-      it = streams.emplace(path, std::make_shared<const std::vector<int32_t>>(stream_ids(path, *tokenizer))).first;
+      it = streams.emplace(path, std::make_shared<const std::vector<int32_t>>(stream_ids(path, tok()))).first;
+    return *it->second;
+  }
+  /// A token-id file read as one stream: its documents (lines) concatenated in order.
+  const std::vector<int32_t>& id_stream(const std::string& path) {
+    const std::string key = "ids:" + path;
+    auto it = streams.find(key);
+    if (it == streams.end()) {
+      std::vector<int32_t> all;
+      for (auto& d : token_id_documents(path, fp->config.vocab_size))
+        all.insert(all.end(), d.ids.begin(), d.ids.end());
+      it = streams.emplace(key, std::make_shared<const std::vector<int32_t>>(std::move(all))).first;
+    }
     return *it->second;
   }
 };
@@ -158,7 +178,8 @@ void prepare(const RunConfig& run, ModelCache::State& st, double* seconds) {
   if (st.weights_key != mw.path) {
     st.fp.reset();
     st.fp = std::make_shared<const ModelWeights>(load_checkpoint(mw.path));
-    st.tokenizer = std::make_shared<const Tokenizer>(Tokenizer::load(mw.path));
+    st.tokenizer.reset();
+    st.model_dir = mw.path;
     st.weights_key = mw.path;
     st.streams.clear();
     st.calib_key.clear();
@@ -171,27 +192,25 @@ void prepare(const RunConfig& run, ModelCache::State& st, double* seconds) {
                           ", found " + st.fp->config.architecture,
                       run.label);
   const int vocab = st.fp->config.vocab_size;
-  if (st.tokenizer->vocab_size() > vocab)
-    throw ShapeError("tokenizer of " + mw.path + " has " + std::to_string(st.tokenizer->vocab_size()) +
-                     " pieces but the model's vocab_size is " + std::to_string(vocab));
 
   const CalibConfig& c = run.calib;
-  const std::string calib_key = c.text + "|" + std::to_string(c.n_samples) + "|" +
+  const std::string calib_key = c.text + "|" + c.ids + "|" + std::to_string(c.n_samples) + "|" +
                                 std::to_string(c.seq_len) + "|" + std::to_string(c.seed) + "|" + c.rule;
   if (st.calib_key != calib_key) {
-    st.calib_windows = calibration_windows(st.stream(c.text), c.n_samples, c.seq_len,
+    st.calib_windows = calibration_windows(c.ids.empty() ? st.stream(c.text) : st.id_stream(c.ids), c.n_samples, c.seq_len,
                                            c.rule == "strided" ? CalibRule::Strided : CalibRule::Random,
                                            static_cast<uint64_t>(c.seed));
     st.calib_key = calib_key;
   }
 
   const EvalConfig& e = run.eval;
-  std::string freq_key = e.freq_corpus + "|";
+  std::string freq_key = e.freq_corpus + (e.freq_corpus_is_ids ? "|ids|" : "|");
   for (auto r : e.rank_edges) freq_key += std::to_string(r) + ",";
   if (st.freq_key != freq_key) {
     std::vector<int64_t> edges(e.rank_edges.begin(), e.rank_edges.end());
     st.buckets = std::make_shared<const TokenBuckets>(
-        TokenBuckets::from_corpus(st.stream(e.freq_corpus), vocab, edges));
+        TokenBuckets::from_corpus(e.freq_corpus_is_ids ? st.id_stream(e.freq_corpus) : st.stream(e.freq_corpus),
+                                  vocab, edges));
     st.freq_key = freq_key;
   }
 
@@ -210,7 +229,8 @@ void prepare(const RunConfig& run, ModelCache::State& st, double* seconds) {
         // A stream's resampling unit is its window (document boundaries are not tracked).
         for (std::size_t i = 0; i < wins.size(); ++i) d.unit_ids.push_back("w" + std::to_string(i));
       } else {
-        std::vector<Document> docs = jsonl_documents(s.path, *st.tokenizer);
+        std::vector<Document> docs = s.kind == "ids" ? token_id_documents(s.path, vocab)
+                                                     : jsonl_documents(s.path, st.tok());
         wins = document_windows(docs, e.seq_len, &d.skipped_docs);
         if (s.max_windows > 0 && static_cast<long long>(wins.size()) > s.max_windows)
           wins.resize(static_cast<std::size_t>(s.max_windows));

@@ -188,3 +188,69 @@ TEST(ModelRunner, CorruptCheckpointIsOneErrorBeforeAnyRun) {
 
 }  // namespace
 }  // namespace ql
+
+#include "core/model/tokenizer.h"
+
+namespace ql {
+namespace {
+
+TEST(ModelRunner, PreTokenizedInputsMatchTextAndNeedNoTokenizer) {
+  REQUIRE_DATA();
+  const fs::path dir = fs::temp_directory_path() / ("quantlab_ids_" + std::to_string(::getpid()));
+  fs::remove_all(dir);
+  fs::create_directories(dir / "model");
+  const fs::path src = kData / "austen-llama-7m";
+  // The same 30 documents as JSONL text and as token ids ([BOS] + encode(text) per line).
+  Tokenizer tok = Tokenizer::load(src.string());
+  std::ifstream in(kData / "text" / "slices.jsonl");
+  std::ofstream jsonl(dir / "docs.jsonl"), ids(dir / "docs.ids");
+  std::string line;
+  for (int i = 0; i < 30 && std::getline(in, line); ++i) {
+    jsonl << line << "\n";
+    nlohmann::json j = nlohmann::json::parse(line);
+    ids << tok.bos_id();
+    for (int32_t t : tok.encode(j["text"].get<std::string>())) ids << " " << t;
+    ids << "\n";
+  }
+  jsonl.close();
+  ids.close();
+  // A checkpoint directory whose only tokenizer is a tokenizer.json.
+  fs::copy_file(src / "config.json", dir / "model" / "config.json");
+  fs::create_symlink(src / "model.safetensors", dir / "model" / "model.safetensors");
+  std::ofstream(dir / "model" / "tokenizer.json") << "{}";
+
+  WorkloadCache cache;
+  auto run = [&](const std::string& yaml) {
+    RunConfig rc = parse_run_config(ConfigNode::parse(yaml, (dir / "c.yaml").string()), "ids", "c.yaml",
+                                    default_registry());
+    return execute_run(rc, cache, default_registry());
+  };
+  RunRecord both = run("workload: {kind: model, path: " + src.string() + "}\n"
+                       "calib: {ids: " + (dir / "docs.ids").string() + ", n_samples: 2, seq_len: 64}\n"
+                       "eval: {slices: [{name: j, path: " + (dir / "docs.jsonl").string() + "}],"
+                       " token_ids: [{name: t, path: " + (dir / "docs.ids").string() + "}]}\n"
+                       "slices: {n_boot: 10}\nquant: [{algorithm: rtn, bits: 3}]\n");
+  ASSERT_EQ(both.status, "ok") << both.message;
+  // Same windows and logits; the totals are summed in another order (JSONL units are grouped
+  // by their slice cells), so equal up to double rounding.
+  EXPECT_NEAR(find(both, "j/ppl") / find(both, "t/ppl"), 1.0, 1e-12);
+  EXPECT_NEAR(find(both, "j/kl_mean") / find(both, "t/kl_mean"), 1.0, 1e-12);
+
+  RunRecord no_tok = run("workload: {kind: model, path: " + (dir / "model").string() + "}\n"
+                         "calib: {ids: " + (dir / "docs.ids").string() + ", n_samples: 2, seq_len: 64}\n"
+                         "eval: {token_ids: [{name: t, path: " + (dir / "docs.ids").string() + "}]}\n"
+                         "slices: {n_boot: 10}\nquant: [{algorithm: rtn, bits: 3}]\n");
+  ASSERT_EQ(no_tok.status, "ok") << no_tok.message;
+  EXPECT_NEAR(find(no_tok, "t/ppl") / find(both, "t/ppl"), 1.0, 1e-12);
+
+  RunRecord text = run("workload: {kind: model, path: " + (dir / "model").string() + "}\n"
+                       "calib: {text: " + (kData / "text" / "persuasion.txt").string() + ", n_samples: 2}\n"
+                       "eval: {token_ids: [{name: t, path: " + (dir / "docs.ids").string() + "}]}\n"
+                       "quant: [{algorithm: fp}]\n");
+  EXPECT_EQ(text.status, "failed");
+  EXPECT_NE(text.message.find("tokenizer.json"), std::string::npos) << text.message;
+  fs::remove_all(dir);
+}
+
+}  // namespace
+}  // namespace ql
