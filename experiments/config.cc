@@ -79,6 +79,8 @@ const OptionSchema<CalibConfig>& model_calib_schema() {
           c.propagate = read_choice(n, p, {"quantized", "fp"});
         },
         [](const CalibConfig& c) { return ConfigNode::scalar(c.propagate); });
+    o.add("true_sequential", &CalibConfig::true_sequential,
+          "quantize q/k/v, o, gate/up, down in turn, re-collecting statistics after each stage");
     o.validator([](const CalibConfig& c, const ConfigNode& map, const std::string& path) {
       if (c.text.empty() == c.ids.empty())
         throw ConfigError(map.loc(), join_path(path, "text"),
@@ -515,6 +517,13 @@ int RunConfig::weight_bits() const {
   int b = 16;
   for (auto& s : quant) b = std::min(b, s.weight.bits);
   return b;
+}
+
+std::string RunConfig::activation() const {
+  std::string a = "a16";
+  for (auto& s : quant)
+    if (s.act.quantized()) a = s.act.str();
+  return a;
 }
 
 std::string RunConfig::pipeline_name() const {

@@ -58,6 +58,9 @@ struct CalibConfig {
   /// model: what feeds block b+1 during block-sequential calibration: the outputs of the
   /// already quantized blocks (GPTQ) or of the FP blocks (FlatQuant).
   std::string propagate = "quantized";
+  /// model: quantize q/k/v, then o, then gate/up, then down, re-collecting each stage's input
+  /// statistics from the partly quantized block (GPTQ's true-sequential order).
+  bool true_sequential = false;
 };
 
 /// One evaluation text: a stream (perplexity protocol) or a JSONL file of slice-labelled
@@ -115,6 +118,9 @@ struct RunConfig {
   std::string pipeline_name() const;
   /// Weight bits of the run: the smallest `bits` of its steps (16 when nothing is quantized).
   int weight_bits() const;
+  /// Activation quantization of the run, e.g. "a8 sym per-token dynamic" (the last step that
+  /// quantizes activations), or "a16".
+  std::string activation() const;
 };
 
 /// Parse and validate one expanded run. `config_path` is used for the default output path.

@@ -363,7 +363,8 @@ RunRecord execute_run(const RunConfig& run, WorkloadCache& cache, const Algorith
   rec.params.insert(rec.params.begin(),
                     {ParamRow{"experiment", run.experiment.empty() ? run.label : run.experiment},
                      ParamRow{"algorithm", run.pipeline_name()},
-                     ParamRow{"wbits", std::to_string(run.weight_bits())}});
+                     ParamRow{"wbits", std::to_string(run.weight_bits())},
+                     ParamRow{"act", run.activation()}});
   const auto t_start = std::chrono::steady_clock::now();
 
   try {
