@@ -66,7 +66,7 @@ LayerResult LayerAlgorithm::run(const LayerInput& in) const {
     // otherwise the reported bits per weight would describe a different model.
     if (dequantize(q) != Wq)
       throw NumericError("layer '" + in.name + "': weights differ from dequantize(codes)");
-    r.metrics.bits_per_weight = bits_per_weight(q.spec, W.rows(), W.cols());
+    r.metrics.bits_per_weight = bits_per_weight(q);  // counts a stored g_idx
   } else if (in.spec.quantized()) {
     throw NumericError("layer '" + in.name + "': a " + std::to_string(in.spec.bits) +
                        "-bit step returned no codes");

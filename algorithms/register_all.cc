@@ -3,13 +3,17 @@
 // covered by the registry and conformance tests.
 #include "algorithms/algorithm.h"
 #include "algorithms/fp/fp.h"
+#include "algorithms/gptq/gptq.h"
 #include "algorithms/rtn/rtn.h"
+#include "algorithms/smoothquant/smoothquant.h"
 
 namespace ql {
 
 void register_all(AlgorithmRegistry& registry) {
   register_fp(registry);
   register_rtn(registry);
+  register_gptq(registry);
+  register_smoothquant(registry);
 }
 
 }  // namespace ql

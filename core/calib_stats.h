@@ -39,6 +39,9 @@ class HessianAccumulator {
   double weight_sum() const { return weight_sum_; }
   /// The full symmetric d x d running mean (see the header comment for the scale).
   Matrix hessian() const;
+  /// The same running mean without the copy: row i holds columns j >= i; the strictly lower
+  /// part is unspecified. For consumers that read one triangle of a large H (GPTQ).
+  const Matrix& upper_triangle() const { return upper_; }
 
  private:
   Index d_ = 0;

@@ -389,9 +389,22 @@ void quantize_with_grid(const float* x, Index n, Index stride, const Grid& g, in
   }
 }
 
+void quantize_with_grids(const float* x, Index n, Index stride, const Grid* grids,
+                         int32_t* codes, float* xhat, Index out_stride) {
+  for (Index i = 0; i < n; ++i) {
+    const Grid& g = grids[i];
+    const float r = code_of(x[i * stride], g.scale, g.zero, static_cast<float>(g.qmin),
+                            static_cast<float>(g.qmax));
+    if (codes) codes[i * out_stride] = static_cast<int32_t>(r);
+    if (xhat) xhat[i * out_stride] = g.scale * (r - g.zero);
+  }
+}
+
 Grid QuantizedTensor::grid(Index r, Index c) const {
   Index gr = spec.granularity == Granularity::PerTensor ? 0 : r;
-  Index gc = spec.granularity == Granularity::PerGroup ? c / spec.group_size : 0;
+  Index gc = 0;
+  if (spec.granularity == Granularity::PerGroup)
+    gc = g_idx.empty() ? c / spec.group_size : g_idx[c];
   Grid g;
   g.scale = scales(gr, gc);
   g.zero = zeros(gr, gc);
@@ -423,9 +436,32 @@ Matrix dequantize(const QuantizedTensor& q) {
                      std::to_string(q.scales.rows()) + "x" + std::to_string(q.scales.cols()) +
                      " and " + std::to_string(q.zeros.rows()) + "x" +
                      std::to_string(q.zeros.cols()));
+  if (!q.g_idx.empty()) {
+    if (spec.granularity != Granularity::PerGroup)
+      throw ShapeError("dequantize: a group index is given for a " + spec.str() + " tensor");
+    if (static_cast<Index>(q.g_idx.size()) != cols)
+      throw ShapeError("dequantize: group index has " + std::to_string(q.g_idx.size()) +
+                       " entries for " + std::to_string(cols) + " columns");
+    for (Index c = 0; c < cols; ++c)
+      if (q.g_idx[c] < 0 || q.g_idx[c] >= gc)
+        throw ShapeError("dequantize: group index of column " + std::to_string(c) + " is " +
+                         std::to_string(q.g_idx[c]) + ", expected 0.." + std::to_string(gc - 1));
+  }
   Matrix out(rows, cols);
   const Index gsize = spec.granularity == Granularity::PerGroup ? spec.group_size : cols;
   const bool par = rows * cols >= kParallelMinElems && !omp_in_parallel();
+  if (!q.g_idx.empty()) {
+    const int32_t* gi = q.g_idx.data();
+#pragma omp parallel for schedule(static) if (par)
+    for (Index r = 0; r < rows; ++r) {
+      const int32_t* c = q.codes.data() + r * cols;
+      const float* s = q.scales.data() + r * gc;
+      const float* z = q.zeros.data() + r * gc;
+      float* o = out.data() + r * cols;
+      for (Index i = 0; i < cols; ++i) o[i] = s[gi[i]] * (static_cast<float>(c[i]) - z[gi[i]]);
+    }
+    return out;
+  }
 #pragma omp parallel for schedule(static) if (par)
   for (Index r = 0; r < rows; ++r) {
     const int32_t* c = q.codes.data() + r * cols;
@@ -520,6 +556,12 @@ double bits_per_weight(const QuantSpec& spec, Index rows, Index cols) {
   const double per_grid = (spec.scale_dtype == ScaleDtype::F16 ? 16.0 : 32.0) +
                           (spec.scheme == QuantScheme::Asym ? spec.bits : 0);
   return spec.bits + grids * per_grid / n;
+}
+
+double bits_per_weight(const QuantizedTensor& q) {
+  double bpw = bits_per_weight(q.spec, q.rows(), q.cols());
+  if (!q.g_idx.empty() && q.rows() > 0) bpw += 32.0 / static_cast<double>(q.rows());
+  return bpw;
 }
 
 void fake_quant_activations(Matrix& X, const ActQuantSpec& spec, const ActRange* range) {

@@ -46,18 +46,28 @@ inline float dequantize_value(int32_t q, const Grid& g) { return g.scale * (stat
 void quantize_with_grid(const float* x, Index n, Index stride, const Grid& g, int32_t* codes,
                         float* xhat, Index out_stride);
 
+/// Quantize n strided values, each on its own grid: x[i*stride] on grids[i] (GPTQ's column
+/// step, one grid per output row). Writes codes[i*out_stride] and xhat[i*out_stride] (either
+/// may be null); same arithmetic as quantize_value.
+void quantize_with_grids(const float* x, Index n, Index stride, const Grid* grids,
+                         int32_t* codes, float* xhat, Index out_stride);
+
 /// A quantized weight matrix. Grid layout (n_groups = grids per row):
 ///   PerTensor: scales/zeros are 1 x 1; PerChannel: rows x 1; PerGroup: rows x ceil(cols/g).
 /// codes is rows x cols with codes(r, c) in [spec.qmin(), spec.qmax()].
+/// g_idx (PerGroup only) maps input column c to its group: empty means consecutive groups
+/// (column c in group c / group_size); otherwise it has cols entries in [0, n_groups). GPTQ's
+/// act-order with dynamic groups forms groups in a permuted column order and needs it.
 struct QuantizedTensor {
   QuantSpec spec;
   IntMatrix codes;
   Matrix scales;
   Matrix zeros;
+  std::vector<int32_t> g_idx;
 
   Index rows() const { return codes.rows(); }
   Index cols() const { return codes.cols(); }
-  /// The grid used for weight (r, c).
+  /// The grid used for weight (r, c) (honours g_idx).
   Grid grid(Index r, Index c) const;
 };
 
@@ -66,8 +76,9 @@ struct QuantizedTensor {
 /// (Algorithm::run checks); NaN/inf are not rejected here but still give in-range codes.
 QuantizedTensor quantize(const Matrix& W, const QuantSpec& spec);
 /// Reconstruct float weights from codes and grids: scale*(float(q) - zero) per weight, so
-/// dequantize(quantize(W)) == fake_quant(W) bitwise. ShapeError if scales/zeros do not have the
-/// layout above.
+/// dequantize(quantize(W)) == fake_quant(W) bitwise. Honours g_idx. ShapeError if scales/zeros
+/// do not have the layout above, or g_idx is non-empty and not cols entries in [0, n_groups)
+/// of a PerGroup tensor.
 Matrix dequantize(const QuantizedTensor& q);
 /// quantize + dequantize without materialising codes; the identity copy when spec.bits == 16.
 Matrix fake_quant(const Matrix& W, const QuantSpec& spec);
@@ -86,6 +97,9 @@ IntMatrix unpack_codes(const std::vector<uint8_t>& packed, Index rows, Index col
 /// counted exactly: a shorter last group per row is one more grid; per-channel has `rows`
 /// grids, per-tensor one. Sym and SymOffset store no zero-point (it is fixed by the scheme).
 double bits_per_weight(const QuantSpec& spec, Index rows, Index cols);
+/// Storage bits per weight of a quantized tensor: bits_per_weight(spec, rows, cols) plus 32 bits
+/// per column for a stored g_idx (32 / rows per weight).
+double bits_per_weight(const QuantizedTensor& q);
 
 /// Static activation range measured on calibration data (absmax and min/max per tensor).
 struct ActRange {

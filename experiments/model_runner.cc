@@ -13,6 +13,7 @@
 #include "core/metrics.h"
 #include "core/parallel.h"
 #include "core/model/checkpoint.h"
+#include "core/model/fold.h"
 #include "core/model/lm_eval.h"
 #include "core/model/text_data.h"
 #include "core/model/tokenizer.h"
@@ -360,75 +361,106 @@ void execute_model_run(const RunConfig& run, ModelCache& cache, const AlgorithmR
       rows[k].algorithm = run.pipeline_name();
       rows[k].scheme = "none";
     }
-    for (std::size_t si = 0; si < run.quant.size(); ++si) {
-      const QuantStep& step = run.quant[si];
-      if (auto* na = dynamic_cast<const NormConsumerAlgorithm*>(algos[si].get())) {
-        for (int g = 0; g < G; ++g) {
-          const InputGroup& grp = input_groups()[g];
-          if (!grp.has_norm || !step_applies(step, linear_name(b, grp.members.front()))) continue;
-          NormConsumerInput in;
-          in.name = "model.layers." + std::to_string(b) + (grp.post_attn ? ".post_attention_layernorm" : ".input_layernorm");
-          for (LinearKind m : grp.members) {
-            in.consumer_names.push_back(linear_name(b, m));
-            in.consumers.push_back(&blk.linear(m).W);
+    // Stages: the whole block at once, or (calib.true_sequential) q/k/v, then o, then
+    // gate/up, then down, re-collecting the statistics of each stage's inputs from the block
+    // with its earlier stages already quantized (the GPTQ reference's --true-sequential).
+    const int n_stages = run.calib.true_sequential ? G : 1;
+    for (int stage = 0; stage < n_stages; ++stage) {
+      auto in_stage = [&](int g) { return n_stages == 1 || g == stage; };
+      if (stage > 0) {
+        H[stage] = HessianAccumulator(H[stage].dim());
+        S[stage] = ChannelStats(S[stage].dim());
+        ForwardHooks recapture = act_hooks;
+        recapture.capture_input = [&](int, LinearKind k, const Matrix& X) {
+          if (group_of_kind(k) == stage && input_groups()[stage].members.front() == k) {
+            H[stage].add(X);
+            S[stage].add(X);
           }
-          in.input_stats = &S[g];
-          in.options = &step.options;
-          auto t0 = std::chrono::steady_clock::now();
-          ChannelScaleTransform tr = na->run(in);
-          const double dt = seconds_since(t0);
-          // Fold exactly once: norm weight / s, consumer columns * s.
-          Vector& norm = grp.post_attn ? blk.post_attn_norm : blk.input_norm;
-          const Vector sf = tr.scales.cast<float>();
-          norm = norm.cwiseQuotient(sf);
-          for (LinearKind m : grp.members) {
-            blk.linear(m).W = blk.linear(m).W * sf.asDiagonal();
-            secs[static_cast<int>(m)] += dt / grp.members.size();
+        };
+        const Transformer partial(q);
+        for (std::size_t w = 0; w < h.size(); ++w) partial.block(b, h[w], 0, &recapture);
+      }
+      for (std::size_t si = 0; si < run.quant.size(); ++si) {
+        const QuantStep& step = run.quant[si];
+        if (auto* na = dynamic_cast<const NormConsumerAlgorithm*>(algos[si].get())) {
+          for (int g = 0; g < G; ++g) {
+            const InputGroup& grp = input_groups()[g];
+            if (!in_stage(g)) continue;
+            if (!grp.has_norm || !step_applies(step, linear_name(b, grp.members.front()))) continue;
+            NormConsumerInput in;
+            in.name = "model.layers." + std::to_string(b) + (grp.post_attn ? ".post_attention_layernorm" : ".input_layernorm");
+            for (LinearKind m : grp.members) {
+              in.consumer_names.push_back(linear_name(b, m));
+              in.consumers.push_back(&blk.linear(m).W);
+            }
+            in.input_stats = &S[g];
+            in.options = &step.options;
+            auto t0 = std::chrono::steady_clock::now();
+            ChannelScaleTransform tr = na->run(in);
+            const double dt = seconds_since(t0);
+            // Fold exactly once: norm weight / s, consumer columns * s.
+            std::vector<Matrix*> consumers;
+            for (LinearKind m : grp.members) {
+              consumers.push_back(&blk.linear(m).W);
+              secs[static_cast<int>(m)] += dt / grp.members.size();
+            }
+            fold_channel_scales(grp.post_attn ? blk.post_attn_norm : blk.input_norm, consumers, tr.scales);
+            const VectorD inv = tr.scales.cwiseInverse();
+            H[g].scale_channels(inv);
+            S[g].scale_channels(inv);
+            inv_scale[g] = inv_scale[g].cwiseProduct(inv);
+            for (auto& [name, value] : tr.diagnostics)
+              rec.diagnostics.push_back({in.name, static_cast<int>(si), step.algorithm, name, value});
           }
-          const VectorD inv = tr.scales.cwiseInverse();
-          H[g].scale_channels(inv);
-          S[g].scale_channels(inv);
-          inv_scale[g] = inv_scale[g].cwiseProduct(inv);
-          for (auto& [name, value] : tr.diagnostics)
-            rec.diagnostics.push_back({in.name, static_cast<int>(si), step.algorithm, name, value});
+        } else if (auto* la = dynamic_cast<const LayerAlgorithm*>(algos[si].get())) {
+          for (int k = 0; k < kLinearKinds; ++k) {
+            const LinearKind kind = static_cast<LinearKind>(k);
+            const std::string name = linear_name(b, kind);
+            if (!step_applies(step, name)) continue;
+            const int g = group_of_kind(kind);
+            if (!in_stage(g)) continue;
+            Linear& lin = blk.linear(kind);
+            LayerInput in;
+            in.name = name;
+            in.W = &lin.W;
+            in.hessian = &H[g];
+            in.channels = &S[g];
+            in.spec = step.weight;
+            in.options = &step.options;
+            in.seed = mix_stream(run.seed, static_cast<uint64_t>(b) * 64 + k * 8 + si);
+            LayerResult r = la->run(in);
+            secs[k] += r.metrics.seconds;
+            lin.W = std::move(r.output.W);
+            if (r.output.quantized) {
+              rows[k].bits = step.weight.bits;
+              rows[k].scheme = scheme_name(step.weight.scheme);
+              rows[k].group_size = group_size_of(step.weight);
+              rows[k].bpw = r.metrics.bits_per_weight;
+            }
+            for (auto& [dn, value] : r.output.diagnostics)
+              rec.diagnostics.push_back({name, static_cast<int>(si), step.algorithm, dn, value});
+          }
         }
-      } else if (auto* la = dynamic_cast<const LayerAlgorithm*>(algos[si].get())) {
-        for (int k = 0; k < kLinearKinds; ++k) {
-          const LinearKind kind = static_cast<LinearKind>(k);
-          const std::string name = linear_name(b, kind);
-          if (!step_applies(step, name)) continue;
-          const int g = group_of_kind(kind);
-          Linear& lin = blk.linear(kind);
-          LayerInput in;
-          in.name = name;
-          in.W = &lin.W;
-          in.hessian = &H[g];
-          in.channels = &S[g];
-          in.spec = step.weight;
-          in.options = &step.options;
-          in.seed = mix_stream(run.seed, static_cast<uint64_t>(b) * 64 + k * 8 + si);
-          LayerResult r = la->run(in);
-          secs[k] += r.metrics.seconds;
-          lin.W = std::move(r.output.W);
-          if (r.output.quantized) {
-            rows[k].bits = step.weight.bits;
-            rows[k].scheme = scheme_name(step.weight.scheme);
-            rows[k].group_size = group_size_of(step.weight);
-            rows[k].bpw = r.metrics.bits_per_weight;
-          }
-          for (auto& [dn, value] : r.output.diagnostics)
-            rec.diagnostics.push_back({name, static_cast<int>(si), step.algorithm, dn, value});
+        if (step.act.quantized())
+          for (int k = 0; k < kLinearKinds; ++k)
+            if (in_stage(group_of_kind(static_cast<LinearKind>(k))) &&
+                step_applies(step, linear_name(b, static_cast<LinearKind>(k))))
+              act_quant[b][k].spec = &step.act;
+      }
+      // Static activation ranges: this stage's calibration inputs, after transforms; fixed
+      // from here on (later stages and evaluation use them unchanged).
+      for (int k = 0; k < kLinearKinds; ++k) {
+        const int g = group_of_kind(static_cast<LinearKind>(k));
+        if (!in_stage(g)) continue;
+        act_quant[b][k].range = ActRange{S[g].min(), S[g].max()};
+        const ActQuant& a = act_quant[b][k];
+        if (a.spec && a.spec->mode == ActRangeMode::Static) {
+          // Recorded so a reader can check the evaluation used exactly these ranges.
+          const std::string name = linear_name(b, static_cast<LinearKind>(k));
+          rec.diagnostics.push_back({name, -1, "act", "static_range_lo", a.range.lo});
+          rec.diagnostics.push_back({name, -1, "act", "static_range_hi", a.range.hi});
         }
       }
-      if (step.act.quantized())
-        for (int k = 0; k < kLinearKinds; ++k)
-          if (step_applies(step, linear_name(b, static_cast<LinearKind>(k))))
-            act_quant[b][k].spec = &step.act;
-    }
-    // Static activation ranges: the calibration inputs of each linear, after transforms.
-    for (int k = 0; k < kLinearKinds; ++k) {
-      const int g = group_of_kind(static_cast<LinearKind>(k));
-      act_quant[b][k].range = ActRange{S[g].min(), S[g].max()};
     }
     // Layer rows: errors of the effective weights in the original input space.
     for (int k = 0; k < kLinearKinds; ++k) {

@@ -6,6 +6,7 @@
 #include "algorithms/algorithm.h"
 #include "core/config_node.h"
 #include "core/error.h"
+#include "core/model/fold.h"
 #include "core/rng.h"
 #include "experiments/config.h"
 
@@ -29,6 +30,7 @@ std::string step_yaml(const std::string& name, const std::string& extra = "") {
 }
 
 struct Layer {
+  Matrix X;  ///< the calibration inputs (n x d_in)
   Matrix W;
   HessianAccumulator H;
   ChannelStats stats;
@@ -50,6 +52,7 @@ Layer make_layer() {
   Matrix X = Z * mix.transpose();
   X.col(5) *= 10.0f;
   X.col(40) *= 10.0f;
+  l.X = X;
   l.H = HessianAccumulator(d_in);
   l.H.add(X);
   l.stats = ChannelStats(d_in);
@@ -90,6 +93,62 @@ TEST_P(Conformance, LayerScopeContract) {
     EXPECT_LT(a.metrics.bits_per_weight, 16.0);
   } else {
     EXPECT_EQ(a.metrics.bits_per_weight, 16.0);
+  }
+}
+
+TEST_P(Conformance, NormConsumersScopeContract) {
+  const std::string name = GetParam();
+  const AlgorithmInfo& info = default_registry().get(name);
+  if (info.scope != Scope::NormConsumers) GTEST_SKIP() << name << " is not a norm-consumers plugin";
+  RunConfig rc = parse_text(step_yaml(name));
+  const QuantStep& step = rc.quant.at(0);
+  const Layer l = make_layer();
+  Matrix W2(24, l.W.cols());  // a second linear reading the same input (q/k/v, gate/up)
+  CounterRng rw(11, 4);
+  for (Index i = 0; i < W2.size(); ++i) W2.data()[i] = static_cast<float>(rw.normal(i) * 0.3);
+  auto algo = info.make();
+  auto* na = dynamic_cast<NormConsumerAlgorithm*>(algo.get());
+  ASSERT_NE(na, nullptr);
+  NormConsumerInput in;
+  in.name = "conf.norm";
+  in.consumer_names = {"conf.a", "conf.b"};
+  in.consumers = {&l.W, &W2};
+  in.input_stats = &l.stats;
+  in.options = &step.options;
+  const ChannelScaleTransform a = na->run(in);
+  const ChannelScaleTransform b = na->run(in);
+
+  ASSERT_EQ(a.scales.size(), l.W.cols());
+  for (Index j = 0; j < a.scales.size(); ++j)
+    EXPECT_TRUE(a.scales[j] > 0 && std::isfinite(a.scales[j])) << "scale " << j;
+  EXPECT_EQ(a.scales, b.scales) << "not deterministic";
+  EXPECT_EQ(a.diagnostics, b.diagnostics) << "not deterministic";
+
+  // The transform, folded into a producer (norm weight 1) and both consumers, is an
+  // equivalence: the outputs match the original ones to float rounding.
+  Vector gamma = Vector::Ones(l.W.cols());
+  Matrix V1 = l.W, V2 = W2;
+  fold_channel_scales(gamma, {&V1, &V2}, a.scales);
+  const Matrix Xs = l.X * gamma.asDiagonal();
+  for (auto [W, V] : {std::pair<const Matrix*, const Matrix*>{&l.W, &V1}, {&W2, &V2}}) {
+    const Matrix Y = l.X * W->transpose();
+    EXPECT_LT((Xs * V->transpose() - Y).cwiseAbs().maxCoeff(), 1e-5 * Y.cwiseAbs().maxCoeff());
+  }
+
+  // Statistics of another width are a ShapeError from run(), before the plugin.
+  ChannelStats other(l.W.cols() + 1);
+  in.input_stats = &other;
+  EXPECT_THROW(na->run(in), ShapeError);
+
+  // Every option of the plugin rejects a malformed value at its own key path.
+  for (const std::string& key : info.options->keys()) {
+    try {
+      parse_text(step_yaml(name, "    " + key + ": {bad: 1}\n"));
+      ADD_FAILURE() << name << " accepted a map for option " << key;
+    } catch (const ConfigError& e) {
+      EXPECT_EQ(e.key_path(), "quant.0." + key) << e.what();
+      EXPECT_EQ(e.loc().line, info.uses_weight_spec ? 6 : 3) << e.what();
+    }
   }
 }
 

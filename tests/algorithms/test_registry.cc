@@ -9,7 +9,8 @@ namespace {
 // The registration list is explicit; this test is the other half of it: adding a plugin means
 // adding it here too, deliberately.
 TEST(Registry, RegisteredNamesAreTheExpectedList) {
-  EXPECT_EQ(default_registry().names(), (std::vector<std::string>{"fp", "rtn"}));
+  EXPECT_EQ(default_registry().names(),
+            (std::vector<std::string>{"fp", "rtn", "gptq", "smoothquant"}));
 }
 
 TEST(Registry, UnknownNameListsKnownOnes) {
@@ -17,7 +18,7 @@ TEST(Registry, UnknownNameListsKnownOnes) {
     default_registry().get("gptqq");
     FAIL() << "expected an error";
   } catch (const Error& e) {
-    EXPECT_STREQ(e.what(), "unknown algorithm 'gptqq'; known: fp, rtn");
+    EXPECT_STREQ(e.what(), "unknown algorithm 'gptqq'; known: fp, rtn, gptq, smoothquant");
   }
 }
 

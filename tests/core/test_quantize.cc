@@ -526,6 +526,62 @@ TEST(Quantize, ThreadCountDoesNotChangeResult) {
 // ---------------------------------------------------------------------------------------------
 // Packing and storage cost.
 
+// A per-column group index (GPTQ act-order with dynamic groups): column c uses group g_idx[c].
+TEST(Quantize, GroupIndexSelectsTheGridPerColumn) {
+  QuantizedTensor q;
+  q.spec = make_spec(4, QuantScheme::Asym, Granularity::PerGroup, 2);
+  q.codes.resize(2, 4);
+  q.codes << 1, 2, 3, 4,  //
+      5, 6, 7, 8;
+  q.scales.resize(2, 2);
+  q.scales << 0.5f, 2.0f,  //
+      1.0f, 0.25f;
+  q.zeros.resize(2, 2);
+  q.zeros << 1.0f, 3.0f,  //
+      0.0f, 4.0f;
+  q.g_idx = {1, 0, 0, 1};
+  // Row 0: c0 -> group 1: 2*(1-3) = -4; c1 -> group 0: 0.5*(2-1) = 0.5; c2: 0.5*(3-1) = 1;
+  // c3 -> group 1: 2*(4-3) = 2. Row 1: 0.25*(5-4), 1*(6-0), 1*(7-0), 0.25*(8-4).
+  Matrix expect(2, 4);
+  expect << -4.0f, 0.5f, 1.0f, 2.0f,  //
+      0.25f, 6.0f, 7.0f, 1.0f;
+  EXPECT_EQ(dequantize(q), expect);
+  EXPECT_EQ(q.grid(0, 0).scale, 2.0f);
+  EXPECT_EQ(q.grid(0, 2).zero, 1.0f);
+  EXPECT_EQ(q.grid(1, 3).scale, 0.25f);
+  // The stored index costs 32 bits per column: 32 / rows per weight.
+  EXPECT_DOUBLE_EQ(bits_per_weight(q), bits_per_weight(q.spec, 2, 4) + 16.0);
+  QuantizedTensor plain = q;
+  plain.g_idx.clear();
+  EXPECT_DOUBLE_EQ(bits_per_weight(plain), bits_per_weight(q.spec, 2, 4));
+  EXPECT_EQ(plain.grid(0, 0).scale, 0.5f);  // consecutive groups without an index
+
+  QuantizedTensor bad = q;
+  bad.g_idx = {0, 1, 2, 0};  // group 2 does not exist
+  EXPECT_THROW(dequantize(bad), ShapeError);
+  bad.g_idx = {0, 1, 1};  // one entry short
+  EXPECT_THROW(dequantize(bad), ShapeError);
+  bad = quantize(random_matrix(2, 4, 3), make_spec(4, QuantScheme::Asym, Granularity::PerChannel));
+  bad.g_idx = {0, 0, 0, 0};  // only group granularity has groups
+  EXPECT_THROW(dequantize(bad), ShapeError);
+}
+
+TEST(Quantize, PerElementGridsMatchQuantizeValue) {
+  const Matrix W = random_matrix(1, 64, 21, true);
+  std::vector<Grid> grids(32);
+  const QuantSpec s = make_spec(3, QuantScheme::SymOffset);
+  for (int i = 0; i < 32; ++i) grids[i] = fit_grid(W.data() + 2 * i, 2, 1, s);
+  std::vector<int32_t> codes(64, -7);
+  std::vector<float> xhat(64, -7.0f);
+  // Every other value (stride 2) on its own grid, written every other slot.
+  quantize_with_grids(W.data(), 32, 2, grids.data(), codes.data(), xhat.data(), 2);
+  for (int i = 0; i < 32; ++i) {
+    EXPECT_EQ(codes[2 * i], quantize_value(W(0, 2 * i), grids[i]));
+    EXPECT_EQ(xhat[2 * i], dequantize_value(codes[2 * i], grids[i]));
+    EXPECT_EQ(codes[2 * i + 1], -7);
+  }
+}
+
 TEST(Quantize, PackLayoutIsLsbFirst) {
   // 3-bit asym codes 1, 2, 7 -> bits 001 | 010 | 111 from bit 0 up:
   // byte 0 = 1 + (2 << 3) + ((7 & 3) << 6) = 1 + 16 + 192 = 209, byte 1 = 7 >> 2 = 1.
