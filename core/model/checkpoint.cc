@@ -402,7 +402,7 @@ ModelConfig load_model_config(const std::string& path) {
     }
   }
   if (r.has("rope_scaling"))
-    r.fail("rope_scaling", "RoPE scaling is not implemented (found " + short_dump(r.at("rope_scaling")) +
+    r.fail("rope_scaling", "RoPE scaling is not supported (found " + short_dump(r.at("rope_scaling")) +
                                "; only plain RoPE with rope_theta is supported)");
 
   const std::string act = r.get_string("hidden_act", "silu");
@@ -418,7 +418,7 @@ ModelConfig load_model_config(const std::string& path) {
       if (win < c.max_position_embeddings)
         r.fail("use_sliding_window", "sliding-window attention (sliding_window " + std::to_string(win) +
                                          " < max_position_embeddings " + std::to_string(c.max_position_embeddings) +
-                                         ") is not implemented");
+                                         ") is not supported");
     }
   } else if (mistral) {
     if (r.get_bool("attention_bias", false))
@@ -428,11 +428,11 @@ ModelConfig load_model_config(const std::string& path) {
       if (win < c.max_position_embeddings)
         r.fail("sliding_window", "sliding-window attention (window " + std::to_string(win) +
                                      " < max_position_embeddings " + std::to_string(c.max_position_embeddings) +
-                                     ") is not implemented");
+                                     ") is not supported");
     }
   } else {
     c.attention_bias = r.get_bool("attention_bias", false);
-    if (r.get_bool("mlp_bias", false)) r.fail("mlp_bias", "MLP biases are not implemented");
+    if (r.get_bool("mlp_bias", false)) r.fail("mlp_bias", "MLP biases are not supported");
   }
   return c;
 }

@@ -743,7 +743,7 @@ TEST_F(ModelConfigJson, RequiredFieldsTypesAndDivisibility) {
 TEST_F(ModelConfigJson, UnimplementedFeaturesAreRejectedByName) {
   Json cfg = testutil::tiny_config();
   cfg["rope_scaling"] = {{"type", "linear"}, {"factor", 2.0}};
-  expect_config_error(cfg, {"'rope_scaling'", "not implemented", "linear"});
+  expect_config_error(cfg, {"'rope_scaling'", "not supported", "linear"});
   cfg = testutil::tiny_config();
   cfg["hidden_act"] = "gelu";
   expect_config_error(cfg, {"'hidden_act'", "gelu", "silu"});
