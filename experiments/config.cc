@@ -513,6 +513,27 @@ std::string RunConfig::workload_key() const {
   return k;
 }
 
+namespace {
+bool full_match_any(const std::vector<std::string>& res, const std::string& name) {
+  for (auto& r : res)
+    if (std::regex_match(name, std::regex(r))) return true;
+  return false;
+}
+}  // namespace
+
+bool QuantStep::applies_to(const std::string& layer) const {
+  return full_match_any(targets, layer) && !full_match_any(ignore, layer);
+}
+
+int layer_group_size(const QuantSpec& spec) {
+  switch (spec.granularity) {
+    case Granularity::PerTensor: return 0;
+    case Granularity::PerChannel: return -1;
+    case Granularity::PerGroup: return spec.group_size;
+  }
+  return -1;
+}
+
 int RunConfig::weight_bits() const {
   int b = 16;
   for (auto& s : quant) b = std::min(b, s.weight.bits);

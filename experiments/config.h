@@ -28,7 +28,13 @@ struct QuantStep {
   std::vector<std::string> ignore;        ///< regexes of layer names to leave alone
   std::any options;                       ///< the plugin's typed options struct
   SourceLoc loc;                          ///< where the step was written, for run-time errors
+
+  /// Whether this step acts on the layer: its name fully matches a target and no ignore regex.
+  bool applies_to(const std::string& layer) const;
 };
+
+/// LayerRow::group_size encoding of a weight grid: -1 per channel, 0 per tensor, else g.
+int layer_group_size(const QuantSpec& spec);
 
 /// `workload: {kind: model, ...}` — a Hugging Face checkpoint directory as users have it on
 /// disk. Relative paths in a config resolve against the directory of the file that wrote them.

@@ -6,7 +6,6 @@
 #include <cmath>
 #include <limits>
 #include <map>
-#include <regex>
 
 #include "core/calib_stats.h"
 #include "core/error.h"
@@ -26,16 +25,6 @@ namespace {
 
 double seconds_since(std::chrono::steady_clock::time_point t0) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-}
-
-bool full_match_any(const std::vector<std::string>& res, const std::string& name) {
-  for (auto& r : res)
-    if (std::regex_match(name, std::regex(r))) return true;
-  return false;
-}
-
-bool step_applies(const QuantStep& s, const std::string& name) {
-  return full_match_any(s.targets, name) && !full_match_any(s.ignore, name);
 }
 
 /// One evaluation text, tokenized and cut into windows once per sweep.
@@ -74,15 +63,6 @@ int group_of_kind(LinearKind k) {
     case LinearKind::Down: return 3;
   }
   return 0;
-}
-
-int group_size_of(const QuantSpec& s) {
-  switch (s.granularity) {
-    case Granularity::PerTensor: return 0;
-    case Granularity::PerChannel: return -1;
-    case Granularity::PerGroup: return s.group_size;
-  }
-  return -1;
 }
 
 /// Activation fake-quantization of one linear's input, with its static range when needed.
@@ -386,7 +366,7 @@ void execute_model_run(const RunConfig& run, ModelCache& cache, const AlgorithmR
           for (int g = 0; g < G; ++g) {
             const InputGroup& grp = input_groups()[g];
             if (!in_stage(g)) continue;
-            if (!grp.has_norm || !step_applies(step, linear_name(b, grp.members.front()))) continue;
+            if (!grp.has_norm || !step.applies_to(linear_name(b, grp.members.front()))) continue;
             NormConsumerInput in;
             in.name = "model.layers." + std::to_string(b) + (grp.post_attn ? ".post_attention_layernorm" : ".input_layernorm");
             for (LinearKind m : grp.members) {
@@ -416,7 +396,7 @@ void execute_model_run(const RunConfig& run, ModelCache& cache, const AlgorithmR
           for (int k = 0; k < kLinearKinds; ++k) {
             const LinearKind kind = static_cast<LinearKind>(k);
             const std::string name = linear_name(b, kind);
-            if (!step_applies(step, name)) continue;
+            if (!step.applies_to(name)) continue;
             const int g = group_of_kind(kind);
             if (!in_stage(g)) continue;
             Linear& lin = blk.linear(kind);
@@ -434,7 +414,7 @@ void execute_model_run(const RunConfig& run, ModelCache& cache, const AlgorithmR
             if (r.output.quantized) {
               rows[k].bits = step.weight.bits;
               rows[k].scheme = scheme_name(step.weight.scheme);
-              rows[k].group_size = group_size_of(step.weight);
+              rows[k].group_size = layer_group_size(step.weight);
               rows[k].bpw = r.metrics.bits_per_weight;
             }
             for (auto& [dn, value] : r.output.diagnostics)
@@ -444,7 +424,7 @@ void execute_model_run(const RunConfig& run, ModelCache& cache, const AlgorithmR
         if (step.act.quantized())
           for (int k = 0; k < kLinearKinds; ++k)
             if (in_stage(group_of_kind(static_cast<LinearKind>(k))) &&
-                step_applies(step, linear_name(b, static_cast<LinearKind>(k))))
+                step.applies_to(linear_name(b, static_cast<LinearKind>(k))))
               act_quant[b][k].spec = &step.act;
       }
       // Static activation ranges: this stage's calibration inputs, after transforms; fixed

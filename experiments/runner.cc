@@ -9,7 +9,6 @@
 #include <iostream>
 #include <limits>
 #include <map>
-#include <regex>
 #include <sstream>
 
 #include "core/calib_stats.h"
@@ -135,21 +134,6 @@ std::string utc_now() {
   return buf;
 }
 
-bool full_match_any(const std::vector<std::string>& res, const std::string& name) {
-  for (auto& r : res)
-    if (std::regex_match(name, std::regex(r))) return true;
-  return false;
-}
-
-int group_of(const QuantSpec& s) {
-  switch (s.granularity) {
-    case Granularity::PerTensor: return 0;
-    case Granularity::PerChannel: return -1;
-    case Granularity::PerGroup: return s.group_size;
-  }
-  return -1;
-}
-
 /// Per-token squared output error ‖ŷ_t - y_t‖² in double; tokens are independent, so the
 /// result does not depend on the thread count.
 VectorD token_errors(const Matrix& Yq, const Matrix& Y) {
@@ -214,7 +198,7 @@ void execute_synthetic_run(const RunConfig& run, WorkloadCache& cache, const Alg
 
     for (std::size_t si = 0; si < run.quant.size(); ++si) {
       const QuantStep& step = run.quant[si];
-      if (!full_match_any(step.targets, layer.name) || full_match_any(step.ignore, layer.name))
+      if (!step.applies_to(layer.name))
         continue;
       if (step.act.quantized()) act = &step.act;
       if (auto* la = dynamic_cast<const LayerAlgorithm*>(algos[si].get())) {
@@ -232,7 +216,7 @@ void execute_synthetic_run(const RunConfig& run, WorkloadCache& cache, const Alg
         if (r.output.quantized) {
           row.bits = step.weight.bits;
           row.scheme = scheme_name(step.weight.scheme);
-          row.group_size = group_of(step.weight);
+          row.group_size = layer_group_size(step.weight);
           row.bpw = r.metrics.bits_per_weight;
         }
         for (auto& [name, value] : r.output.diagnostics)
