@@ -506,6 +506,23 @@ RunConfig parse_run_config(const ConfigNode& root, const std::string& label,
   return rc;
 }
 
+std::vector<ConfigSectionDoc> config_section_docs() {
+  return {
+      {"workload", "synthetic", "workload: {kind: synthetic, ...}: a suite of independent layers",
+       synthetic_spec_schema().docs()},
+      {"workload", "model", "workload: {kind: model, ...}: a Hugging Face checkpoint directory",
+       model_workload_schema().docs()},
+      {"calib", "synthetic", "calibration inputs drawn from the suite's populations",
+       synthetic_calib_schema().docs()},
+      {"calib", "model", "calibration windows and block-sequential capture",
+       model_calib_schema().docs()},
+      {"eval", "synthetic", "evaluation units (the bootstrap resamples units)", synthetic_eval_schema().docs()},
+      {"eval", "model", "evaluation streams, slice files and token buckets", model_eval_schema().docs()},
+      {"slices", "", "per-slice confidence intervals and flags (FAIRNESS.md)", slices_schema().docs()},
+      {"output", "", "results file and the table printed after a run", output_schema().docs()},
+  };
+}
+
 std::string RunConfig::workload_key() const {
   std::string k = "seed: " + std::to_string(seed) + "\n";
   for (const char* s : {"workload", "calib", "eval"})

@@ -134,6 +134,17 @@ struct RunConfig {
 RunConfig parse_run_config(const ConfigNode& root, const std::string& label,
                            const std::string& config_path, const AlgorithmRegistry& registry);
 
+/// One documented section of a run config, for `quantlab list`: the section's key, the
+/// workload kind it applies to ("" = both) and the option docs of its schema (the same
+/// schema that parses it, so the listing cannot drift from the parser).
+struct ConfigSectionDoc {
+  std::string key;
+  std::string applies_to;
+  std::string summary;
+  std::vector<OptionDoc> options;
+};
+std::vector<ConfigSectionDoc> config_section_docs();
+
 /// Flatten a tree into dotted keys ("quant.0.bits" -> "4"); sequences of scalars become flow
 /// text ("[a, b]").
 std::vector<ParamRow> flatten_params(const ConfigNode& node);

@@ -126,6 +126,12 @@ int cmd_list(const std::vector<std::string>& args) {
       print_docs(docs, "    ");
     }
   }
+  std::cout << "\nRun config sections (besides seed, include, quant and sweep):\n";
+  for (const ql::ConfigSectionDoc& s : ql::config_section_docs()) {
+    std::cout << "  " << s.key << (s.applies_to.empty() ? "" : " [" + s.applies_to + " workload]") << ": "
+              << s.summary << "\n";
+    print_docs(s.options, "    ");
+  }
   return 0;
 }
 

@@ -90,6 +90,35 @@ TEST(Plan, MisspeltKeyFailsBeforeAnyComputeWithLocation) {
   fs::remove_all(dir);
 }
 
+// `quantlab list` documents every option the parser accepts: each key of every algorithm's
+// schema, of the quant-step and activation specs and of every config section, with its type.
+TEST(Cli, ListDocumentsEveryOption) {
+  const fs::path out = fs::temp_directory_path() / ("ql_list_" + std::to_string(::getpid()) + ".txt");
+  const std::string cmd = std::string(QL_BINARY_DIR) + "/quantlab list > " + out.string();
+  ASSERT_EQ(WEXITSTATUS(std::system(cmd.c_str())), 0);
+  std::stringstream ss;
+  ss << std::ifstream(out).rdbuf();
+  const std::string text = ss.str();
+  fs::remove(out);
+  auto expect_listed = [&](const std::vector<OptionDoc>& docs, const std::string& where) {
+    for (const OptionDoc& d : docs)
+      EXPECT_NE(text.find(d.name + " (" + d.type), std::string::npos) << where << ": " << d.name;
+  };
+  const AlgorithmRegistry& reg = default_registry();
+  for (const std::string& name : reg.names()) {
+    EXPECT_NE(text.find("  " + name + " ["), std::string::npos) << name;
+    if (reg.get(name).options) expect_listed(reg.get(name).options->docs(), name);
+  }
+  expect_listed(quant_spec_schema().docs(), "quant step");
+  expect_listed(act_quant_spec_schema().docs(), "act");
+  const std::vector<ConfigSectionDoc> sections = config_section_docs();
+  EXPECT_GE(sections.size(), 8u);
+  for (const ConfigSectionDoc& s : sections) {
+    EXPECT_FALSE(s.options.empty()) << s.key;
+    expect_listed(s.options, s.key + " " + s.applies_to);
+  }
+}
+
 void expect_bitwise_equal(const RunRecord& a, const RunRecord& b) {
   ASSERT_EQ(a.status, "ok") << a.message;
   ASSERT_EQ(b.status, "ok") << b.message;
