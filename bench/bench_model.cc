@@ -5,6 +5,7 @@
 //
 // Windows are synthetic token ids (throughput does not depend on the text): token i of window
 // w is (w * 7919 + i * 104729) % vocab, the same rule as bench/torch_eval.py.
+#include <cblas.h>
 #include <sys/resource.h>
 
 #include <algorithm>
@@ -45,7 +46,7 @@ int main(int argc, char** argv) {
   }
   rusage ru{};
   getrusage(RUSAGE_SELF, &ru);
-  std::printf("quantlab tokens_per_s=%.0f peak_rss_mb=%.0f windows=%d seq=%d threads=%d\n",
-              windows * seq / best, ru.ru_maxrss / 1024.0, windows, seq, num_threads());
+  std::printf("quantlab tokens_per_s=%.0f peak_rss_mb=%.0f windows=%d seq=%d threads=%d blas=%s\n",
+              windows * seq / best, ru.ru_maxrss / 1024.0, windows, seq, num_threads(), openblas_get_corename());
   return 0;
 }

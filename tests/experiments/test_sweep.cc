@@ -2,10 +2,14 @@
 
 #include <gtest/gtest.h>
 
+#include <filesystem>
+#include <fstream>
 #include <string>
+#include <unistd.h>
 #include <vector>
 
 #include "experiments/hash.h"
+#include "experiments/runner.h"
 
 namespace ql {
 namespace {
@@ -397,6 +401,51 @@ TEST(RunId, SameConfigSameId) {
       EXPECT_NE(run_id_of(r1[i].config.to_yaml()), run_id_of(r1[i - 1].config.to_yaml()));
     }
   }
+}
+
+}  // namespace
+}  // namespace ql
+
+namespace ql {
+namespace {
+
+// The SmoothQuant O-level presets (paper Table 2) are includable bases: per-tensor symmetric
+// 8-bit weights after smoothing with alpha 0.5, and 8-bit symmetric activations per token
+// dynamic (O1), per tensor dynamic (O2) or per tensor static (O3); alpha stays overridable.
+TEST(Presets, SmoothQuantOLevelsParseToThePaperSettings) {
+  namespace fs = std::filesystem;
+  const fs::path dir = fs::temp_directory_path() / ("ql_presets_" + std::to_string(::getpid()));
+  fs::create_directories(dir);
+  struct Level {
+    const char* name;
+    ActGranularity gran;
+    ActRangeMode mode;
+  };
+  for (const Level& l : {Level{"o1", ActGranularity::PerToken, ActRangeMode::Dynamic},
+                         Level{"o2", ActGranularity::PerTensor, ActRangeMode::Dynamic},
+                         Level{"o3", ActGranularity::PerTensor, ActRangeMode::Static}}) {
+    const fs::path preset = fs::path(QL_SOURCE_DIR) / "configs" / "presets" / (std::string("smoothquant_") + l.name + ".yaml");
+    ASSERT_TRUE(fs::exists(preset)) << preset;
+    const fs::path cfg = dir / (std::string(l.name) + ".yaml");
+    std::ofstream(cfg) << "include: " << preset.string() << "\n"
+                       << "workload: {kind: synthetic, layers: [{name: a, d_in: 32, d_out: 16}]}\n"
+                       << "calib: {tokens: 64}\neval: {units: 4, unit_tokens: 8}\n";
+    const std::vector<RunConfig> runs = plan_runs(cfg.string(), {"quant.0.alpha=0.85"}, default_registry());
+    ASSERT_EQ(runs.size(), 1u) << l.name;
+    const RunConfig& rc = runs[0];
+    ASSERT_EQ(rc.quant.size(), 2u) << l.name;
+    EXPECT_EQ(rc.quant[0].algorithm, "smoothquant");
+    EXPECT_EQ(rc.canonical.find("quant")->at(0).find("alpha")->value(), "0.85") << l.name;
+    EXPECT_EQ(rc.quant[1].algorithm, "rtn");
+    EXPECT_EQ(rc.quant[1].weight.bits, 8);
+    EXPECT_EQ(rc.quant[1].weight.scheme, QuantScheme::Sym);
+    EXPECT_EQ(rc.quant[1].weight.granularity, Granularity::PerTensor);
+    EXPECT_EQ(rc.quant[1].act.bits, 8);
+    EXPECT_EQ(rc.quant[1].act.scheme, QuantScheme::Sym);
+    EXPECT_EQ(rc.quant[1].act.granularity, l.gran) << l.name;
+    EXPECT_EQ(rc.quant[1].act.mode, l.mode) << l.name;
+  }
+  fs::remove_all(dir);
 }
 
 }  // namespace
