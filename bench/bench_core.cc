@@ -16,34 +16,15 @@
 #include <functional>
 #include <string>
 
+#include "bench/bench_util.h"
 #include "core/calib_stats.h"
 #include "core/parallel.h"
 #include "core/quantize.h"
 #include "core/rng.h"
 
 using namespace ql;
-
-namespace {
-
-double best_seconds(int reps, const std::function<void()>& f) {
-  double best = 1e30;
-  for (int r = 0; r < reps; ++r) {
-    auto t0 = std::chrono::steady_clock::now();
-    f();
-    best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
-  }
-  return best;
-}
-
-Matrix random_matrix(Index rows, Index cols, uint64_t stream) {
-  Matrix m(rows, cols);
-  CounterRng rng(1234, stream);
-#pragma omp parallel for schedule(static)
-  for (Index i = 0; i < m.size(); ++i) m.data()[i] = static_cast<float>(rng.normal(i));
-  return m;
-}
-
-}  // namespace
+using ql::bench::best_seconds;
+using ql::bench::random_matrix;
 
 int main(int argc, char** argv) {
   const bool quick = argc > 1 && std::strcmp(argv[1], "--quick") == 0;
@@ -52,7 +33,7 @@ int main(int argc, char** argv) {
 
   // ---- 1. group RTN throughput ----
   const Index R = quick ? 1024 : 4096, C = quick ? 1024 : 4096;
-  Matrix W = random_matrix(R, C, 1);
+  Matrix W = random_matrix(R, C, 1234, 1);
   QuantSpec spec;
   spec.bits = 4;
   spec.scheme = QuantScheme::Asym;
@@ -77,7 +58,7 @@ int main(int argc, char** argv) {
   // ---- 2. Hessian accumulation vs sgemm ----
   set_num_threads(all_threads);
   const Index n = quick ? 2048 : 4096, d = quick ? 1024 : 2048;
-  Matrix X = random_matrix(n, d, 2);
+  Matrix X = random_matrix(n, d, 1234, 2);
   Matrix G(d, d);
   std::printf("== Hessian accumulation (X: %ld tokens x %ld, threads %d) ==\n", (long)n, (long)d, all_threads);
   double t_gemm = best_seconds(reps, [&] {

@@ -34,6 +34,7 @@
 
 #include "algorithms/algorithm.h"
 #include "algorithms/gptq/gptq.h"
+#include "bench/bench_util.h"
 #include "core/calib_stats.h"
 #include "core/linalg.h"
 #include "core/parallel.h"
@@ -41,28 +42,11 @@
 #include "experiments/runner.h"
 
 using namespace ql;
+using ql::bench::best_seconds;
+using ql::bench::random_matrix;
+using ql::bench::seconds_of;
 
 namespace {
-
-double seconds_of(const std::function<void()>& f) {
-  auto t0 = std::chrono::steady_clock::now();
-  f();
-  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-}
-
-double best_seconds(int reps, const std::function<void()>& f) {
-  double best = 1e30;
-  for (int r = 0; r < reps; ++r) best = std::min(best, seconds_of(f));
-  return best;
-}
-
-Matrix random_matrix(Index rows, Index cols, uint64_t stream) {
-  Matrix m(rows, cols);
-  CounterRng rng(4321, stream);
-#pragma omp parallel for schedule(static)
-  for (Index i = 0; i < m.size(); ++i) m.data()[i] = static_cast<float>(rng.normal(i));
-  return m;
-}
 
 double diagnostic(const LayerResult& r, const char* key) {
   for (const auto& [k, v] : r.output.diagnostics)
@@ -87,7 +71,7 @@ int main(int argc, char** argv) {
               (long)d, (long)d, (long)n, reps);
 
   // ---- 1. the unit: one d x d x d sgemm on all threads ----
-  const Matrix A0 = random_matrix(d, d, 1), B0 = random_matrix(d, d, 2);
+  const Matrix A0 = random_matrix(d, d, 4321, 1), B0 = random_matrix(d, d, 4321, 2);
   Matrix C0(d, d);
   const double t_gemm = best_seconds(reps, [&] {
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, d, d, d, 1.0f, A0.data(), d, B0.data(),
@@ -97,9 +81,9 @@ int main(int argc, char** argv) {
               2.0 * d * d * d / t_gemm / 1e9);
 
   // ---- 2. Hessian accumulation vs sgemm XᵀX ----
-  Matrix mix = random_matrix(d, d, 3);
+  Matrix mix = random_matrix(d, d, 4321, 3);
   for (Index j = 0; j < d; ++j) mix.col(j) *= std::pow(1.0f + static_cast<float>(j), -0.7f);
-  Matrix X = matmul_nt(random_matrix(n, d, 4), mix);  // rows x = A z
+  Matrix X = matmul_nt(random_matrix(n, d, 4321, 4), mix);  // rows x = A z
   for (Index c : {Index(17), d / 3, d / 2 + 5, d - 40}) X.col(c) *= 10.0f;
   HessianAccumulator H(d);
   const double t_h = best_seconds(reps, [&] {
@@ -115,7 +99,7 @@ int main(int argc, char** argv) {
               (long)n, t_h, t_xtx, t_h / t_xtx);
 
   // ---- 3. GPTQ ----
-  const Matrix W = random_matrix(d, d, 5);
+  const Matrix W = random_matrix(d, d, 4321, 5);
   auto algo = default_registry().get("gptq").make();
   const auto& la = dynamic_cast<const LayerAlgorithm&>(*algo);
   struct Case {
