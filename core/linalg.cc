@@ -1,22 +1,113 @@
 #include "core/linalg.h"
 
 #include <cblas.h>
+#include <lapacke.h>
+#include <omp.h>
 
 #include <algorithm>
 #include <string>
 
 #include "core/error.h"
+#include "core/numerics.h"
+#include "core/portable_blas.h"
 
 namespace ql {
 
 namespace {
+
 inline Index n_panels(Index rows) { return (rows + kPanelRows - 1) / kPanelRows; }
+
+/// OpenBLAS's OpenMP build runs a call on one thread inside an active parallel region and on
+/// omp_get_max_threads() threads otherwise. Outside a region (or in a team of one) this sets
+/// the calling task's thread-count ICV to 1 for the call, so every tile call is single-threaded.
+class OneBlasThread {
+ public:
+  OneBlasThread() : saved_(omp_in_parallel() ? 0 : omp_get_max_threads()) {
+    if (saved_ > 1) omp_set_num_threads(1);
+  }
+  ~OneBlasThread() {
+    if (saved_ > 1) omp_set_num_threads(saved_);
+  }
+
+ private:
+  int saved_;
+};
+
+inline bool portable_mode() { return current_numerics() == Numerics::Portable; }
+inline CBLAS_TRANSPOSE cblas_op(Trans t) { return t == Trans::Yes ? CblasTrans : CblasNoTrans; }
+inline blasint bi(Index v) { return static_cast<blasint>(v); }
+
 }  // namespace
+
+void gemm(Trans ta, Trans tb, Index m, Index n, Index k, float alpha, const float* A, Index lda,
+          const float* B, Index ldb, float beta, float* C, Index ldc) {
+  if (m <= 0 || n <= 0) return;
+  if (portable_mode())
+    return portable::gemm(portable::active_isa(), ta == Trans::Yes, tb == Trans::Yes, m, n, k,
+                          alpha, A, lda, B, ldb, beta, C, ldc);
+  OneBlasThread one;
+  cblas_sgemm(CblasRowMajor, cblas_op(ta), cblas_op(tb), bi(m), bi(n), bi(k), alpha, A, bi(lda), B,
+              bi(ldb), beta, C, bi(ldc));
+}
+
+void gemm(Trans ta, Trans tb, Index m, Index n, Index k, double alpha, const double* A,
+          Index lda, const double* B, Index ldb, double beta, double* C, Index ldc) {
+  if (m <= 0 || n <= 0) return;
+  if (portable_mode())
+    return portable::gemm(portable::active_isa(), ta == Trans::Yes, tb == Trans::Yes, m, n, k,
+                          alpha, A, lda, B, ldb, beta, C, ldc);
+  OneBlasThread one;
+  cblas_dgemm(CblasRowMajor, cblas_op(ta), cblas_op(tb), bi(m), bi(n), bi(k), alpha, A, bi(lda), B,
+              bi(ldb), beta, C, bi(ldc));
+}
+
+void syrk_upper_tile(Index n, Index k, float alpha, const float* A, Index lda, float beta, float* C,
+                     Index ldc) {
+  if (n <= 0) return;
+  if (portable_mode())
+    return portable::gemm(portable::active_isa(), true, false, n, n, k, alpha, A, lda, A, lda, beta,
+                          C, ldc, portable::Part::Upper);
+  OneBlasThread one;
+  cblas_ssyrk(CblasRowMajor, CblasUpper, CblasTrans, bi(n), bi(k), alpha, A, bi(lda), beta, C,
+              bi(ldc));
+}
+
+void trsm_right_lower_trans(Index m, Index n, const double* L, Index ldl, double* B, Index ldb) {
+  if (m <= 0 || n <= 0) return;
+  if (portable_mode()) return portable::trsm_right_lower_trans(portable::active_isa(), m, n, L, ldl, B, ldb);
+  OneBlasThread one;
+  cblas_dtrsm(CblasRowMajor, CblasRight, CblasLower, CblasTrans, CblasNonUnit, bi(m), bi(n), 1.0, L,
+              bi(ldl), B, bi(ldb));
+}
+
+void trsm_left_lower(Index m, Index n, const double* L, Index ldl, double* B, Index ldb) {
+  if (m <= 0 || n <= 0) return;
+  if (portable_mode()) return portable::trsm_left_lower(portable::active_isa(), m, n, L, ldl, B, ldb);
+  OneBlasThread one;
+  cblas_dtrsm(CblasRowMajor, CblasLeft, CblasLower, CblasNoTrans, CblasNonUnit, bi(m), bi(n), 1.0, L,
+              bi(ldl), B, bi(ldb));
+}
+
+void trmm_right_upper(Index m, Index n, const float* U, Index ldu, float* B, Index ldb) {
+  if (m <= 0 || n <= 0) return;
+  if (portable_mode()) return portable::trmm_right_upper(portable::active_isa(), m, n, U, ldu, B, ldb);
+  OneBlasThread one;
+  cblas_strmm(CblasRowMajor, CblasRight, CblasUpper, CblasNoTrans, CblasNonUnit, bi(m), bi(n), 1.0f,
+              U, bi(ldu), B, bi(ldb));
+}
+
+int potrf_lower(Index n, double* A, Index lda) {
+  if (n <= 0) return 0;
+  if (portable_mode()) return portable::potrf_lower(portable::active_isa(), n, A, lda);
+  OneBlasThread one;
+  // Row-major lower == column-major upper: dpotrf('U') on the same memory gives L.
+  return LAPACKE_dpotrf_work(LAPACK_COL_MAJOR, 'U', static_cast<lapack_int>(n), A,
+                             static_cast<lapack_int>(lda));
+}
 
 namespace {
 
-/// C = A op(B) with op(B) = Bᵀ when transpose_b, in fixed row panels of A (one single-threaded
-/// GEMM each).
+/// C = A op(B) with op(B) = Bᵀ when transpose_b, in fixed row panels of A (one tile call each).
 Matrix panel_gemm(const Matrix& A, const Matrix& B, bool transpose_b, const char* name) {
   const Index k = A.cols(), kb = transpose_b ? B.cols() : B.rows();
   if (k != kb)
@@ -35,8 +126,8 @@ Matrix panel_gemm(const Matrix& A, const Matrix& B, bool transpose_b, const char
 #pragma omp parallel for schedule(dynamic, 1)
   for (Index p = 0; p < np; ++p) {
     const Index r0 = p * kPanelRows, rows = std::min(kPanelRows, m - r0);
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, transpose_b ? CblasTrans : CblasNoTrans, rows, n, k,
-                1.0f, A.data() + r0 * k, k, B.data(), ldb, 0.0f, C.data() + r0 * n, n);
+    gemm(Trans::No, transpose_b ? Trans::Yes : Trans::No, rows, n, k, 1.0f, A.data() + r0 * k, k,
+         B.data(), ldb, 0.0f, C.data() + r0 * n, n);
   }
   return C;
 }
@@ -56,7 +147,6 @@ void syrk_upper(const Matrix& X, float alpha, float beta, Matrix& C) {
   // X_iᵀ X_j above them; the same flops as one SYRK, and 2-D tiles balance the threads.
   const Index nb = n_panels(d);
   const Index n_tiles = nb * (nb + 1) / 2;
-  const blasint ld = static_cast<blasint>(d), k = static_cast<blasint>(n);
   const float* x = X.data();
   float* c = C.data();
 #pragma omp parallel for schedule(dynamic, 1)
@@ -68,14 +158,11 @@ void syrk_upper(const Matrix& X, float alpha, float beta, Matrix& C) {
     }
     const Index bj = bi + rem;
     const Index i0 = bi * kPanelRows, j0 = bj * kPanelRows;
-    const blasint mi = static_cast<blasint>(std::min(kPanelRows, d - i0));
-    const blasint mj = static_cast<blasint>(std::min(kPanelRows, d - j0));
+    const Index mi = std::min(kPanelRows, d - i0), mj = std::min(kPanelRows, d - j0);
     if (bi == bj)
-      cblas_ssyrk(CblasRowMajor, CblasUpper, CblasTrans, mi, k, alpha, x + i0, ld, beta,
-                  c + i0 * d + j0, ld);
+      syrk_upper_tile(mi, n, alpha, x + i0, d, beta, c + i0 * d + j0, d);
     else
-      cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, mi, mj, k, alpha, x + i0, ld, x + j0,
-                  ld, beta, c + i0 * d + j0, ld);
+      gemm(Trans::Yes, Trans::No, mi, mj, n, alpha, x + i0, d, x + j0, d, beta, c + i0 * d + j0, d);
   }
 }
 

@@ -1,5 +1,6 @@
 #include "core/metrics.h"
 
+#include "core/detmath.h"
 #include "core/linalg.h"
 
 
@@ -116,7 +117,7 @@ double sqnr_db(const Matrix& ref, const Matrix& q) {
   check_same_shape("sqnr_db", ref, q);
   const double noise = sum_sq_diff(ref, q);
   if (noise == 0.0) return std::numeric_limits<double>::infinity();
-  return 10.0 * std::log10(sum_sq(ref) / noise);
+  return 10.0 * detmath::log10(sum_sq(ref) / noise);
 }
 
 double cosine_similarity(const Matrix& a, const Matrix& b) {

@@ -7,6 +7,7 @@
 #include <limits>
 #include <string>
 
+#include "core/detmath.h"
 #include "core/error.h"
 #include "core/parallel.h"
 
@@ -196,7 +197,7 @@ double objective_chunk(const float* x, Index n, Index stride, const Grid& g, flo
     for (Index i = 0; i < n; ++i) {
       float v = x[i * stride];
       float e = std::fabs(s * (code_of(v, s, z, lo, hi) - z) - v);
-      sum += static_cast<double>(std::pow(e, norm));
+      sum += detmath::pow(static_cast<double>(e), norm);
       if ((i & 63) == 63 && sum > bound) return sum;
     }
   }

@@ -6,6 +6,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include "core/detmath.h"
 
 namespace ql {
 
@@ -39,7 +40,7 @@ class CounterRng {
     uint64_t b = ((static_cast<uint64_t>(w[2]) << 21) ^ (w[3] >> 11)) & ((uint64_t(1) << 53) - 1);
     double u1 = (static_cast<double>(a) + 0.5) / 9007199254740992.0;
     double u2 = (static_cast<double>(b) + 0.5) / 9007199254740992.0;
-    return std::sqrt(-2.0 * std::log(u1)) * std::cos(6.283185307179586 * u2);
+    return std::sqrt(-2.0 * detmath::log(u1)) * detmath::cos(6.283185307179586 * u2);
   }
   /// Uniform integer in [0, n) (n >= 1), by 64-bit multiply-shift (bias < 2^-32 for n < 2^32).
   uint64_t below(uint64_t index, uint64_t n) const {

@@ -1,6 +1,8 @@
 #include "core/synthetic.h"
 
+#include "core/detmath.h"
 #include "core/hash.h"
+#include "core/linalg.h"
 
 #include <algorithm>
 #include <cmath>
@@ -409,7 +411,7 @@ double gamma_draw(const CounterRng& rng, double a) {
     if (v <= 0.0) continue;
     v = v * v * v;
     double u = rng.uniform(2 * k + 1);
-    if (std::log(u) < 0.5 * x * x + d - d * v + d * std::log(v)) return d * v;
+    if (detmath::log(u) < 0.5 * x * x + d - d * v + d * detmath::log(v)) return d * v;
   }
 }
 
@@ -444,7 +446,7 @@ Matrix make_mixing(const CounterRng& basis, Index d, double decay) {
   const double inv_sqrt_d = 1.0 / std::sqrt(static_cast<double>(d));
 #pragma omp parallel for schedule(static)
   for (Index j = 0; j < d; ++j) {
-    const double dj = std::pow(1.0 + static_cast<double>(j), -decay) * inv_sqrt_d;
+    const double dj = detmath::pow(1.0 + static_cast<double>(j), -decay) * inv_sqrt_d;
     for (Index c = 0; c < d; ++c)
       B(j, c) = static_cast<float>(basis.normal(static_cast<uint64_t>(c * d + j)) * dj);
   }
@@ -488,10 +490,11 @@ void fill_blocks(const std::vector<RowBlock>& blocks, const std::vector<Populati
       for (Index i = 0; i < ch.n; ++i)
         for (Index j = 0; j < d; ++j)
           Z(i, j) = static_cast<float>(zr.normal(static_cast<uint64_t>((ch.r0 + i) * d + j)));
-      // Inside the parallel region OpenBLAS runs single-threaded, and the chunk shape is fixed,
-      // so this product is the same bits whichever thread computes it.
+      // One tile call (single-threaded) on a chunk of fixed shape: the same bits whichever
+      // thread computes it (core/linalg.h).
       auto out = b.X->middleRows(b.row0 + ch.r0, ch.n);
-      out.noalias() = Z * m.B;
+      gemm(Trans::No, Trans::No, ch.n, d, d, 1.0f, Z.data(), d, m.B.data(), d, 0.0f,
+           out.data(), b.X->cols());
       for (Index i = 0; i < ch.n; ++i)
         out.row(i) = out.row(i).cwiseProduct(m.scale.transpose()) + m.offset.transpose();
     });

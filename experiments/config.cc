@@ -12,7 +12,7 @@
 namespace ql {
 namespace {
 
-const std::vector<std::string> kTopKeys = {"seed", "calib", "eval", "slices",
+const std::vector<std::string> kTopKeys = {"seed", "numerics", "calib", "eval", "slices",
                                            "quant", "output", "workload"};
 
 ConfigNode string_list_node(const std::vector<std::string>& v) {
@@ -72,6 +72,15 @@ const OptionSchema<CalibConfig>& model_calib_schema() {
           c.rule = read_choice(n, p, {"random", "strided"});
         },
         [](const CalibConfig& c) { return ConfigNode::scalar(c.rule); });
+    o.add("draw", &CalibConfig::draw,
+          "which calibration draw (set of windows) to use, in [0, draws): strided windows shifted "
+          "by draw*(stride//draws), or an independent random set; sweep it to compare results "
+          "over calibration draws",
+          {0, 1 << 20});
+    o.add("draws", &CalibConfig::draws,
+          "number of calibration draws the strided offsets are spaced for (draw 0 of any count is "
+          "the plain rule)",
+          {1, 1 << 20});
     o.add_custom(
         "propagate", "quantized|fp",
         "inputs of block b+1 during calibration: outputs of the quantized blocks (GPTQ) or of the FP blocks",
@@ -82,6 +91,11 @@ const OptionSchema<CalibConfig>& model_calib_schema() {
     o.add("true_sequential", &CalibConfig::true_sequential,
           "quantize q/k/v, o, gate/up, down in turn, re-collecting statistics after each stage");
     o.validator([](const CalibConfig& c, const ConfigNode& map, const std::string& path) {
+      if (c.draw >= c.draws)
+        throw ConfigError(map.find("draw") ? map.find("draw")->loc() : map.loc(),
+                          join_path(path, "draw"),
+                          "expected a draw in [0, draws) = [0, " + std::to_string(c.draws) +
+                              "), found " + std::to_string(c.draw));
       if (c.text.empty() == c.ids.empty())
         throw ConfigError(map.loc(), join_path(path, "text"),
                           "expected exactly one of 'text' (a text file) or 'ids' (a token-id file)");
@@ -439,6 +453,8 @@ RunConfig parse_run_config(const ConfigNode& root, const std::string& label,
     for (auto& [key, value] : root.entries()) {
       if (key == "seed") {
         rc.seed = static_cast<uint64_t>(read_int(value, key, 0, std::numeric_limits<long long>::max()));
+      } else if (key == "numerics") {
+        rc.numerics = parse_numerics(read_choice(value, key, {"fast", "portable"}));
       } else if (key == "workload") {
         if (!value.is_map())
           throw ConfigError(value.loc(), key, "expected a map with 'kind: synthetic' and its options");
@@ -480,6 +496,7 @@ RunConfig parse_run_config(const ConfigNode& root, const std::string& label,
 
   ConfigNode c = ConfigNode::map();
   c.set("seed", ConfigNode::scalar(std::to_string(rc.seed)));
+  c.set("numerics", ConfigNode::scalar(numerics_name(rc.numerics)));
   ConfigNode w = ConfigNode::map();
   w.set("kind", ConfigNode::scalar(rc.workload.kind));
   const ConfigNode spec_node = rc.workload.is_model()
@@ -524,7 +541,8 @@ std::vector<ConfigSectionDoc> config_section_docs() {
 }
 
 std::string RunConfig::workload_key() const {
-  std::string k = "seed: " + std::to_string(seed) + "\n";
+  // The numeric mode too: generated inputs and FP outputs are products.
+  std::string k = "seed: " + std::to_string(seed) + "\nnumerics: " + numerics_name(numerics) + "\n";
   for (const char* s : {"workload", "calib", "eval"})
     if (const ConfigNode* n = canonical.find(s)) k += std::string(s) + ":\n" + n->to_yaml();
   return k;

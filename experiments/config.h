@@ -12,6 +12,7 @@
 
 #include "algorithms/algorithm.h"
 #include "core/config_node.h"
+#include "core/numerics.h"
 #include "core/quant_spec.h"
 #include "core/slices.h"
 #include "core/synthetic.h"
@@ -61,6 +62,11 @@ struct CalibConfig {
   int seq_len = 256;            ///< model: tokens per calibration window
   long long seed = 0;           ///< model: seed of the random window rule
   std::string rule = "random";  ///< model: random | strided (the GPTQ reference's rule)
+  /// model: calibration draw `draw` of `draws` (CalibDraw): strided windows shifted by
+  /// draw * (stride / draws), or an independent random set. Sweep `calib.draw` to compare
+  /// results as distributions over calibration sets.
+  int draw = 0;
+  int draws = 1;
   /// model: what feeds block b+1 during block-sequential calibration: the outputs of the
   /// already quantized blocks (GPTQ) or of the FP blocks (FlatQuant).
   std::string propagate = "quantized";
@@ -113,6 +119,8 @@ struct RunConfig {
   BootstrapOptions slices;
   std::vector<QuantStep> quant;
   OutputConfig output;
+  /// `numerics: fast | portable` (core/numerics.h): which kernels compute every product.
+  Numerics numerics = Numerics::Fast;
 
   /// Canonical resolved config (defaults filled in; output excluded): what run_id hashes.
   ConfigNode canonical;

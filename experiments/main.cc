@@ -9,6 +9,8 @@
 
 #include "algorithms/algorithm.h"
 #include "core/error.h"
+#include "core/numerics.h"
+#include "core/parallel.h"
 #include "core/quant_spec.h"
 #include "experiments/report.h"
 #include "experiments/result_store.h"
@@ -26,7 +28,8 @@ const char* kUsage =
     "  list                                   algorithms, their options and defaults\n"
     "  table FILE.h5 --rows K --cols K --metric M [--format md|latex|csv]\n"
     "  export-csv FILE.h5 -o DIR              runs.csv, layers.csv, slices.csv, ...\n"
-    "run/plan options: --threads N  --output FILE.h5  --quiet\n";
+    "  --version                              revision and numeric environment (BLAS kernels, CPU, ...)\n"
+    "run/plan options: --threads N  --output FILE.h5  --quiet  --portable (= numerics=portable)\n";
 
 struct Parsed {
   po::variables_map vm;
@@ -49,11 +52,14 @@ int cmd_run(const std::vector<std::string>& args, bool plan_only) {
   po::options_description desc("run options");
   desc.add_options()("threads", po::value<int>()->default_value(0), "threads (0 = all cores)")(
       "output,o", po::value<std::string>()->default_value(""), "results file (overrides output.path)")(
-      "quiet,q", po::bool_switch(), "no progress output");
+      "quiet,q", po::bool_switch(), "no progress output")(
+      "portable", po::bool_switch(),
+      "portable numerics: bitwise identical results across x86-64 machines (core/numerics.h)");
   Parsed p = parse(args, desc);
   if (p.positional.empty()) throw ql::Error("expected a config file: quantlab run CONFIG.yaml");
   const std::string config = p.positional[0];
   std::vector<std::string> overrides(p.positional.begin() + 1, p.positional.end());
+  if (p.vm["portable"].as<bool>()) overrides.push_back("numerics=portable");
   const ql::AlgorithmRegistry& registry = ql::default_registry();
   std::vector<ql::RunConfig> runs = ql::plan_runs(config, overrides, registry);
 
@@ -149,6 +155,14 @@ int cmd_table(const std::vector<std::string>& args) {
   return 0;
 }
 
+int cmd_version() {
+  std::cout << "quantlab " << QL_GIT_REV << "\n";
+  std::cout << ql::numeric_environment(ql::Numerics::Fast, ql::num_threads()).to_text();
+  std::cout << "(mode fast is the default; --portable or numerics: portable selects the portable "
+               "kernels listed as portable_kernels)\n";
+  return 0;
+}
+
 int cmd_export(const std::vector<std::string>& args) {
   po::options_description desc("export-csv options");
   desc.add_options()("output,o", po::value<std::string>()->required(), "output directory");
@@ -173,6 +187,7 @@ int main(int argc, char** argv) {
     if (cmd == "list") return cmd_list(args);
     if (cmd == "table") return cmd_table(args);
     if (cmd == "export-csv") return cmd_export(args);
+    if (cmd == "--version" || cmd == "version") return cmd_version();
     std::cerr << "quantlab: unknown command '" << cmd << "'\n" << kUsage;
     return 2;
   } catch (const po::error& e) {

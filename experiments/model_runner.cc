@@ -176,11 +176,12 @@ void prepare(const RunConfig& run, ModelCache::State& st, double* seconds) {
 
   const CalibConfig& c = run.calib;
   const std::string calib_key = c.text + "|" + c.ids + "|" + std::to_string(c.n_samples) + "|" +
-                                std::to_string(c.seq_len) + "|" + std::to_string(c.seed) + "|" + c.rule;
+                                std::to_string(c.seq_len) + "|" + std::to_string(c.seed) + "|" + c.rule + "|" +
+                                std::to_string(c.draw) + "/" + std::to_string(c.draws);
   if (st.calib_key != calib_key) {
     st.calib_windows = calibration_windows(c.ids.empty() ? st.stream(c.text) : st.id_stream(c.ids), c.n_samples, c.seq_len,
                                            c.rule == "strided" ? CalibRule::Strided : CalibRule::Random,
-                                           static_cast<uint64_t>(c.seed));
+                                           static_cast<uint64_t>(c.seed), CalibDraw{c.draw, c.draws});
     st.calib_key = calib_key;
   }
 

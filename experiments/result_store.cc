@@ -54,6 +54,13 @@ void write_params(const h5::Group& g, const std::vector<ParamRow>& rows) {
   g.write_table("params", t);
 }
 
+void write_numeric_env(const h5::Group& g, const std::vector<ParamRow>& rows) {
+  h5::Table t;
+  t.add_strings("key", column_of(rows, [](const ParamRow& r) { return r.key; }))
+      .add_strings("value", column_of(rows, [](const ParamRow& r) { return r.value; }));
+  g.write_table("numeric_env", t);
+}
+
 void write_layers(const h5::Group& g, const std::vector<LayerRow>& rows) {
   using R = LayerRow;
   h5::Table t;
@@ -191,6 +198,7 @@ void write_run(const h5::Group& g, const RunRecord& r, int64_t order) {
   g.set_double_attr("seconds_eval", r.seconds_eval);
   g.set_int64_attr("order", order);
   write_params(g, r.params);
+  write_numeric_env(g, r.numeric_env);
   write_layers(g, r.layers);
   write_diagnostics(g, r.diagnostics);
   write_summary(g, r.summary);
@@ -205,6 +213,17 @@ void write_run(const h5::Group& g, const RunRecord& r, int64_t order) {
 
 std::vector<ParamRow> read_params(const h5::Group& g) {
   h5::Table t = g.read_table("params");
+  const auto& key = t.strings("key");
+  const auto& value = t.strings("value");
+  std::vector<ParamRow> rows(t.n_rows());
+  for (size_t i = 0; i < rows.size(); ++i) rows[i] = {key[i], value[i]};
+  return rows;
+}
+
+/// Files written before the environment was recorded have no table: an empty list.
+std::vector<ParamRow> read_numeric_env(const h5::Group& g) {
+  if (!g.has("numeric_env")) return {};
+  h5::Table t = g.read_table("numeric_env");
   const auto& key = t.strings("key");
   const auto& value = t.strings("value");
   std::vector<ParamRow> rows(t.n_rows());
@@ -349,6 +368,7 @@ RunRecord read_run_group(const h5::Group& g) {
   r.seconds_quant = g.double_attr("seconds_quant");
   r.seconds_eval = g.double_attr("seconds_eval");
   r.params = read_params(g);
+  r.numeric_env = read_numeric_env(g);
   r.layers = read_layers(g);
   r.diagnostics = read_diagnostics(g);
   r.summary = read_summary(g);

@@ -60,6 +60,10 @@ struct RunRecord {
   double seconds_total = 0, seconds_calib = 0, seconds_quant = 0, seconds_eval = 0;
 
   std::vector<ParamRow> params;
+  /// The numeric environment the run was computed in (core/numerics.h): mode, BLAS library,
+  /// version and kernels, CPU and its vector extensions, libc, compiler and flags, Eigen,
+  /// threads. Fast-mode results are bitwise reproducible only where these agree.
+  std::vector<ParamRow> numeric_env;
   std::vector<LayerRow> layers;
   std::vector<DiagnosticRow> diagnostics;
   std::vector<SummaryRow> summary;

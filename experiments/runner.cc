@@ -12,6 +12,7 @@
 #include <sstream>
 
 #include "core/calib_stats.h"
+#include "core/detmath.h"
 #include "core/error.h"
 #include "core/linalg.h"
 #include "core/rng.h"
@@ -302,7 +303,7 @@ void execute_synthetic_run(const RunConfig& run, WorkloadCache& cache, const Alg
   defs.push_back({"out_sqnr_db", true,
                   [nl](const double* t) {
                     double a = 0;
-                    for (Index l = 0; l < nl; ++l) a += 10.0 * std::log10(t[2 + 2 * l] / t[1 + 2 * l]);
+                    for (Index l = 0; l < nl; ++l) a += 10.0 * detmath::log10(t[2 + 2 * l] / t[1 + 2 * l]);
                     return a / nl;
                   },
                   {}});
@@ -343,6 +344,8 @@ RunRecord execute_run(const RunConfig& run, WorkloadCache& cache, const Algorith
   rec.seed = run.seed;
   rec.threads = num_threads();
   rec.params = flatten_params(run.canonical);
+  for (auto& [k, v] : numeric_environment(run.numerics, rec.threads).fields)
+    rec.numeric_env.push_back({k, v});
   // Run-level keys for pivoting tables: the experiment, the pipeline and its weight bits.
   rec.params.insert(rec.params.begin(),
                     {ParamRow{"experiment", run.experiment.empty() ? run.label : run.experiment},
@@ -352,6 +355,7 @@ RunRecord execute_run(const RunConfig& run, WorkloadCache& cache, const Algorith
   const auto t_start = std::chrono::steady_clock::now();
 
   try {
+    const NumericsScope numerics(run.numerics);
     if (run.workload.is_model())
       execute_model_run(run, cache.model(), registry, rec, on_layer);
     else

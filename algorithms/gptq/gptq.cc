@@ -1,8 +1,5 @@
 #include "algorithms/gptq/gptq.h"
 
-#include <cblas.h>
-#include <lapacke.h>
-
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -38,9 +35,9 @@ constexpr double kPivotFloor = 1.1920928955078125e-07;
 constexpr Index kParallelMinElems = 1 << 16;
 
 // ------------------------------------------------------------------------------------------
-// Factorisation, double precision, fixed tiles. Every BLAS/LAPACK call runs inside an active
-// OpenMP region, where OpenBLAS is single-threaded, on a tile whose bounds do not depend on
-// the thread count; so the factors do not either (core/linalg.h).
+// Factorisation, double precision, fixed tiles. Every tile call (core/linalg.h) is
+// single-threaded and its bounds do not depend on the thread count; so the factors do not
+// either.
 // ------------------------------------------------------------------------------------------
 
 /// A = L Lᵀ in place: the lower triangle of A (symmetric; only the lower triangle is read)
@@ -56,10 +53,8 @@ bool cholesky_lower(MatrixD& A, double min_pivot) {
     const Index kb = std::min(kTile, n - k0);
 #pragma omp single
     {
-      // Row-major lower == column-major upper: dpotrf('U') on the same memory gives L.
       double* t = a + k0 * n + k0;
-      ok = LAPACKE_dpotrf_work(LAPACK_COL_MAJOR, 'U', static_cast<lapack_int>(kb), t,
-                               static_cast<lapack_int>(n)) == 0;
+      ok = potrf_lower(kb, t, n) == 0;
       for (Index j = 0; ok && j < kb; ++j) {
         const double p = t[j * n + j] * t[j * n + j];
         ok = p > min_pivot && std::isfinite(p);
@@ -73,8 +68,7 @@ bool cholesky_lower(MatrixD& A, double min_pivot) {
 #pragma omp for schedule(dynamic, 1)
     for (Index t = 0; t < tiles; ++t) {
       const Index i0 = r0 + t * kTile, ib = std::min(kTile, n - i0);
-      cblas_dtrsm(CblasRowMajor, CblasRight, CblasLower, CblasTrans, CblasNonUnit, ib, kb, 1.0,
-                  a + k0 * n + k0, n, a + i0 * n + k0, n);
+      trsm_right_lower_trans(ib, kb, a + k0 * n + k0, n, a + i0 * n + k0, n);
     }
     // Trailing update, one row tile per task (largest first):
     // A[i-tile, r0 : end of tile i] -= A21[i-tile] A21[r0 : end of tile i]ᵀ. Reads columns
@@ -84,8 +78,8 @@ bool cholesky_lower(MatrixD& A, double min_pivot) {
       const Index t = tiles - 1 - tt;
       const Index i0 = r0 + t * kTile, ib = std::min(kTile, n - i0);
       const Index w = i0 + ib - r0;
-      cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasTrans, ib, w, kb, -1.0, a + i0 * n + k0, n,
-                  a + r0 * n + k0, n, 1.0, a + i0 * n + r0, n);
+      gemm(Trans::No, Trans::Yes, ib, w, kb, -1.0, a + i0 * n + k0, n, a + r0 * n + k0, n, 1.0,
+           a + i0 * n + r0, n);
     }
   }
   return ok;
@@ -104,8 +98,7 @@ void reversed_inverse(const MatrixD& L, Matrix& U) {
     const Index j0 = p * kTile, wb = std::min(kTile, n - j0), m = n - j0;
     std::vector<double> T(static_cast<size_t>(m * wb), 0.0);
     for (Index c = 0; c < wb; ++c) T[c * wb + c] = 1.0;
-    cblas_dtrsm(CblasRowMajor, CblasLeft, CblasLower, CblasNoTrans, CblasNonUnit, m, wb, 1.0,
-                L.data() + j0 * n + j0, n, T.data(), wb);
+    trsm_left_lower(m, wb, L.data() + j0 * n + j0, n, T.data(), wb);
     // U(a, b) = (L⁻¹)(n-1-a, n-1-b): this panel's columns j = j0 + c are U's columns n-1-j.
     for (Index a = 0; a < n; ++a) {
       const Index i = n - 1 - a;
@@ -294,13 +287,12 @@ void column_loop(const LoopState& st, Index B) {
             }
           }
           if (s2 < i2)
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, pr, i2 - s2, ns, -1.0f,
-                        err.data() + (s1 - i1), bk, U.data() + s1 * d + s2, d, 1.0f,
-                        W.data() + r0 * d + s2, d);
+            gemm(Trans::No, Trans::No, pr, i2 - s2, ns, -1.0f, err.data() + (s1 - i1), bk,
+                 U.data() + s1 * d + s2, d, 1.0f, W.data() + r0 * d + s2, d);
         }
         if (i2 < d)
-          cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, pr, d - i2, bk, -1.0f, err.data(),
-                      bk, U.data() + i1 * d + i2, d, 1.0f, W.data() + r0 * d + i2, d);
+          gemm(Trans::No, Trans::No, pr, d - i2, bk, -1.0f, err.data(), bk,
+               U.data() + i1 * d + i2, d, 1.0f, W.data() + r0 * d + i2, d);
       }
       for (Index i = 0; i < pr; ++i) (*st.err2)[r0 + i] = loss[i];
     });
@@ -336,8 +328,7 @@ std::vector<double> quadratic_forms(const std::vector<const Matrix*>& srcs,
       }
       norm2[i] = s;
     }
-    cblas_strmm(CblasRowMajor, CblasRight, CblasUpper, CblasNoTrans, CblasNonUnit, pr, d, 1.0f,
-                R.data(), d, a.data(), d);
+    trmm_right_upper(pr, d, R.data(), d, a.data(), d);
     for (Index i = 0; i < pr; ++i) {
       double s = 0.0;
       for (Index p = 0; p < d; ++p) s += static_cast<double>(a(i, p)) * a(i, p);

@@ -5,6 +5,7 @@
 #include <limits>
 #include <string>
 
+#include "core/detmath.h"
 #include "algorithms/algorithm.h"
 #include "core/error.h"
 
@@ -182,8 +183,8 @@ VectorD smoothquant_scales(const Vector& act_absmax, const Vector& weight_absmax
                          " has a negative or non-finite maximum");
     // Eq. 4 in double from the float maxima, then one rounding to float: the runner folds
     // float(s), and returning exactly that value keeps the statistics rescaling consistent.
-    const double sj = std::pow(std::max(a, kMaxClamp), alpha) /
-                      std::pow(std::max(w, kMaxClamp), 1.0 - alpha);
+    const double sj = detmath::pow(std::max(a, kMaxClamp), alpha) /
+                      detmath::pow(std::max(w, kMaxClamp), 1.0 - alpha);
     s[j] = static_cast<double>(static_cast<float>(sj));
   }
   return s;

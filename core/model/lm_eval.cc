@@ -2,9 +2,11 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <utility>
 
+#include "core/detmath.h"
 #include "core/error.h"
 
 namespace ql {
@@ -18,13 +20,25 @@ const char* const kColumnNames[kLmBlockSize] = {
     "n_correct_fp", "n_c2w",  "n_w2c",      "sum_dp",  "sum_dp2"};
 
 // log Σ_i e^{x_i} computed as m + log Σ_i e^{x_i - m} with m = max x (no overflow; the largest
-// term is exactly 1), and the first index of the maximum.
+// term is exactly 1), and the first index of the maximum. The terms e^{x_i - m} are left in `e`
+// (float, core/detmath's exp: the same bits on every CPU); their sum is taken in double.
 struct RowSummary {
   double lse;
+  double sum;  // Σ_i e^{x_i - m}
   int32_t argmax;
 };
 
-RowSummary summarize_row(const float* x, Index vocab, const char* which) {
+/// Σ x[i] in double, in four interleaved partial sums (a fixed order whatever the alignment).
+double sum_as_double(const float* x, Index n) {
+  double a[4] = {0.0, 0.0, 0.0, 0.0};
+  Index i = 0;
+  for (; i + 4 <= n; i += 4)
+    for (int l = 0; l < 4; ++l) a[l] += static_cast<double>(x[i + l]);
+  for (; i < n; ++i) a[0] += static_cast<double>(x[i]);
+  return (a[0] + a[1]) + (a[2] + a[3]);
+}
+
+RowSummary summarize_row(const float* x, Index vocab, const char* which, float* e) {
   int32_t am = 0;
   for (Index i = 0; i < vocab; ++i) {
     if (!std::isfinite(x[i])) {
@@ -33,10 +47,11 @@ RowSummary summarize_row(const float* x, Index vocab, const char* which) {
     }
     if (x[i] > x[am]) am = static_cast<int32_t>(i);  // strict: ties keep the lowest id
   }
-  const double m = x[am];
-  double s = 0.0;
-  for (Index i = 0; i < vocab; ++i) s += std::exp(static_cast<double>(x[i]) - m);
-  return {m + std::log(s), am};
+  const float m = x[am];
+  for (Index i = 0; i < vocab; ++i) e[i] = x[i] - m;
+  detmath::exp_inplace(e, vocab);
+  const double s = sum_as_double(e, vocab);
+  return {static_cast<double>(m) + detmath::log(s), s, am};
 }
 
 void check_names(const std::vector<std::string>& names, const char* family) {
@@ -103,22 +118,37 @@ const char* lm_column_name(int column) {
 
 LmTokenStats lm_score_token(const float* fp_row, const float* q_row, Index vocab,
                             int32_t target) {
-  const RowSummary f = summarize_row(fp_row, vocab, "FP");
-  const RowSummary q = summarize_row(q_row, vocab, "quantized");
-  LmTokenStats s;
-  // ℓ_i = x_i - lse. Both rows go through identical operations, so equal rows give equal
-  // log-probabilities bitwise and every KL term is exactly 0.
+  thread_local std::vector<float> ef, eq;  // e^{x_i - m} of each row
+  ef.resize(static_cast<size_t>(vocab));
+  const RowSummary f = summarize_row(fp_row, vocab, "FP", ef.data());
+  // Bitwise equal rows (the FP model against itself, or eval.kl: false) give equal
+  // quantities and a KL of exactly 0 without a second pass.
+  const bool same =
+      fp_row == q_row || std::memcmp(fp_row, q_row, static_cast<size_t>(vocab) * sizeof(float)) == 0;
+  RowSummary q = f;
   double kl = 0.0;
-  for (Index i = 0; i < vocab; ++i) {
-    const double lf = static_cast<double>(fp_row[i]) - f.lse;
-    const double lq = static_cast<double>(q_row[i]) - q.lse;
-    kl += std::exp(lf) * (lf - lq);
+  if (!same) {
+    eq.resize(static_cast<size_t>(vocab));
+    q = summarize_row(q_row, vocab, "quantized", eq.data());
+    // KL = Σ_i p_i (ℓfp_i - ℓq_i), p_i = e^{x_i - m}/Σ, ℓfp_i - ℓq_i = (x_i - xq_i) - (lse_f - lse_q).
+    const double c = f.lse - q.lse;
+    double a[4] = {0.0, 0.0, 0.0, 0.0};
+    Index i = 0;
+    auto term = [&](Index j) {
+      return static_cast<double>(ef[j]) *
+             ((static_cast<double>(fp_row[j]) - static_cast<double>(q_row[j])) - c);
+    };
+    for (; i + 4 <= vocab; i += 4)
+      for (int l = 0; l < 4; ++l) a[l] += term(i + l);
+    for (; i < vocab; ++i) a[0] += term(i);
+    kl = ((a[0] + a[1]) + (a[2] + a[3])) / f.sum;
   }
+  LmTokenStats s;
   s.kl = std::max(kl, 0.0);  // KL >= 0 (Gibbs); a negative sum is rounding of a ~0 divergence
   s.nll_fp = f.lse - static_cast<double>(fp_row[target]);
   s.nll_q = q.lse - static_cast<double>(q_row[target]);
-  s.p_fp = std::exp(-s.nll_fp);
-  s.p_q = std::exp(-s.nll_q);
+  s.p_fp = detmath::exp(-s.nll_fp);
+  s.p_q = detmath::exp(-s.nll_q);
   s.top1_fp = f.argmax;
   s.top1_q = q.argmax;
   s.correct_fp = f.argmax == target;
@@ -394,8 +424,8 @@ std::vector<SliceMetricDef> lm_metric_defs() {
   const Fn nll_q = per_token(kLmNllQ), nll_fp = per_token(kLmNllFp);
   const Fn agree = per_token(kLmAgree);
   return {
-      def("ppl", false, [nll_q](const double* t) { return std::exp(nll_q(t)); },
-          [nll_fp](const double* t) { return std::exp(nll_fp(t)); }),
+      def("ppl", false, [nll_q](const double* t) { return detmath::exp(nll_q(t)); },
+          [nll_fp](const double* t) { return detmath::exp(nll_fp(t)); }),
       def("nll", false, nll_q, nll_fp),
       def("kl_mean", false, per_token(kLmKl), constant(0.0)),
       def("top1_agree", true, agree, constant(1.0)),

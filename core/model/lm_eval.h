@@ -3,8 +3,9 @@
 // slice bootstrap resamples (FAIRNESS.md §3, §4.1; core/slices.h).
 //
 // For a scored position t of a window with token ids y[0..T-1], row t-1 of each logits matrix
-// predicts y[t]. With log-softmax computed stably in double (ℓ_i = x_i - m - log Σ_j e^{x_j - m},
-// m = max_j x_j), the per-token quantities are
+// predicts y[t]. With log-softmax computed stably (ℓ_i = x_i - m - log Σ_j e^{x_j - m}, m = max_j
+// x_j; the terms e^{x_j - m} in float by core/detmath, their sum, the logarithm and everything
+// after in double), the per-token quantities are
 //   nll_q = -ℓq_y, nll_fp = -ℓfp_y,
 //   KL(P_FP ‖ P_Q) = Σ_i e^{ℓfp_i} (ℓfp_i - ℓq_i)        (clamped at 0: only rounding makes it < 0)
 //   top1 = argmax of the float logits (ties -> lowest id), correct = (top1 == y),

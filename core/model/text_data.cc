@@ -253,8 +253,11 @@ const char* calib_rule_name(CalibRule rule) {
 }
 
 std::vector<int64_t> calibration_offsets(int64_t n_ids, int n, int seq, CalibRule rule,
-                                         uint64_t seed) {
+                                         uint64_t seed, CalibDraw draw) {
   if (n < 1) throw ShapeError("calibration windows: n must be >= 1, got " + std::to_string(n));
+  if (draw.count < 1 || draw.index < 0 || draw.index >= draw.count)
+    throw ShapeError("calibration windows: draw " + std::to_string(draw.index) + " of " +
+                     std::to_string(draw.count) + " is outside [0, draws)");
   if (seq < 1) throw ShapeError("calibration windows: seq must be >= 1, got " + std::to_string(seq));
   if (n_ids < seq)
     throw ShapeError("calibration windows: the calibration text has " + std::to_string(n_ids) +
@@ -268,9 +271,20 @@ std::vector<int64_t> calibration_offsets(int64_t n_ids, int n, int seq, CalibRul
                        std::to_string(seq) + " tokens need at least " + std::to_string(seq + n) +
                        " tokens, the text has " + std::to_string(n_ids) +
                        " (stride would be 0: every window the same tokens)");
-    for (int i = 0; i < n; ++i) starts[static_cast<size_t>(i)] = i * stride;
+    const int64_t step = stride / draw.count;
+    if (draw.count > 1 && step == 0)
+      throw ShapeError("calibration windows: " + std::to_string(draw.count) + " draws of " +
+                       std::to_string(n) + " strided windows need a stride of at least " +
+                       std::to_string(draw.count) + " tokens, the stride is " +
+                       std::to_string(stride) + " (the draws would be the same windows)");
+    // o + (n-1)*stride + seq <= n_ids since o < stride and n*stride <= span.
+    const int64_t offset = static_cast<int64_t>(draw.index) * step;
+    for (int i = 0; i < n; ++i) starts[static_cast<size_t>(i)] = offset + i * stride;
   } else {
-    const CounterRng rng(seed, fnv1a64("calibration_windows.random"));
+    // Draw 0 keeps the historical stream, so configs without draws keep their windows.
+    const CounterRng rng(seed, fnv1a64(draw.index == 0 ? std::string("calibration_windows.random")
+                                                        : "calibration_windows.random/draw" +
+                                                              std::to_string(draw.index)));
     for (int i = 0; i < n; ++i)
       starts[static_cast<size_t>(i)] =
           static_cast<int64_t>(rng.below(static_cast<uint64_t>(i), static_cast<uint64_t>(span + 1)));
@@ -279,9 +293,10 @@ std::vector<int64_t> calibration_offsets(int64_t n_ids, int n, int seq, CalibRul
 }
 
 std::vector<std::vector<int32_t>> calibration_windows(const std::vector<int32_t>& ids, int n,
-                                                      int seq, CalibRule rule, uint64_t seed) {
+                                                      int seq, CalibRule rule, uint64_t seed,
+                                                      CalibDraw draw) {
   const std::vector<int64_t> starts =
-      calibration_offsets(static_cast<int64_t>(ids.size()), n, seq, rule, seed);
+      calibration_offsets(static_cast<int64_t>(ids.size()), n, seq, rule, seed, draw);
   std::vector<std::vector<int32_t>> windows;
   windows.reserve(starts.size());
   for (int64_t s : starts) windows.emplace_back(ids.begin() + s, ids.begin() + s + seq);

@@ -83,24 +83,37 @@ int64_t scored_tokens(const std::vector<Window>& windows);
 // ---- calibration windows --------------------------------------------------------------------
 
 enum class CalibRule {
-  /// The reference's rule (gptq_smoothquant.json "calibration"): window i = ids[i*stride,
-  /// i*stride+seq), stride = (len-seq) / n (integer division).
+  /// The reference's rule (gptq_smoothquant.json "calibration"): window i = ids[o + i*stride,
+  /// o + i*stride+seq), stride = (len-seq) / n (integer division). Draw k of K shifts every
+  /// window by o = k * (stride / K) (integer division); draw 0 is the plain rule.
   Strided,
   /// n starts drawn independently and uniformly in [0, len-seq] (with replacement):
-  /// start_i = CounterRng(seed, fnv1a64("calibration_windows.random")).below(i, len-seq+1).
+  /// start_i = CounterRng(seed, fnv1a64("calibration_windows.random")).below(i, len-seq+1) for
+  /// draw 0; draw k > 0 keys the stream on k as well (an independent set of starts).
   Random,
+};
+
+/// Which of K calibration draws (sets of windows) to take: index in [0, count). Several draws
+/// of one setting measure how much a result owes to the particular calibration windows (and to
+/// the rounding path they start), so results can be compared as distributions.
+struct CalibDraw {
+  int index = 0;
+  int count = 1;
 };
 const char* calib_rule_name(CalibRule rule);  ///< "strided" / "random"
 
 /// The n starting offsets of the calibration windows (see CalibRule). Throws ShapeError when
 /// n < 1, seq < 1, n_ids < seq (text shorter than one window), or, for Strided with n > 1,
-/// when stride is 0 (every window would be the same tokens).
+/// when stride is 0 (every window would be the same tokens); when the draw is outside
+/// [0, count) or count < 1; and, for Strided with count > 1, when stride / count is 0 (the
+/// draws would not differ).
 std::vector<int64_t> calibration_offsets(int64_t n_ids, int n, int seq, CalibRule rule,
-                                         uint64_t seed);
+                                         uint64_t seed, CalibDraw draw = {});
 /// n windows of exactly seq ids: ids[start, start+seq) for each calibration offset. A pure
-/// function of (ids, n, seq, rule, seed).
+/// function of (ids, n, seq, rule, seed, draw).
 std::vector<std::vector<int32_t>> calibration_windows(const std::vector<int32_t>& ids, int n,
-                                                      int seq, CalibRule rule, uint64_t seed);
+                                                      int seq, CalibRule rule, uint64_t seed,
+                                                      CalibDraw draw = {});
 
 // ---- built-in token slices ------------------------------------------------------------------
 

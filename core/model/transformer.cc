@@ -1,12 +1,12 @@
 #include "core/model/transformer.h"
 
-#include <cblas.h>
 #include <omp.h>
 
 #include <algorithm>
 #include <cmath>
 #include <string>
 
+#include "core/detmath.h"
 #include "core/error.h"
 #include "core/linalg.h"
 #include "core/parallel.h"
@@ -17,16 +17,10 @@ namespace {
 
 std::string shape_str(Index r, Index c) { return std::to_string(r) + "x" + std::to_string(c); }
 
-/// Threads for a region that runs BLAS calls: all, or one when the caller asked for a
-/// serial pass (a window inside forward_batch's parallel loop, or a short window).
+/// Threads for a region that runs tile calls: all, or one when the caller asked for a
+/// serial pass (a window inside forward_batch's parallel loop, or a short window). Every tile
+/// call is single-threaded whatever the team (core/linalg.h).
 int team_size(bool parallel) { return parallel ? omp_get_max_threads() : 1; }
-
-/// Called first in every region that runs BLAS calls. OpenBLAS's OpenMP build runs a call
-/// single-threaded inside an active region and otherwise with omp_get_max_threads() threads,
-/// which would make a one-thread region's results depend on the caller's thread count. Setting
-/// this task's nthreads ICV to 1 (it ends with the region) makes every call single-threaded, so
-/// each product tile is computed identically whatever the thread count.
-void blas_single_threaded() { omp_set_num_threads(1); }
 
 /// Y = X Wᵀ (+ b) for one linear; several jobs share one parallel region so that independent
 /// products (q/k/v, gate/up) keep both cores busy even when each is small.
@@ -37,8 +31,8 @@ struct LinearJob {
   Matrix* Y;
 };
 
-/// One kPanelRows x kTileCols tile of a job's output: one single-threaded sgemm. A bias is
-/// written into the tile first and accumulated with beta = 1, as torch's addmm does.
+/// One kPanelRows x kTileCols tile of a job's output: one tile gemm. A bias is written into the
+/// tile first and accumulated with beta = 1, as torch's addmm does.
 void gemm_tile(const LinearJob& job, Index r0, Index c0) {
   const Index k = job.X->cols(), n = job.W->rows();
   const Index rows = std::min(kPanelRows, job.X->rows() - r0);
@@ -50,14 +44,12 @@ void gemm_tile(const LinearJob& job, Index r0, Index c0) {
       std::copy(job.b->data() + c0, job.b->data() + c0 + cols, C + r * n);
     beta = 1.0f;
   }
-  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<blasint>(rows),
-              static_cast<blasint>(cols), static_cast<blasint>(k), 1.0f, job.X->data() + r0 * k,
-              static_cast<blasint>(k), job.W->data() + c0 * k, static_cast<blasint>(k), beta, C,
-              static_cast<blasint>(n));
+  gemm(Trans::No, Trans::Yes, rows, cols, k, 1.0f, job.X->data() + r0 * k, k,
+       job.W->data() + c0 * k, k, beta, C, n);
 }
 
 /// Every product of the forward pass goes through here. Tile boundaries depend only on the
-/// shapes and each tile is one single-threaded BLAS call (blas_single_threaded), so the bits do not
+/// shapes and each tile is one single-threaded tile call (core/linalg.h), so the bits do not
 /// depend on the thread count or on `parallel`, which only decides whether tiles are spread
 /// over the threads. With `swiglu`, jobs are {gate, up}: a task computes the same tile of both
 /// and leaves silu(gate) ⊙ up in gate (silu(x) = x / (1 + exp(-x))), so the MLP's
@@ -78,7 +70,7 @@ void run_linears(const LinearJob* jobs, int n_jobs, bool parallel, bool swiglu =
   const Index n_tiles = static_cast<Index>(tiles.size());
 #pragma omp parallel num_threads(team_size(parallel))
   {
-    blas_single_threaded();
+    std::vector<float> e;  // exp(-gate) of one row segment
 #pragma omp for schedule(dynamic, 1)
     for (Index t = 0; t < n_tiles; ++t) {
       const Tile& tile = tiles[t];
@@ -89,12 +81,14 @@ void run_linears(const LinearJob* jobs, int n_jobs, bool parallel, bool swiglu =
       const Matrix& U = *jobs[1].Y;
       const Index rows = std::min(kPanelRows, G.rows() - tile.r0);
       const Index cols = std::min(kTileCols, G.cols() - tile.c0);
-      // Eigen's vectorised exp; how a row segment splits into packets depends only on the shapes
-      // (Eigen allocates G and U aligned).
+      // silu(g) u = g / (1 + e^-g) · u with core/detmath's exp (same bits on every CPU).
+      e.resize(static_cast<size_t>(cols));
       for (Index r = tile.r0; r < tile.r0 + rows; ++r) {
-        Eigen::Map<Eigen::ArrayXf> g(G.data() + r * G.cols() + tile.c0, cols);
-        Eigen::Map<const Eigen::ArrayXf> u(U.data() + r * U.cols() + tile.c0, cols);
-        g = g / (1.0f + (-g).exp()) * u;
+        float* g = G.data() + r * G.cols() + tile.c0;
+        const float* u = U.data() + r * U.cols() + tile.c0;
+        for (Index j = 0; j < cols; ++j) e[j] = -g[j];
+        detmath::exp_inplace(e.data(), cols);
+        for (Index j = 0; j < cols; ++j) g[j] = g[j] / (1.0f + e[j]) * u[j];
       }
     }
   }
@@ -128,15 +122,16 @@ void rope_tables(int64_t pos0, Index T, int head_dim, double theta, Matrix& cos_
   std::vector<float> inv_freq(half);
   const float base = static_cast<float>(theta);
   for (Index i = 0; i < half; ++i)
-    inv_freq[i] = 1.0f / std::pow(base, static_cast<float>(2 * i) / static_cast<float>(head_dim));
+    inv_freq[i] = 1.0f / static_cast<float>(detmath::pow(
+                             base, static_cast<float>(2 * i) / static_cast<float>(head_dim)));
   cos_t.resize(T, half);
   sin_t.resize(T, half);
   for (Index t = 0; t < T; ++t) {
     const float pos = static_cast<float>(pos0 + t);
     for (Index i = 0; i < half; ++i) {
       const float angle = pos * inv_freq[i];
-      cos_t(t, i) = static_cast<float>(std::cos(static_cast<double>(angle)));
-      sin_t(t, i) = static_cast<float>(std::sin(static_cast<double>(angle)));
+      cos_t(t, i) = static_cast<float>(detmath::cos(static_cast<double>(angle)));
+      sin_t(t, i) = static_cast<float>(detmath::sin(static_cast<double>(angle)));
     }
   }
 }
@@ -174,8 +169,7 @@ void attention(const Matrix& Q, const float* K, const float* V, Index ld_kv, int
   ParallelErrors errs;  // only std::bad_alloc can occur here
 #pragma omp parallel num_threads(team_size(parallel))
   {
-    blas_single_threaded();
-    // Rows of S start on 64-byte boundaries so Eigen's vectorised exp/sum split every row into
+    // Rows of S start on 64-byte boundaries so Eigen's vectorised max/sum split every row into
     // packets the same way whatever the allocation: the bits depend on the shapes only.
     std::vector<float, Eigen::aligned_allocator<float>> S;
 #pragma omp for schedule(dynamic, 1)
@@ -188,24 +182,21 @@ void attention(const Matrix& Q, const float* K, const float* V, Index ld_kv, int
         const Index n = past + i0 + rows;  // keys visible to the chunk's last query
         const Index ld = (n + 15) / 16 * 16;
         S.resize(static_cast<size_t>(rows * ld));
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<blasint>(rows),
-                    static_cast<blasint>(n), head_dim, scale,
-                    Q.data() + i0 * qd + static_cast<Index>(hh) * head_dim,
-                    static_cast<blasint>(qd), K + static_cast<Index>(g) * head_dim,
-                    static_cast<blasint>(ld_kv), 0.0f, S.data(), static_cast<blasint>(ld));
+        gemm(Trans::No, Trans::Yes, rows, n, head_dim, scale,
+             Q.data() + i0 * qd + static_cast<Index>(hh) * head_dim, qd,
+             K + static_cast<Index>(g) * head_dim, ld_kv, 0.0f, S.data(), ld);
         for (Index r = 0; r < rows; ++r) {
           float* s = S.data() + r * ld;
           const Index valid = past + i0 + r + 1;  // causal: keys at positions <= the query's
           Eigen::Map<Eigen::ArrayXf, Eigen::Aligned16> p(s, valid);
-          p = (p - p.maxCoeff()).exp();
+          p -= p.maxCoeff();
+          detmath::exp_inplace(s, valid);
           p *= 1.0f / p.sum();
           std::fill(s + valid, s + n, 0.0f);
         }
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<blasint>(rows), head_dim,
-                    static_cast<blasint>(n), 1.0f, S.data(), static_cast<blasint>(ld),
-                    V + static_cast<Index>(g) * head_dim, static_cast<blasint>(ld_kv), 0.0f,
-                    out.data() + i0 * qd + static_cast<Index>(hh) * head_dim,
-                    static_cast<blasint>(qd));
+        gemm(Trans::No, Trans::No, rows, head_dim, n, 1.0f, S.data(), ld,
+             V + static_cast<Index>(g) * head_dim, ld_kv, 0.0f,
+             out.data() + i0 * qd + static_cast<Index>(hh) * head_dim, qd);
       });
   }
   errs.rethrow();

@@ -174,6 +174,35 @@ TEST(CalibrationWindows, StridedFollowsReferenceRule) {
   EXPECT_EQ(calibration_windows(iota_ids(100), 1, 100, CalibRule::Strided, 0).size(), 1u);
 }
 
+TEST(CalibrationWindows, StridedDrawsShiftEveryWindowByTheirOffset) {
+  const auto ids = iota_ids(1000);
+  const int64_t stride = (1000 - 100) / 8, step = stride / 5;  // 112, 22
+  for (int k = 0; k < 5; ++k) {
+    const auto w = calibration_windows(ids, 8, 100, CalibRule::Strided, 0, CalibDraw{k, 5});
+    ASSERT_EQ(w.size(), 8u);
+    for (size_t i = 0; i < w.size(); ++i) {
+      EXPECT_EQ(w[i].front(), static_cast<int32_t>(k * step + static_cast<int64_t>(i) * stride));
+      EXPECT_EQ(w[i].size(), 100u);
+    }
+  }
+  // Draw 0 of any count is the plain rule; the last window of the last draw fits the text.
+  EXPECT_EQ(calibration_windows(ids, 8, 100, CalibRule::Strided, 0, CalibDraw{0, 5}),
+            calibration_windows(ids, 8, 100, CalibRule::Strided, 0));
+  const auto last = calibration_windows(iota_ids(108), 8, 100, CalibRule::Strided, 0, CalibDraw{0, 1});
+  EXPECT_EQ(last.back().back(), 106);
+  // Random draws: draw 0 keeps the historical starts, other draws are other sets.
+  const auto r0 = calibration_windows(iota_ids(5000), 16, 50, CalibRule::Random, 7, CalibDraw{0, 3});
+  const auto r1 = calibration_windows(iota_ids(5000), 16, 50, CalibRule::Random, 7, CalibDraw{1, 3});
+  EXPECT_EQ(r0, calibration_windows(iota_ids(5000), 16, 50, CalibRule::Random, 7));
+  EXPECT_NE(r0, r1);
+  // Errors: a draw outside [0, draws), and draws that would all be the same windows.
+  const std::string bad = error_of([&] { calibration_windows(ids, 8, 100, CalibRule::Strided, 0, CalibDraw{5, 5}); });
+  EXPECT_NE(bad.find("draw 5 of 5"), std::string::npos) << bad;
+  // 108 tokens, 8 windows of 100: stride 1, so 2 draws cannot differ.
+  const std::string same = error_of([] { calibration_windows(iota_ids(108), 8, 100, CalibRule::Strided, 0, CalibDraw{1, 2}); });
+  EXPECT_NE(same.find("the draws would be the same windows"), std::string::npos) << same;
+}
+
 TEST(CalibrationWindows, RandomIsAPureFunctionOfTheSeedAndInBounds) {
   const auto ids = iota_ids(500);
   const auto a = calibration_windows(ids, 64, 50, CalibRule::Random, 7);
@@ -460,6 +489,11 @@ TEST(GoldenCalibration, StridedRuleOnTrainingText) {
   EXPECT_EQ(w[0].front(), 1);  // window 0 starts with BOS
   for (size_t i = 0; i < w.size(); i += 31)
     EXPECT_TRUE(std::equal(w[i].begin(), w[i].end(), ids.begin() + static_cast<int64_t>(i) * 6711));
+  // gptq_smoothquant.json "draws": draw k of 5 shifts every window by k * (6711 // 5) = k * 1342.
+  const auto d3 = calibration_offsets(static_cast<int64_t>(ids.size()), 128, 256, CalibRule::Strided,
+                                      0, CalibDraw{3, 5});
+  EXPECT_EQ(d3[0], 3 * 1342);
+  EXPECT_EQ(d3[127], 3 * 1342 + 127 * 6711);
 }
 
 TEST(GoldenBuckets, TrainingCorpusBuckets) {
