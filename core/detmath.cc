@@ -205,7 +205,8 @@ double log10(double x) { return log(x) / kLn10; }
 namespace {
 
 // One definition of the float exp's arithmetic, for a scalar (V = float, I = int32_t) or a
-// GCC vector of floats (V = v8f, I = v8i): the same IEEE operations per lane either way.
+// GCC vector of floats (V = v4f, I = v4i: one SSE register, the baseline instruction set): the
+// same IEEE operations per lane either way.
 template <class V, class I>
 inline V expf_lanes(V x) {
   const V zero{};
@@ -236,8 +237,8 @@ inline V expf_lanes(V x) {
   return nan ? x : y;
 }
 
-typedef float v8f __attribute__((vector_size(32)));
-typedef int32_t v8i __attribute__((vector_size(32)));
+typedef float v4f __attribute__((vector_size(16)));
+typedef int32_t v4i __attribute__((vector_size(16)));
 
 }  // namespace
 
@@ -245,10 +246,10 @@ float expf(float x) { return expf_lanes<float, int32_t>(x); }
 
 void exp_inplace(float* x, std::ptrdiff_t n) {
   std::ptrdiff_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    v8f v;
+  for (; i + 4 <= n; i += 4) {
+    v4f v;
     std::memcpy(&v, x + i, sizeof v);
-    v = expf_lanes<v8f, v8i>(v);
+    v = expf_lanes<v4f, v4i>(v);
     std::memcpy(x + i, &v, sizeof v);
   }
   for (; i < n; ++i) x[i] = expf(x[i]);

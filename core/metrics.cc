@@ -142,4 +142,21 @@ double max_abs_error(const Matrix& a, const Matrix& b) {
   return m;
 }
 
+MeanSd mean_sd(const std::vector<double>& values) {
+  MeanSd r;
+  r.n = static_cast<int>(values.size());
+  if (r.n == 0) {
+    r.mean = r.sd = r.se = std::numeric_limits<double>::quiet_NaN();
+    return r;
+  }
+  double s = 0.0;
+  for (double v : values) s += v;
+  r.mean = s / r.n;
+  double ss = 0.0;
+  for (double v : values) ss += (v - r.mean) * (v - r.mean);
+  r.sd = r.n > 1 ? std::sqrt(ss / (r.n - 1)) : 0.0;
+  r.se = r.sd / std::sqrt(static_cast<double>(r.n));
+  return r;
+}
+
 }  // namespace ql

@@ -1,6 +1,8 @@
 // Error metrics between a reference weight/output and its quantized version. All reductions
 // are in double and in a fixed order, so results do not depend on the thread count.
 #pragma once
+#include <vector>
+
 #include "core/tensor.h"
 
 namespace ql {
@@ -18,5 +20,13 @@ double sqnr_db(const Matrix& ref, const Matrix& q);
 double cosine_similarity(const Matrix& a, const Matrix& b);
 /// max |a - b|.
 double max_abs_error(const Matrix& a, const Matrix& b);
+
+/// Mean, sample standard deviation (n - 1 in the denominator; 0 for n = 1; NaN for n = 0) and
+/// standard error sd/√n of repeated measurements, e.g. one metric over calibration draws.
+struct MeanSd {
+  double mean = 0, sd = 0, se = 0;
+  int n = 0;
+};
+MeanSd mean_sd(const std::vector<double>& values);
 
 }  // namespace ql

@@ -107,6 +107,7 @@ __attribute__((always_inline)) inline void gemm_impl(bool ta, bool tb, Index m, 
 // accumulators fill most of the vector registers (16 xmm, 16 ymm, 32 zmm).
 void sgemm_baseline(QL_GEMM_ARGS(float)) { gemm_impl<float, 4, 4, 2>(QL_GEMM_PASS); }
 void dgemm_baseline(QL_GEMM_ARGS(double)) { gemm_impl<double, 4, 2, 2>(QL_GEMM_PASS); }
+#if defined(__x86_64__)
 __attribute__((target("avx2"))) void sgemm_avx2(QL_GEMM_ARGS(float)) {
   gemm_impl<float, 6, 8, 2>(QL_GEMM_PASS);
 }
@@ -119,12 +120,22 @@ __attribute__((target("avx512f"))) void sgemm_avx512(QL_GEMM_ARGS(float)) {
 __attribute__((target("avx512f"))) void dgemm_avx512(QL_GEMM_ARGS(double)) {
   gemm_impl<double, 8, 8, 1>(QL_GEMM_PASS);
 }
+#else  // other architectures: the baseline variant only
+void sgemm_avx2(QL_GEMM_ARGS(float)) { throw Error("portable kernels: avx2 is x86-64 only"); }
+void dgemm_avx2(QL_GEMM_ARGS(double)) { throw Error("portable kernels: avx2 is x86-64 only"); }
+void sgemm_avx512(QL_GEMM_ARGS(float)) { throw Error("portable kernels: avx512 is x86-64 only"); }
+void dgemm_avx512(QL_GEMM_ARGS(double)) { throw Error("portable kernels: avx512 is x86-64 only"); }
+#endif
 
 bool cpu_has(Isa isa) {
   switch (isa) {
     case Isa::Baseline: return true;
+#if defined(__x86_64__)
     case Isa::Avx2: return __builtin_cpu_supports("avx2");
     case Isa::Avx512: return __builtin_cpu_supports("avx512f");
+#else
+    default: return false;
+#endif
   }
   return false;
 }

@@ -274,18 +274,21 @@ const OptionSchema<OutputConfig>& output_schema() {
     OptionSchema<OutputConfig> o;
     o.add("path", &OutputConfig::path, "HDF5 results file (default results/<config>.h5)");
     o.add_custom(
-        "table", "map", "table printed after the run: {rows, cols, metrics, format}",
+        "table", "map",
+        "table printed after the run: {rows, cols, metrics, format, over} (over: a params key such "
+        "as calib.draw whose runs are aggregated as mean ± sd (n))",
         [](OutputConfig& c, const ConfigNode& n, const std::string& p) {
           if (!n.is_map())
             throw ConfigError(n.loc(), p, "expected a map {rows, cols, metrics, format}, found '" +
                                               n.to_flow() + "'");
-          const std::vector<std::string> keys = {"rows", "cols", "metrics", "format"};
+          const std::vector<std::string> keys = {"rows", "cols", "metrics", "format", "over"};
           for (auto& [k, v] : n.entries()) {
             std::string kp = join_path(p, k);
             if (k == "rows") c.table_rows = read_string(v, kp);
             else if (k == "cols") c.table_cols = read_string(v, kp);
             else if (k == "metrics") c.table_metrics = read_string_list(v, kp);
             else if (k == "format") c.table_format = read_choice(v, kp, {"md", "latex", "csv"});
+            else if (k == "over") c.table_over = read_string(v, kp);
             else throw_unknown_key(n, k, p, keys);
           }
           if (c.table_cols.empty() || c.table_metrics.empty())
@@ -297,6 +300,7 @@ const OptionSchema<OutputConfig>& output_schema() {
           m.set("cols", ConfigNode::scalar(c.table_cols));
           m.set("metrics", string_list_node(c.table_metrics));
           m.set("format", ConfigNode::scalar(c.table_format));
+          if (!c.table_over.empty()) m.set("over", ConfigNode::scalar(c.table_over));
           return m;
         });
     return o;

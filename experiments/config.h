@@ -107,6 +107,7 @@ struct OutputConfig {
   std::string table_cols;  ///< empty: no table printed
   std::vector<std::string> table_metrics;
   std::string table_format = "md";
+  std::string table_over;  ///< params key aggregated as mean ± sd (e.g. calib.draw); "" = none
 };
 
 struct RunConfig {

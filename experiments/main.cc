@@ -26,7 +26,7 @@ const char* kUsage =
     "  run CONFIG.yaml [key.path=value ...]   run every expanded run not yet stored\n"
     "  plan CONFIG.yaml [key.path=value ...]  list the expanded runs and their ids (no compute)\n"
     "  list                                   algorithms, their options and defaults\n"
-    "  table FILE.h5 --rows K --cols K --metric M [--format md|latex|csv]\n"
+    "  table FILE.h5 --rows K --cols K --metric M [--format md|latex|csv] [--over K]\n"
     "  export-csv FILE.h5 -o DIR              runs.csv, layers.csv, slices.csv, ...\n"
     "  --version                              revision and numeric environment (BLAS kernels, CPU, ...)\n"
     "run/plan options: --threads N  --output FILE.h5  --quiet  --portable (= numerics=portable)\n";
@@ -94,7 +94,7 @@ int cmd_run(const std::vector<std::string>& args, bool plan_only) {
     for (const std::string& metric : first.output.table_metrics) {
       try {
         std::string table = ql::pivot_table(path, first.output.table_rows, first.output.table_cols,
-                                            metric, first.output.table_format);
+                                            metric, first.output.table_format, first.output.table_over);
         std::cout << "\n" << metric << " (" << path << ")\n\n" << table;
       } catch (const ql::Error& e) {
         std::cerr << "quantlab: table of '" << metric << "': " << e.what() << "\n";
@@ -132,7 +132,11 @@ int cmd_list(const std::vector<std::string>& args) {
       print_docs(docs, "    ");
     }
   }
-  std::cout << "\nRun config sections (besides seed, include, quant and sweep):\n";
+  std::cout << "\nnumerics (fast|portable, default fast): fast runs every product on the system "
+               "OpenBLAS (bitwise reproducible for one machine, BLAS build and kernel choice); "
+               "portable on quantlab's own kernels and elementary functions (bitwise identical "
+               "across x86-64 machines with the same build; slower). CLI: --portable\n";
+  std::cout << "\nRun config sections (besides seed, numerics, include, quant and sweep):\n";
   for (const ql::ConfigSectionDoc& s : ql::config_section_docs()) {
     std::cout << "  " << s.key << (s.applies_to.empty() ? "" : " [" + s.applies_to + " workload]") << ": "
               << s.summary << "\n";
@@ -146,12 +150,14 @@ int cmd_table(const std::vector<std::string>& args) {
   desc.add_options()("rows", po::value<std::string>()->default_value("label"), "row key")(
       "cols", po::value<std::string>()->required(), "column key")(
       "metric", po::value<std::string>()->required(), "metric name")(
-      "format", po::value<std::string>()->default_value("md"), "md | latex | csv");
+      "format", po::value<std::string>()->default_value("md"), "md | latex | csv")(
+      "over", po::value<std::string>()->default_value(""),
+      "params key to aggregate over as mean ± sd (n), e.g. calib.draw");
   Parsed p = parse(args, desc);
   if (p.positional.size() != 1) throw ql::Error("expected one results file: quantlab table FILE.h5 ...");
   std::cout << ql::pivot_table(p.positional[0], p.vm["rows"].as<std::string>(),
                                p.vm["cols"].as<std::string>(), p.vm["metric"].as<std::string>(),
-                               p.vm["format"].as<std::string>());
+                               p.vm["format"].as<std::string>(), p.vm["over"].as<std::string>());
   return 0;
 }
 

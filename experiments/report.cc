@@ -11,6 +11,7 @@
 #include <sstream>
 
 #include "core/error.h"
+#include "core/metrics.h"
 #include "experiments/result_store.h"
 
 namespace ql {
@@ -344,7 +345,17 @@ std::vector<std::string> separating_keys(const RunRecord& a, const RunRecord& b,
   return out;
 }
 
+/// "mean ± sd (n)" of repeated measurements; "-" without any.
+std::string aggregate_cell(const std::vector<double>& values) {
+  if (values.empty()) return "-";
+  const MeanSd m = mean_sd(values);
+  return four_digits(m.mean) + " ± " + four_digits(m.sd) + " (" + std::to_string(m.n) + ")";
+}
+
 std::string latex_escape(const std::string& s) {
+  const std::string pm = "±";
+  if (size_t at = s.find(pm); at != std::string::npos)
+    return latex_escape(s.substr(0, at)) + "$\\pm$" + latex_escape(s.substr(at + pm.size()));
   std::string out;
   for (char c : s) {
     switch (c) {
@@ -416,7 +427,7 @@ void export_csv(const std::string& h5_path, const std::string& out_dir) {
 
 std::string pivot_table(const std::vector<RunRecord>& runs, const std::string& rows_key,
                         const std::string& cols_key, const std::string& metric,
-                        const std::string& format) {
+                        const std::string& format, const std::string& over) {
   if (format != "md" && format != "latex" && format != "csv")
     throw Error("unknown table format '" + format + "': expected md, latex or csv");
   if (runs.empty()) throw Error("no runs to tabulate");
@@ -427,10 +438,21 @@ std::string pivot_table(const std::vector<RunRecord>& runs, const std::string& r
   if (!known) unknown_metric(runs, metric);
   const KeyResolver rows(rows_key, runs), cols(cols_key, runs);
 
+  if (!over.empty()) {
+    bool found = false;
+    for (const auto& r : runs) found = found || find_param(r, over) != nullptr;
+    if (!found) throw Error("no run has the params key '" + over + "' given to aggregate over");
+  }
   struct Cell {
     const RunRecord* ok = nullptr;
+    std::vector<const RunRecord*> all_ok;  // with `over`: every ok run, distinct `over` values
+    std::vector<double> values;            // their values of the metric
     std::optional<double> value;
     std::string failed;  // status of a non-ok run in the cell
+  };
+  auto over_value = [&](const RunRecord& r) {
+    const std::string* v = find_param(r, over);
+    return v ? *v : std::string("-");
   };
   OrderedSet row_names, col_names;
   std::map<std::pair<size_t, size_t>, Cell> cells;
@@ -442,12 +464,20 @@ std::string pivot_table(const std::vector<RunRecord>& runs, const std::string& r
       if (c.failed.empty()) c.failed = r.status.empty() ? "failed" : r.status;
       continue;
     }
-    if (c.ok) {
+    const RunRecord* clash = nullptr;
+    if (over.empty()) {
+      clash = c.ok;
+    } else {
+      for (const RunRecord* o : c.all_ok)
+        if (over_value(*o) == over_value(r)) clash = o;
+    }
+    if (clash) {
       std::set<std::string> used(rows.parts.begin(), rows.parts.end());
       used.insert(cols.parts.begin(), cols.parts.end());
-      auto sep = separating_keys(*c.ok, r, used);
+      if (!over.empty()) used.insert(over);
+      auto sep = separating_keys(*clash, r, used);
       if (sep.size() > 3) sep.resize(3);
-      throw Error("runs '" + c.ok->label + "' and '" + r.label + "' fall in the same cell (row '" +
+      throw Error("runs '" + clash->label + "' and '" + r.label + "' fall in the same cell (row '" +
                   row_names.items()[i] + "', column '" + col_names.items()[j] +
                   "'); add a key to the rows or columns that separates them" +
                   (sep.empty() ? std::string(", e.g. label or run_id")
@@ -455,6 +485,8 @@ std::string pivot_table(const std::vector<RunRecord>& runs, const std::string& r
     }
     c.ok = &r;
     c.value = lookup(r, spec);
+    c.all_ok.push_back(&r);
+    if (c.value) c.values.push_back(*c.value);
   }
 
   std::vector<std::vector<std::string>> grid;
@@ -465,6 +497,7 @@ std::string pivot_table(const std::vector<RunRecord>& runs, const std::string& r
     for (size_t j = 0; j < col_names.items().size(); ++j) {
       auto it = cells.find({i, j});
       if (it == cells.end()) line.push_back("-");
+      else if (it->second.ok && !over.empty()) line.push_back(aggregate_cell(it->second.values));
       else if (it->second.ok) line.push_back(it->second.value ? four_digits(*it->second.value) : "-");
       else line.push_back(it->second.failed);
     }
@@ -475,10 +508,10 @@ std::string pivot_table(const std::vector<RunRecord>& runs, const std::string& r
 
 std::string pivot_table(const std::string& h5_path, const std::string& rows_key,
                         const std::string& cols_key, const std::string& metric,
-                        const std::string& format) {
+                        const std::string& format, const std::string& over) {
   ResultStore store(h5_path);
   if (!store.exists()) throw IoError(h5_path + ": no such file");
-  return pivot_table(store.read_all(), rows_key, cols_key, metric, format);
+  return pivot_table(store.read_all(), rows_key, cols_key, metric, format, over);
 }
 
 }  // namespace ql

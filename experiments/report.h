@@ -40,16 +40,23 @@ void export_csv(const std::vector<RunRecord>& runs, const std::string& out_dir);
 ///
 /// Cells: the value as %.4g; "-" when no run falls in the cell or the run lacks the metric;
 /// a failed run's status ("failed") when only failed runs fall in it.
-/// Throws ql::Error for: two ok runs in one cell (naming both labels and suggesting a params key
-/// that separates them), an unknown metric (listing the metrics available), an unknown key,
-/// a malformed metric, an unknown format, or no runs.
+///
+/// `over` (a params key such as "calib.draw" or "seed"; empty = none): runs of one cell that
+/// differ in this key are repeated measurements of one setting, shown as
+/// "mean ± sd (n)" (sample sd; core/metrics.h mean_sd) over the ok runs that have the metric.
+/// Results that depend on the calibration draw or the rounding path are compared this way.
+///
+/// Throws ql::Error for: two ok runs in one cell (with `over`: two with the same `over` value),
+/// naming both labels and suggesting a params key that separates them; an unknown metric
+/// (listing the metrics available), an unknown key, a malformed metric, an unknown format, or
+/// no runs.
 std::string pivot_table(const std::vector<RunRecord>& runs, const std::string& rows_key,
                         const std::string& cols_key, const std::string& metric,
-                        const std::string& format);
+                        const std::string& format, const std::string& over = "");
 /// The same over every run stored in the results file `h5_path` (IoError if it is missing or not
 /// a results file).
 std::string pivot_table(const std::string& h5_path, const std::string& rows_key,
                         const std::string& cols_key, const std::string& metric,
-                        const std::string& format);
+                        const std::string& format, const std::string& over = "");
 
 }  // namespace ql

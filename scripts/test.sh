@@ -1,9 +1,37 @@
 #!/usr/bin/env bash
 # The whole test suite: installs/builds through setup.sh, then runs every test with CTest
-# (GoogleTest suites and the h5py reader test). Tests that need ../shared skip with a reason
-# when it is absent.
+# (GoogleTest suites and the h5py reader test) twice, under two OpenBLAS kernel sets:
+#   pass 1: the kernels OpenBLAS picks for this CPU (or OPENBLAS_CORETYPE as the environment sets it);
+#   pass 2: OPENBLAS_CORETYPE set to another kernel set this CPU can run (Haswell, else Sandybridge,
+#           else Prescott), so a test that passes only on one kernel set's rounding fails here.
+# The PortableNumerics tests run once: they set the kernels of their own subprocesses.
+# Tests that need ../shared skip with a reason when it is absent.
+# QL_KERNEL_PASSES=1 runs pass 1 only (a quick local check; CI runs both).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 cd build
+
+# A kernel set other than $1 that this CPU can run.
+second_kernels() {
+  local flags
+  flags=" $(grep -m1 '^flags' /proc/cpuinfo 2>/dev/null | cut -d: -f2) "
+  if [ "$1" != Haswell ] && [[ $flags == *" avx2 "* && $flags == *" fma "* ]]; then echo Haswell
+  elif [ "$1" != Sandybridge ] && [[ $flags == *" avx "* ]]; then echo Sandybridge
+  else echo Prescott
+  fi
+}
+
+first=$(./quantlab --version | sed -n 's/^blas_kernels: //p')
+echo "== test pass 1 of ${QL_KERNEL_PASSES:-2}: OpenBLAS kernels $first =="
 ctest --output-on-failure -j"$(nproc)" --timeout 900
+[ "${QL_KERNEL_PASSES:-2}" = 1 ] && exit 0
+
+second=$(second_kernels "$first")
+got=$(OPENBLAS_CORETYPE=$second ./quantlab --version | sed -n 's/^blas_kernels: //p')
+if [ "$got" = "$first" ]; then
+  echo "test.sh: OPENBLAS_CORETYPE=$second still runs the $first kernels; cannot make a second pass" >&2
+  exit 1
+fi
+echo "== test pass 2 of 2: OpenBLAS kernels $got (OPENBLAS_CORETYPE=$second) =="
+OPENBLAS_CORETYPE=$second ctest --output-on-failure -j"$(nproc)" --timeout 900 -E '^PortableNumerics\.'

@@ -375,6 +375,40 @@ TEST_F(ReportTest, TwoOkRunsInOneCellIsAnError) {
   }
 }
 
+// Runs that differ only in a repeated-measurement key (calibration draws) are aggregated as
+// mean ± sample sd (n) with `over`; two runs with the same draw in one cell stay an error.
+TEST_F(ReportTest, OverAggregatesRepeatedRunsAsMeanSdAndN) {
+  std::vector<RunRecord> runs;
+  const double ppl[3] = {10.0, 12.0, 14.0};  // mean 12, sd 2
+  for (int k = 0; k < 3; ++k) {
+    RunRecord r = make_run("g" + std::to_string(k), "gptq", "channel", 3, 0.1, ppl[k], 0.1, 0.1);
+    r.label += " draw=" + std::to_string(k);
+    r.params.push_back({"calib.draw", std::to_string(k)});
+    runs.push_back(r);
+  }
+  RunRecord rtn = make_run("r0", "rtn", "channel", 3, 0.2, 20.0, 0.2, 0.2);
+  rtn.params.push_back({"calib.draw", "0"});
+  runs.push_back(rtn);
+  const auto t = parse_csv(pivot_table(runs, "quant.0.algorithm", "quant.0.bits", "ppl", "csv", "calib.draw"));
+  ASSERT_EQ(t.size(), 3u);
+  EXPECT_EQ(t[1], (std::vector<std::string>{"gptq", "12 ± 2 (3)"}));
+  EXPECT_EQ(t[2], (std::vector<std::string>{"rtn", "20 ± 0 (1)"}));
+  const std::string latex = pivot_table(runs, "quant.0.algorithm", "quant.0.bits", "ppl", "latex", "calib.draw");
+  EXPECT_NE(latex.find("12 $\\pm$ 2 (3)"), std::string::npos) << latex;
+  // Without `over` the draws collide, and the error names the key that separates them.
+  try {
+    pivot_table(runs, "quant.0.algorithm", "quant.0.bits", "ppl", "md");
+    FAIL() << "expected Error";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("calib.draw"), std::string::npos) << e.what();
+  }
+  // The same draw twice in one cell is still two runs in one cell.
+  runs.push_back(runs.front());
+  runs.back().run_id = "g0bis";
+  EXPECT_THROW(pivot_table(runs, "quant.0.algorithm", "quant.0.bits", "ppl", "md", "calib.draw"), Error);
+  EXPECT_THROW(pivot_table(runs, "quant.0.algorithm", "quant.0.bits", "ppl", "md", "calib.drw"), Error);
+}
+
 TEST_F(ReportTest, UnknownMetricListsTheAvailableOnes) {
   try {
     pivot_table(handcrafted_runs(), "label", "", "perplexity", "md");

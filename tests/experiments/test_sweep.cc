@@ -383,6 +383,51 @@ TEST(RunId, KnownValues) {
   EXPECT_EQ(run_id_of("x").size(), 16u);
 }
 
+// `numerics` is part of the resolved config (so of the run id: fast and portable results are
+// different results), and of the workload key (generated inputs are products too).
+TEST(RunConfigNumerics, ParsedIntoTheCanonicalConfigAndTheRunId) {
+  const std::string base = "quant: [{algorithm: rtn, bits: 4}]\n";
+  auto parse = [](const std::string& y) {
+    return parse_run_config(ConfigNode::parse(y, "n.yaml"), "n", "n.yaml", default_registry());
+  };
+  const RunConfig fast = parse(base), portable = parse("numerics: portable\n" + base);
+  EXPECT_EQ(fast.numerics, Numerics::Fast);
+  EXPECT_EQ(portable.numerics, Numerics::Portable);
+  EXPECT_NE(fast.canonical.to_yaml().find("numerics: fast"), std::string::npos);
+  EXPECT_NE(fast.run_id, portable.run_id);
+  EXPECT_NE(fast.workload_key(), portable.workload_key());
+  try {
+    parse("numerics: exact\n" + base);
+    FAIL() << "accepted numerics: exact";
+  } catch (const ConfigError& e) {
+    EXPECT_EQ(e.key_path(), "numerics");
+    EXPECT_EQ(e.loc().line, 1);
+    EXPECT_NE(std::string(e.what()).find("portable"), std::string::npos) << e.what();
+  }
+}
+
+// calib.draw must lie in [0, calib.draws); the error points at the draw key's line.
+TEST(RunConfigCalibDraws, DrawOutsideTheDrawsIsAnErrorAtItsLine) {
+  const std::string model = "workload: {kind: model, path: /nonexistent}\n"
+                            "eval: {streams: [{name: p, path: /nonexistent.txt}]}\n"
+                            "quant: [{algorithm: rtn, bits: 4}]\n";
+  auto parse = [](const std::string& y) {
+    return parse_run_config(ConfigNode::parse(y, "d.yaml"), "d", "d.yaml", default_registry());
+  };
+  const RunConfig ok = parse("calib:\n  text: /nonexistent.txt\n  draws: 5\n  draw: 4\n" + model);
+  EXPECT_EQ(ok.calib.draw, 4);
+  EXPECT_EQ(ok.calib.draws, 5);
+  EXPECT_NE(ok.run_id, parse("calib:\n  text: /nonexistent.txt\n  draws: 5\n  draw: 3\n" + model).run_id);
+  try {
+    parse("calib:\n  text: /nonexistent.txt\n  draws: 5\n  draw: 5\n" + model);
+    FAIL() << "accepted draw 5 of 5";
+  } catch (const ConfigError& e) {
+    EXPECT_EQ(e.key_path(), "calib.draw");
+    EXPECT_EQ(e.loc().line, 4);
+    EXPECT_NE(std::string(e.what()).find("[0, 5)"), std::string::npos) << e.what();
+  }
+}
+
 TEST(RunId, SameConfigSameId) {
   // Two spellings of one config: same canonical text, same id; a changed value changes it.
   ConfigNode a = ConfigNode::parse("seed: 0\nquant: [{method: rtn, bits: 4}]\n", "a.yaml");

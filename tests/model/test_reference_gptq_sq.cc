@@ -1,9 +1,11 @@
 // GPTQ and SmoothQuant against the reference implementations' perplexities in
 // ../shared/data/austen-llama-7m/golden/gptq_smoothquant.json (IST-DASLab/gptq's algorithm and
 // a reference SmoothQuant/W8A8 fake quantization, both run in PyTorch), with the settings
-// written out in that file. The model is small and robust, so degradations are compared: our
-// increase of Persuasion perplexity over FP must be within 15% of the reference's increase (or
-// 0.05, whichever is larger), and GPTQ's increase must stay below RTN's.
+// written out in that file. The model is small and robust, so degradations (increase of
+// Persuasion perplexity over FP) are compared: SmoothQuant / naive W8A8 rows one setting at a
+// time, within 15% of the reference's increase (or 0.05); GPTQ's rows, whose value moves by
+// 10-30% with the rounding path, as means over calibration draws (below), and GPTQ's mean
+// increase must stay below RTN's.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -15,6 +17,7 @@
 #include <vector>
 #include <nlohmann/json.hpp>
 
+#include "core/metrics.h"
 #include "experiments/runner.h"
 
 namespace fs = std::filesystem;
@@ -58,66 +61,84 @@ void expect_degradation_matches(const std::string& name, double ours, double ref
               reference, d_ref);
 }
 
-TEST(Reference, GptqRowsMatchTheReferenceAndBeatRtn) {
-  if (!have_data()) GTEST_SKIP() << "../shared/data not found at " << kData;
-  const nlohmann::json g = load("golden.json"), ref = load("gptq_smoothquant.json");
-  const double fp = g["stream_ppl"]["persuasion"]["ppl"].get<double>();
-  // Every GPTQ row of the file but W3 g64 with dynamic groups, which has its own test below.
-  const std::map<std::string, bool> rows = {{"gptq_w4_g-1", true},
-                                            {"gptq_w3_g-1", true},
-                                            {"gptq_w3_g-1_actorder", true},
-                                            {"gptq_w3_g64_actorder_static", true},
-                                            {"gptq_w2_g64", true}};
-  WorkloadCache cache;
-  for (const auto& r : ref["results"]) {
-    if (r["method"] != "gptq" || !rows.count(r["name"].get<std::string>())) continue;
-    const int bits = r["bits"].get<int>(), group = r["group"].get<int>();
-    std::string step = "[{algorithm: gptq, bits: " + std::to_string(bits) +
-                       ", scheme: asym, scale_dtype: fp32, percdamp: 0.01, blocksize: 128" +
-                       (r["actorder"].get<bool>() ? ", act_order: true" : "") +
-                       (r["static_groups"].get<bool>() ? ", static_groups: true" : "") +
-                       (group < 0 ? ", granularity: channel}]"
-                                  : ", granularity: group, group_size: " + std::to_string(group) + "}]");
-    const double ours = persuasion_ppl("", step, cache);
-    const std::string name = r["name"].get<std::string>();
-    expect_degradation_matches(name, ours, r["ppl_persuasion"].get<double>(), fp);
-    const std::string rtn_key = "w" + std::to_string(bits) + "_g" + std::to_string(group);
-    if (g["rtn_ppl"].contains(rtn_key)) {
-      const double rtn = g["rtn_ppl"][rtn_key]["ppl"].get<double>();
-      EXPECT_LT(ours - fp, rtn - fp) << name << ": GPTQ must degrade less than RTN (" << rtn << ")";
-    }
-  }
+/// The gptq step of a reference row (gptq_smoothquant.json "results": bits, group, act-order,
+/// static groups; the file's gptq_settings otherwise).
+std::string gptq_step(const nlohmann::json& r) {
+  const int bits = r["bits"].get<int>(), group = r["group"].get<int>();
+  return "[{algorithm: gptq, bits: " + std::to_string(bits) +
+         ", scheme: asym, scale_dtype: fp32, percdamp: 0.01, blocksize: 128" +
+         (r["actorder"].get<bool>() ? ", act_order: true" : "") +
+         (r["static_groups"].get<bool>() ? ", static_groups: true" : "") +
+         (group < 0 ? ", granularity: channel}]"
+                    : ", granularity: group, group_size: " + std::to_string(group) + "}]");
 }
 
-// W3 g64 with dynamic groups is the one row whose single-setting value is dominated by float
-// rounding: a 1% change of percdamp moves its increase by up to 0.1 (0.652 / 0.759 / 0.655 at
-// percdamp 0.0099 / 0.01 / 0.0101), as much as the 15% tolerance (0.093), and two float32
-// implementations of the identical algorithm (ours and an independent PyTorch one) differ by
-// as much. So this row compares the mean increase over percdamp 0.0099, 0.01, 0.0101: the
-// method's degradation rather than one rounding path. The reference's value is itself one such
-// draw.
-TEST(Reference, GptqW3Group64MeanOverDampingJitterMatchesTheReference) {
+// GPTQ's rows are compared as distributions over calibration draws, never as one draw. Its
+// column-by-column error feedback turns last-bit differences (another BLAS kernel, another
+// damping value, another float implementation) into other rounding decisions, and on this
+// small model that moves a row's increase by 10-30%: on one AVX-512 machine W3 per channel is
+// +1.22 under OpenBLAS's default kernels and +1.01 under its Haswell kernels; the reference's
+// own draw 0 is +1.14 there and +1.05 on a Haswell machine. One draw at 15% passes or fails by
+// which machine runs it.
+//
+// So each row runs over the reference's calibration draws (draw k of 5: the strided windows
+// shifted by k * (stride // 5); calib.draw / calib.draws) and compares the mean increase with
+// the reference's mean over the same draws (the file's "draws" block):
+//   |mean_ours - mean_ref| <= kRelTol · |mean_ref| + kZ · sqrt(se_ours² + se_ref²),
+// se = sd / sqrt(draws). kRelTol allows a systematic implementation difference (our Hessian
+// accumulation and summation order are not the reference's); the second term is the sampling
+// noise of both means. CI runs the first kCiDraws draws of every row, against the reference's
+// mean over the same draws; QL_REFERENCE_ALL=1 runs all five.
+constexpr double kRelTol = 0.10;
+constexpr double kZ = 3.0;
+constexpr int kCiDraws = 3;
+
+TEST(Reference, GptqRowsOverCalibrationDrawsMatchTheReferenceAndBeatRtn) {
   if (!have_data()) GTEST_SKIP() << "../shared/data not found at " << kData;
   const nlohmann::json g = load("golden.json"), ref = load("gptq_smoothquant.json");
+  ASSERT_TRUE(ref.contains("draws")) << "gptq_smoothquant.json has no 'draws' block";
+  const nlohmann::json& draws = ref["draws"];
+  const double fp_ref = draws["fp_ppl_persuasion"].get<double>();
   const double fp = g["stream_ppl"]["persuasion"]["ppl"].get<double>();
-  double reference = NAN;
-  for (const auto& r : ref["results"])
-    if (r["name"] == "gptq_w3_g64") reference = r["ppl_persuasion"].get<double>();
-  ASSERT_FALSE(std::isnan(reference)) << "gptq_w3_g64 missing from gptq_smoothquant.json";
+  const bool all = std::getenv("QL_REFERENCE_ALL") != nullptr;
   WorkloadCache cache;
-  double sum = 0;
-  const std::vector<std::string> damps = {"0.0099", "0.01", "0.0101"};
-  for (const std::string& pd : damps) {
-    const double ppl = persuasion_ppl("", "[{algorithm: gptq, bits: 3, scheme: asym, scale_dtype: fp32, percdamp: " + pd +
-                                              ", blocksize: 128, granularity: group, group_size: 64}]",
-                                      cache);
-    std::printf("[reference] gptq_w3_g64 percdamp %-6s ours %.4f (+%.4f)\n", pd.c_str(), ppl, ppl - fp);
-    sum += ppl;
+  int rows = 0;
+  for (const auto& r : ref["results"]) {
+    const std::string name = r["name"].get<std::string>();
+    if (r["method"] != "gptq" || !draws["rows"].contains(name)) continue;
+    ++rows;
+    const nlohmann::json& d = draws["rows"][name];
+    const int file_draws = d["n_draws"].get<int>();
+    const int K = all ? file_draws : std::min(kCiDraws, file_draws);
+    std::vector<double> ours, theirs;
+    std::string per_draw;
+    for (int k = 0; k < K; ++k) {
+      const double ppl = persuasion_ppl(", draws: " + std::to_string(file_draws) +
+                                            ", draw: " + std::to_string(k),
+                                        gptq_step(r), cache);
+      ours.push_back(ppl - fp);
+      theirs.push_back(d["ppl_persuasion_per_draw"][k].get<double>() - fp_ref);
+      char buf[32];
+      std::snprintf(buf, sizeof buf, "%s%+.4f", k ? ", " : "", ours.back());
+      per_draw += buf;
+    }
+    const MeanSd o = mean_sd(ours), t = mean_sd(theirs);
+    const double tol = kRelTol * std::fabs(t.mean) + kZ * std::sqrt(o.se * o.se + t.se * t.se);
+    EXPECT_NEAR(o.mean, t.mean, tol) << name << " over " << K << " draws: ours " << o.mean << " ± "
+                                     << o.sd << " (" << per_draw << "), reference " << t.mean
+                                     << " ± " << t.sd;
+    std::printf("[reference-draws] %-28s %d draws  ours %+.4f ± %.4f (%s)  reference %+.4f ± %.4f  "
+                "|diff| %.4f  tol %.4f\n",
+                name.c_str(), K, o.mean, o.sd, per_draw.c_str(), t.mean, t.sd,
+                std::fabs(o.mean - t.mean), tol);
+    const std::string rtn_key =
+        "w" + std::to_string(r["bits"].get<int>()) + "_g" + std::to_string(r["group"].get<int>());
+    if (g["rtn_ppl"].contains(rtn_key)) {
+      const double rtn = g["rtn_ppl"][rtn_key]["ppl"].get<double>() - fp;
+      EXPECT_LT(o.mean, rtn) << name << ": GPTQ's mean increase must stay below RTN's (" << rtn << ")";
+    }
   }
-  const double mean = sum / static_cast<double>(damps.size());
-  expect_degradation_matches("gptq_w3_g64 (mean over percdamp jitter)", mean, reference, fp);
-  const double rtn = g["rtn_ppl"]["w3_g64"]["ppl"].get<double>();
-  EXPECT_LT(mean - fp, rtn - fp) << "GPTQ must degrade less than RTN (" << rtn << ")";
+  EXPECT_EQ(rows, 6) << "GPTQ rows missing from the draws block of gptq_smoothquant.json";
 }
 
 TEST(Reference, SmoothQuantAndNaiveW8A8RowsMatchTheReference) {

@@ -36,7 +36,13 @@ COLUMNS = {
                "flags_text"],
     "disparity": ["metric", "slice_key", "summary", "on", "worst_slice", "value", "ci_low",
                   "ci_high", "p_worst"],
+    "numeric_env": ["key", "value"],
 }
+# Keys of the numeric environment every run records (core/numerics.h).
+NUMERIC_ENV_KEYS = ["mode", "threads", "portable_kernels", "blas_config", "blas_kernels",
+                    "blas_library", "openblas_coretype_env", "lapack_version", "cpu_model",
+                    "cpu_features", "libc", "glibc_tunables_env", "compiler", "compile_flags",
+                    "eigen"]
 FLAG_EMPTY = 1 << 3
 
 failures = []
@@ -153,6 +159,14 @@ def body(quantlab, src, tiny, tmp):
             run_ids.append(name)
 
             tables = {t: check_table(g, t, what) for t in COLUMNS}
+            env = tables["numeric_env"]
+            if env is not None:
+                got = dict(zip(env["key"], env["value"]))
+                check(list(got) == NUMERIC_ENV_KEYS, f"{what}: numeric_env keys {list(got)}")
+                check(got.get("mode") == "fast", f"{what}: numeric_env mode {got.get('mode')}")
+                check(got.get("threads") == str(int(g.attrs["threads"])),
+                      f"{what}: numeric_env threads matches the threads attr")
+                check("OpenBLAS" in got.get("blas_config", ""), f"{what}: blas_config names OpenBLAS")
             check("units" in g, f"{what}: units group")
             if "units" in g:
                 u = g["units"]
