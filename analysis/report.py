@@ -63,6 +63,9 @@ class Run:
         self.params = {r["key"]: r["value"] for r in table_rows(group["params"])}
         self.summary = {r["metric"]: r for r in table_rows(group["summary"])}
         self.slices = table_rows(group["slices"])
+        # Older files have no numeric environment table.
+        self.numeric_env = ({r["key"]: r["value"] for r in table_rows(group["numeric_env"])}
+                            if "numeric_env" in group else {})
 
     @property
     def ok(self):
@@ -206,12 +209,32 @@ def write_markdown(path, runs, metric, plots, source):
             rows.append(cells)
         lines.append(md_table(header, rows))
 
+    lines += numeric_env_section(runs)
     if plots:
         lines += ["## Plots", ""]
         lines += [f"![{os.path.splitext(p)[0]}]({p})" for p in plots]
         lines.append("")
     with open(path, "w", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")
+
+
+def numeric_env_section(runs):
+    """What the numbers depend on beyond the config: the keys every run shares, then those that
+    differ between runs (fast-mode results are bitwise comparable only where they agree)."""
+    envs = [r.numeric_env for r in runs if r.numeric_env]
+    if not envs:
+        return ["## Numeric environment", "", "Not recorded in this file.", ""]
+    keys = first_seen(k for e in envs for k in e)
+    shared = [k for k in keys if all(e.get(k) == envs[0].get(k) for e in envs)]
+    lines = ["## Numeric environment", "",
+             md_table(["key", "value (all runs)"], [[k, envs[0].get(k, "-")] for k in shared])]
+    differing = [k for k in keys if k not in shared]
+    if differing:
+        lines += ["Differs between runs:", "",
+                  md_table(["run"] + differing,
+                           [[r.label] + [r.numeric_env.get(k, "-") for k in differing]
+                            for r in runs if r.numeric_env])]
+    return lines
 
 
 def safe_name(s):

@@ -22,7 +22,7 @@ class HessianAccumulator {
   HessianAccumulator() = default;
   explicit HessianAccumulator(Index d);
 
-  /// Add the rows of X (n x d), each with weight 1. One SYRK on BLAS.
+  /// Add the rows of X (n x d), each with weight 1. One tiled SYRK (core/linalg.h syrk_upper).
   void add(const Matrix& X);
   /// Add rows with per-token weights w (n, all >= 0): accumulates Xᵀ diag(w) X (VLMQ's XᵀGX).
   void add_weighted(const Matrix& X, const Vector& w);

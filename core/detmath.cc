@@ -1,5 +1,7 @@
 #include "core/detmath.h"
 
+#include <xmmintrin.h>
+
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -209,11 +211,14 @@ namespace {
 // same IEEE operations per lane either way.
 template <class V, class I>
 inline V expf_lanes(V x) {
-  const V zero{};
-  const auto nan = x != x;  // lanes with NaN are computed on 0 and restored at the end
-  V v = nan ? zero : x;
-  v = v < kExpLoF ? V(zero + kExpLoF) : v;
-  v = v > kExpHiF ? V(zero + kExpHiF) : v;
+  // Clamp (NaN lanes may come out as anything: they are restored at the end).
+  V v;
+  if constexpr (std::is_same_v<V, float>) {
+    v = x < kExpLoF ? kExpLoF : x;
+    v = v > kExpHiF ? kExpHiF : v;
+  } else {
+    v = V(_mm_min_ps(_mm_max_ps(__m128(x), _mm_set1_ps(kExpLoF)), _mm_set1_ps(kExpHiF)));
+  }
   const V kf = (v * kLog2eF + kRoundShiftF) - kRoundShiftF;
   const V r = (v - kf * kLn2HiF) - kf * kLn2LoF;
   // e^r, |r| <= ln2/2: Taylor series to r^7 (truncation < 6e-9 relative, below half an ulp).
@@ -225,16 +230,16 @@ inline V expf_lanes(V x) {
   p = (p * r) * r + r + 1.0f;
   I k;
   if constexpr (std::is_same_v<V, float>)
-    k = static_cast<int32_t>(kf);
+    k = static_cast<int32_t>(kf);  // |kf| <= 151: in range
   else
-    k = __builtin_convertvector(kf, I);
+    k = __builtin_convertvector(kf, I);  // cvttps2dq; a NaN lane gives INT_MIN, restored below
   const I k1 = k >> 1, k2 = k - k1;  // 2^k in two normal factors: one rounding at the end
   const I b1 = (k1 + 127) << 23, b2 = (k2 + 127) << 23;
   V s1, s2;
   std::memcpy(&s1, &b1, sizeof s1);
   std::memcpy(&s2, &b2, sizeof s2);
   const V y = p * s1 * s2;
-  return nan ? x : y;
+  return x != x ? x : y;
 }
 
 typedef float v4f __attribute__((vector_size(16)));
@@ -242,15 +247,21 @@ typedef int32_t v4i __attribute__((vector_size(16)));
 
 }  // namespace
 
-float expf(float x) { return expf_lanes<float, int32_t>(x); }
+float expf(float x) {
+  if (x != x) return x;
+  return expf_lanes<float, int32_t>(x);
+}
 
 void exp_inplace(float* x, std::ptrdiff_t n) {
   std::ptrdiff_t i = 0;
-  for (; i + 4 <= n; i += 4) {
-    v4f v;
-    std::memcpy(&v, x + i, sizeof v);
-    v = expf_lanes<v4f, v4i>(v);
-    std::memcpy(x + i, &v, sizeof v);
+  for (; i + 8 <= n; i += 8) {  // two independent vectors per step: more work in flight
+    v4f a, b;
+    std::memcpy(&a, x + i, sizeof a);
+    std::memcpy(&b, x + i + 4, sizeof b);
+    a = expf_lanes<v4f, v4i>(a);
+    b = expf_lanes<v4f, v4i>(b);
+    std::memcpy(x + i, &a, sizeof a);
+    std::memcpy(x + i + 4, &b, sizeof b);
   }
   for (; i < n; ++i) x[i] = expf(x[i]);
 }

@@ -1,7 +1,8 @@
 // Every dense product on a result path, in one place, for both numeric modes
 // (core/numerics.h): `fast` calls the system OpenBLAS/LAPACKE, `portable` calls quantlab's own
-// kernels (core/portable_blas.h). Nothing else in quantlab calls BLAS or LAPACK (Eigen is built
-// without EIGEN_USE_BLAS, and no result path uses an Eigen matrix product).
+// kernels (core/portable_blas.h). Nothing else on a result path calls BLAS or LAPACK (Eigen is
+// built without EIGEN_USE_BLAS, and no result path uses an Eigen matrix product; benchmarks call
+// cblas directly for their reference timings).
 //
 // Two levels:
 //  - Tile calls (gemm, syrk_upper_tile, trsm_*, trmm_*, potrf_lower): row-major, CBLAS-style

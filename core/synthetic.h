@@ -23,9 +23,9 @@
 // Determinism: every random element is a pure function of (seed, stream, index) through
 // CounterRng; streams are keyed by (layer name, purpose, population name), so a layer's data do
 // not depend on which other layers or populations exist. U D z is a float GEMM computed over
-// fixed 256-row chunks whose boundaries do not depend on the thread count (each chunk a
-// single-threaded BLAS call inside the OpenMP loop), so the suite is bitwise identical for any
-// thread count. generate_suite is thread-safe (no shared mutable state).
+// fixed 256-row chunks whose boundaries do not depend on the thread count (each chunk one
+// single-threaded tile call of core/linalg.h inside the OpenMP loop), so the suite is bitwise
+// identical for any thread count (and, in portable numerics, on any x86-64 machine). generate_suite is thread-safe (no shared mutable state).
 #pragma once
 #include <cstdint>
 #include <optional>

@@ -155,6 +155,7 @@ void write_runs_csv(const std::vector<RunRecord>& runs, const fs::path& dir) {
 void write_table_csvs(const std::vector<RunRecord>& runs, const fs::path& dir) {
   const auto d = round_trip;
   CsvFile params(dir / "params.csv", {"run_id", "label", "key", "value"});
+  CsvFile numeric_env(dir / "numeric_env.csv", {"run_id", "label", "key", "value"});
   CsvFile summary(dir / "summary.csv",
                   {"run_id", "label", "metric", "value", "ci_low", "ci_high", "delta_vs_fp"});
   CsvFile layers(dir / "layers.csv",
@@ -172,6 +173,7 @@ void write_table_csvs(const std::vector<RunRecord>& runs, const fs::path& dir) {
                       {"run_id", "label", "layer", "step", "algorithm", "name", "value"});
   for (const auto& r : runs) {
     for (const auto& p : r.params) params.row({r.run_id, r.label, p.key, p.value});
+    for (const auto& p : r.numeric_env) numeric_env.row({r.run_id, r.label, p.key, p.value});
     for (const auto& s : r.summary)
       summary.row({r.run_id, r.label, s.metric, d(s.value), d(s.ci_low), d(s.ci_high),
                    d(s.delta_vs_fp)});
@@ -193,6 +195,7 @@ void write_table_csvs(const std::vector<RunRecord>& runs, const fs::path& dir) {
                        d(x.value)});
   }
   params.close();
+  numeric_env.close();
   summary.close();
   layers.close();
   slices.close();

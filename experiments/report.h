@@ -13,6 +13,7 @@ namespace ql {
 ///                   "quant." or "workload." (union over runs in first-appearance order; empty
 ///                   cell where a run lacks it), then one column per summary metric (its value)
 ///   params.csv      run_id, label, key, value (every params row)
+///   numeric_env.csv run_id, label, key, value (the numeric environment of every run)
 ///   summary.csv     run_id, label, metric, value, ci_low, ci_high, delta_vs_fp
 ///   layers.csv      run_id, label, then every LayerRow field (same names)
 ///   slices.csv      run_id, label, metric, slice_key, slice_value, n (= n_units), n_tokens,

@@ -4,7 +4,11 @@
 #   pass 1: the kernels OpenBLAS picks for this CPU (or OPENBLAS_CORETYPE as the environment sets it);
 #   pass 2: OPENBLAS_CORETYPE set to another kernel set this CPU can run (Haswell, else Sandybridge,
 #           else Prescott), so a test that passes only on one kernel set's rounding fails here.
-# The PortableNumerics tests run once: they set the kernels of their own subprocesses.
+# Pass 2 leaves out the PortableNumerics tests (they set the kernels of their own subprocesses)
+# and the golden FP / RTN perplexity tests, whose results move by at most 6.5e-9 relative
+# between OpenBLAS's Cooperlake, Haswell and Sandybridge kernels (measured: Persuasion FP ppl
+# 77.06579223 .. 77.06579264, RTN W3 79.15895265 .. 79.15895313) against tolerances of 1e-4 and
+# 1e-3: a second kernel set cannot change their outcome, and they take 3.4 of the 14.7 minutes.
 # Tests that need ../shared skip with a reason when it is absent.
 # QL_KERNEL_PASSES=1 runs pass 1 only (a quick local check; CI runs both).
 set -euo pipefail
@@ -34,4 +38,5 @@ if [ "$got" = "$first" ]; then
   exit 1
 fi
 echo "== test pass 2 of 2: OpenBLAS kernels $got (OPENBLAS_CORETYPE=$second) =="
-OPENBLAS_CORETYPE=$second ctest --output-on-failure -j"$(nproc)" --timeout 900 -E '^PortableNumerics\.'
+OPENBLAS_CORETYPE=$second ctest --output-on-failure -j"$(nproc)" --timeout 900 \
+  -E '^PortableNumerics\.|^Golden\.(FpStreamPerplexities|FpSlicePerplexities|RtnPerplexitiesOnPersuasion)$'

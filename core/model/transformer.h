@@ -15,14 +15,17 @@
 //
 // Determinism: every matrix product is cut into fixed tiles (kPanelRows token rows x
 // kTileCols output columns; attention in fixed chunks of query rows per head), each tile is one
-// single-threaded BLAS call, and all reductions have a fixed order. forward() spreads the tiles
+// single-threaded tile call of core/linalg.h (OpenBLAS in `numerics: fast`, the portable kernels
+// in `portable`; exp, sin and cos from core/detmath), and all reductions have a fixed order.
+// forward() spreads the tiles
 // of one window over the OpenMP threads; forward_batch() runs whole windows on different
 // threads with the same tiles in sequence; windows shorter than 16 tokens run on the calling
 // thread alone. Hence results are bitwise identical for any thread count and between forward(),
 // forward_batch() and the embed/block/head pieces. forward_incremental() uses different
 // product shapes, so it agrees with forward() to float32 rounding (~1e-6), not bitwise.
-// (A single BLAS call over several windows at once would not do: OpenBLAS's bits depend on the
-// call's shape, so every path issues the same per-window tiles.)
+// (A single product over several windows at once would not do: OpenBLAS's bits depend on the
+// call's shape, so every path issues the same per-window tiles.) Across machines, results are
+// bitwise equal in portable mode; in fast mode they depend on the kernels OpenBLAS picked.
 //
 // Thread safety: a Transformer is immutable after construction; its const methods may be called
 // concurrently. It keeps a reference to the ModelWeights, which must outlive it and must not be

@@ -190,6 +190,7 @@ TEST_F(ReportTest, ExportCsvWritesEveryTable) {
   auto runs = handcrafted_runs();
   runs[0].summary[0].value = 0.1 + 0.2;  // needs 17 digits to round-trip
   runs[1].slices[0].ref_value = std::numeric_limits<double>::quiet_NaN();
+  runs[2].numeric_env = {{"mode", "portable"}, {"blas_kernels", "Haswell"}};
   const std::string h5 = (dir_ / "results.h5").string();
   ResultStore store(h5);
   for (const auto& r : runs) store.append(r);
@@ -278,6 +279,13 @@ TEST_F(ReportTest, ExportCsvWritesEveryTable) {
   EXPECT_EQ(num(sm[3].at("delta_vs_fp")), 13.5 - 10);
   const auto pm = read_csv(out / "params.csv");
   EXPECT_EQ(pm.size(), 4 * 5 + 6u);
+  // The numeric environment round-trips through HDF5 into numeric_env.csv.
+  const auto ne = read_csv(out / "numeric_env.csv", &header);
+  EXPECT_EQ(header, (std::vector<std::string>{"run_id", "label", "key", "value"}));
+  ASSERT_EQ(ne.size(), 2u);
+  EXPECT_EQ(ne[0].at("run_id"), runs[2].run_id);
+  EXPECT_EQ(ne[1].at("key"), "blas_kernels");
+  EXPECT_EQ(ne[1].at("value"), "Haswell");
 }
 
 TEST_F(ReportTest, ExportCsvOfMissingFileIsAnIoError) {

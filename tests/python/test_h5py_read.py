@@ -253,6 +253,8 @@ def body(quantlab, src, tiny, tmp):
             with open(md, encoding="utf-8") as fh:
                 text = fh.read()
             check("| run | status |" in text, "report.md has the runs table")
+            check("## Numeric environment" in text and "| blas_kernels |" in text,
+                  "report.md has the numeric environment")
         pngs = [x for x in os.listdir(out) if x.endswith(".png")]
         check(len(pngs) >= 1, f"at least one PNG written ({pngs})")
         for x in pngs:
