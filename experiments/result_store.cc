@@ -47,18 +47,12 @@ int to_int(int64_t v, const h5::Table& t, const char* column) {
 
 // ---- writing ----------------------------------------------------------------------------------
 
-void write_params(const h5::Group& g, const std::vector<ParamRow>& rows) {
+/// A (key, value) string table: params, numeric_env.
+void write_key_values(const h5::Group& g, const std::string& name, const std::vector<ParamRow>& rows) {
   h5::Table t;
   t.add_strings("key", column_of(rows, [](const ParamRow& r) { return r.key; }))
       .add_strings("value", column_of(rows, [](const ParamRow& r) { return r.value; }));
-  g.write_table("params", t);
-}
-
-void write_numeric_env(const h5::Group& g, const std::vector<ParamRow>& rows) {
-  h5::Table t;
-  t.add_strings("key", column_of(rows, [](const ParamRow& r) { return r.key; }))
-      .add_strings("value", column_of(rows, [](const ParamRow& r) { return r.value; }));
-  g.write_table("numeric_env", t);
+  g.write_table(name, t);
 }
 
 void write_layers(const h5::Group& g, const std::vector<LayerRow>& rows) {
@@ -197,8 +191,8 @@ void write_run(const h5::Group& g, const RunRecord& r, int64_t order) {
   g.set_double_attr("seconds_quant", r.seconds_quant);
   g.set_double_attr("seconds_eval", r.seconds_eval);
   g.set_int64_attr("order", order);
-  write_params(g, r.params);
-  write_numeric_env(g, r.numeric_env);
+  write_key_values(g, "params", r.params);
+  write_key_values(g, "numeric_env", r.numeric_env);
   write_layers(g, r.layers);
   write_diagnostics(g, r.diagnostics);
   write_summary(g, r.summary);
@@ -211,19 +205,8 @@ void write_run(const h5::Group& g, const RunRecord& r, int64_t order) {
 
 // ---- reading ----------------------------------------------------------------------------------
 
-std::vector<ParamRow> read_params(const h5::Group& g) {
-  h5::Table t = g.read_table("params");
-  const auto& key = t.strings("key");
-  const auto& value = t.strings("value");
-  std::vector<ParamRow> rows(t.n_rows());
-  for (size_t i = 0; i < rows.size(); ++i) rows[i] = {key[i], value[i]};
-  return rows;
-}
-
-/// Files written before the environment was recorded have no table: an empty list.
-std::vector<ParamRow> read_numeric_env(const h5::Group& g) {
-  if (!g.has("numeric_env")) return {};
-  h5::Table t = g.read_table("numeric_env");
+std::vector<ParamRow> read_key_values(const h5::Group& g, const std::string& name) {
+  h5::Table t = g.read_table(name);
   const auto& key = t.strings("key");
   const auto& value = t.strings("value");
   std::vector<ParamRow> rows(t.n_rows());
@@ -367,8 +350,9 @@ RunRecord read_run_group(const h5::Group& g) {
   r.seconds_calib = g.double_attr("seconds_calib");
   r.seconds_quant = g.double_attr("seconds_quant");
   r.seconds_eval = g.double_attr("seconds_eval");
-  r.params = read_params(g);
-  r.numeric_env = read_numeric_env(g);
+  r.params = read_key_values(g, "params");
+  // Files written before the environment was recorded have no table: an empty list.
+  r.numeric_env = g.has("numeric_env") ? read_key_values(g, "numeric_env") : std::vector<ParamRow>{};
   r.layers = read_layers(g);
   r.diagnostics = read_diagnostics(g);
   r.summary = read_summary(g);

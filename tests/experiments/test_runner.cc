@@ -47,6 +47,31 @@ TEST(Plan, QuickstartExpandsToFpPlusTwentyRtnRuns) {
   EXPECT_NE(other[0].run_id, runs[0].run_id);
 }
 
+// Every runnable config the repository ships (examples, paper tables, test sweeps) expands and
+// validates; presets are includable bases, not runs.
+TEST(Plan, EveryShippedConfigPlans) {
+  int planned = 0;
+  for (const char* dir : {"configs", "configs/paper", "configs/tests"}) {
+    for (const auto& e : fs::directory_iterator(fs::path(QL_SOURCE_DIR) / dir)) {
+      if (e.path().extension() != ".yaml") continue;
+      try {
+        EXPECT_FALSE(plan_runs(e.path().string(), {}, default_registry()).empty()) << e.path();
+        ++planned;
+      } catch (const std::exception& ex) {
+        ADD_FAILURE() << e.path() << ": " << ex.what();
+      }
+    }
+  }
+  EXPECT_GE(planned, 10);
+  // The reference-draws table: six GPTQ rows over five draws, aggregated over calib.draw.
+  const auto draws = plan_runs(std::string(QL_SOURCE_DIR) + "/configs/paper/gptq_reference_draws.yaml", {},
+                               default_registry());
+  ASSERT_EQ(draws.size(), 30u);
+  EXPECT_EQ(draws.back().calib.draw, 4);
+  EXPECT_EQ(draws.back().calib.draws, 5);
+  EXPECT_EQ(draws.front().output.table_over, "calib.draw");
+}
+
 TEST(Plan, MisspeltKeyFailsBeforeAnyComputeWithLocation) {
   fs::path dir = temp_dir("typo");
   fs::path cfg = dir / "typo.yaml";
