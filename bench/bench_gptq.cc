@@ -43,6 +43,8 @@
 
 using namespace ql;
 using ql::bench::best_seconds;
+using ql::bench::correlated_inputs;
+using ql::bench::layer_input;
 using ql::bench::random_matrix;
 using ql::bench::seconds_of;
 
@@ -81,10 +83,7 @@ int main(int argc, char** argv) {
               2.0 * d * d * d / t_gemm / 1e9);
 
   // ---- 2. Hessian accumulation vs sgemm XᵀX ----
-  Matrix mix = random_matrix(d, d, 4321, 3);
-  for (Index j = 0; j < d; ++j) mix.col(j) *= std::pow(1.0f + static_cast<float>(j), -0.7f);
-  Matrix X = matmul_nt(random_matrix(n, d, 4321, 4), mix);  // rows x = A z
-  for (Index c : {Index(17), d / 3, d / 2 + 5, d - 40}) X.col(c) *= 10.0f;
+  const Matrix X = correlated_inputs(n, d, 4321);
   HessianAccumulator H(d);
   const double t_h = best_seconds(reps, [&] {
     H = HessianAccumulator(d);
@@ -120,12 +119,7 @@ int main(int argc, char** argv) {
     o.act_order = c.act_order;
     o.compare_rtn = c.compare_rtn;
     const std::any opts = o;
-    LayerInput in;
-    in.name = "bench";
-    in.W = &W;
-    in.hessian = &H;
-    in.spec = spec;
-    in.options = &opts;
+    const LayerInput in = layer_input(W, H, spec, opts);
     double best = 1e30, gptq_only = 0;
     LayerResult r;
     for (int i = 0; i < reps; ++i) {

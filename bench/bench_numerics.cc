@@ -83,9 +83,7 @@ int main(int argc, char** argv) {
   // ---- 2. GPTQ on one layer ----
   {
     const Index d = quick ? 1024 : 2048;
-    Matrix mix = random_matrix(d, d, 4321, 3);
-    for (Index j = 0; j < d; ++j) mix.col(j) *= std::pow(1.0f + static_cast<float>(j), -0.7f);
-    const Matrix X = matmul_nt(random_matrix(d, d, 4321, 4), mix);
+    const Matrix X = ql::bench::correlated_inputs(d, d, 4321);
     HessianAccumulator H(d);
     H.add(X);
     const Matrix W = random_matrix(d, d, 4321, 5);
@@ -95,12 +93,7 @@ int main(int argc, char** argv) {
     spec.bits = 4;
     spec.granularity = Granularity::PerChannel;
     const std::any opts = GptqOptions{};
-    LayerInput in;
-    in.name = "bench";
-    in.W = &W;
-    in.hessian = &H;
-    in.spec = spec;
-    in.options = &opts;
+    const LayerInput in = ql::bench::layer_input(W, H, spec, opts);
     const std::string what = "GPTQ W4 per-channel, " + std::to_string(d) + "x" + std::to_string(d) + " layer";
     report(what.c_str(), both_modes(reps, [&] { la.run(in); }));
     const std::string hw = "Hessian accumulation, " + std::to_string(d) + " tokens x " + std::to_string(d);

@@ -5,6 +5,12 @@
 #include <cstdint>
 #include <functional>
 
+#include <any>
+#include <cmath>
+
+#include "algorithms/algorithm.h"
+#include "core/calib_stats.h"
+#include "core/linalg.h"
 #include "core/rng.h"
 #include "core/tensor.h"
 
@@ -31,6 +37,28 @@ inline Matrix random_matrix(Index rows, Index cols, uint64_t seed, uint64_t stre
 #pragma omp parallel for schedule(static)
   for (Index i = 0; i < m.size(); ++i) m.data()[i] = static_cast<float>(rng.normal(i));
   return m;
+}
+
+/// n x d calibration inputs with a realistic, correlated Hessian: x = A z with A's columns
+/// decaying as (1+j)^-0.7 and 4 outlier channels x10.
+inline Matrix correlated_inputs(Index n, Index d, uint64_t seed) {
+  Matrix mix = random_matrix(d, d, seed, 3);
+  for (Index j = 0; j < d; ++j) mix.col(j) *= std::pow(1.0f + static_cast<float>(j), -0.7f);
+  Matrix X = matmul_nt(random_matrix(n, d, seed, 4), mix);
+  for (Index c : {Index(17), d / 3, d / 2 + 5, d - 40}) X.col(c) *= 10.0f;
+  return X;
+}
+
+/// The input of a layer-scope plugin run on W with Hessian H (all must outlive the call).
+inline LayerInput layer_input(const Matrix& W, const HessianAccumulator& H, const QuantSpec& spec,
+                              const std::any& options) {
+  LayerInput in;
+  in.name = "bench";
+  in.W = &W;
+  in.hessian = &H;
+  in.spec = spec;
+  in.options = &options;
+  return in;
 }
 
 }  // namespace ql::bench
