@@ -1,7 +1,5 @@
 #include "core/model/transformer.h"
 
-#include <omp.h>
-
 #include <algorithm>
 #include <cmath>
 #include <string>
@@ -9,6 +7,7 @@
 #include "core/detmath.h"
 #include "core/error.h"
 #include "core/linalg.h"
+#include "core/model/ops.h"
 #include "core/parallel.h"
 
 namespace ql {
@@ -16,191 +15,6 @@ namespace ql {
 namespace {
 
 std::string shape_str(Index r, Index c) { return std::to_string(r) + "x" + std::to_string(c); }
-
-/// Threads for a region that runs tile calls: all, or one when the caller asked for a
-/// serial pass (a window inside forward_batch's parallel loop, or a short window). Every tile
-/// call is single-threaded whatever the team (core/linalg.h).
-int team_size(bool parallel) { return parallel ? omp_get_max_threads() : 1; }
-
-/// Y = X Wᵀ (+ b) for one linear; several jobs share one parallel region so that independent
-/// products (q/k/v, gate/up) keep both cores busy even when each is small.
-struct LinearJob {
-  const Matrix* X;
-  const Matrix* W;
-  const Vector* b;  // nullptr or empty: no bias
-  Matrix* Y;
-};
-
-/// One kPanelRows x kTileCols tile of a job's output: one tile gemm. A bias is written into the
-/// tile first and accumulated with beta = 1, as torch's addmm does.
-void gemm_tile(const LinearJob& job, Index r0, Index c0) {
-  const Index k = job.X->cols(), n = job.W->rows();
-  const Index rows = std::min(kPanelRows, job.X->rows() - r0);
-  const Index cols = std::min(kTileCols, n - c0);
-  float* C = job.Y->data() + r0 * n + c0;
-  float beta = 0.0f;
-  if (job.b && job.b->size() > 0) {
-    for (Index r = 0; r < rows; ++r)
-      std::copy(job.b->data() + c0, job.b->data() + c0 + cols, C + r * n);
-    beta = 1.0f;
-  }
-  gemm(Trans::No, Trans::Yes, rows, cols, k, 1.0f, job.X->data() + r0 * k, k,
-       job.W->data() + c0 * k, k, beta, C, n);
-}
-
-/// Every product of the forward pass goes through here. Tile boundaries depend only on the
-/// shapes and each tile is one single-threaded tile call (core/linalg.h), so the bits do not
-/// depend on the thread count or on `parallel`, which only decides whether tiles are spread
-/// over the threads. With `swiglu`, jobs are {gate, up}: a task computes the same tile of both
-/// and leaves silu(gate) ⊙ up in gate (silu(x) = x / (1 + exp(-x))), so the MLP's
-/// elementwise part is parallel without another region.
-void run_linears(const LinearJob* jobs, int n_jobs, bool parallel, bool swiglu = false) {
-  struct Tile {
-    int job;
-    Index r0, c0;
-  };
-  std::vector<Tile> tiles;
-  for (int j = 0; j < n_jobs; ++j) {
-    const LinearJob& job = jobs[j];
-    job.Y->resize(job.X->rows(), job.W->rows());
-    if (swiglu && j > 0) continue;
-    for (Index r0 = 0; r0 < job.X->rows(); r0 += kPanelRows)
-      for (Index c0 = 0; c0 < job.W->rows(); c0 += kTileCols) tiles.push_back({j, r0, c0});
-  }
-  const Index n_tiles = static_cast<Index>(tiles.size());
-#pragma omp parallel num_threads(team_size(parallel))
-  {
-    std::vector<float> e;  // exp(-gate) of one row segment
-#pragma omp for schedule(dynamic, 1)
-    for (Index t = 0; t < n_tiles; ++t) {
-      const Tile& tile = tiles[t];
-      gemm_tile(jobs[tile.job], tile.r0, tile.c0);
-      if (!swiglu) continue;
-      gemm_tile(jobs[1], tile.r0, tile.c0);
-      Matrix& G = *jobs[0].Y;
-      const Matrix& U = *jobs[1].Y;
-      const Index rows = std::min(kPanelRows, G.rows() - tile.r0);
-      const Index cols = std::min(kTileCols, G.cols() - tile.c0);
-      // silu(g) u = g / (1 + e^-g) · u with core/detmath's exp (same bits on every CPU).
-      e.resize(static_cast<size_t>(cols));
-      for (Index r = tile.r0; r < tile.r0 + rows; ++r) {
-        float* g = G.data() + r * G.cols() + tile.c0;
-        const float* u = U.data() + r * U.cols() + tile.c0;
-        for (Index j = 0; j < cols; ++j) e[j] = -g[j];
-        detmath::exp_inplace(e.data(), cols);
-        for (Index j = 0; j < cols; ++j) g[j] = g[j] / (1.0f + e[j]) * u[j];
-      }
-    }
-  }
-}
-
-/// Windows shorter than this run on one thread: their products are too small to amortise
-/// waking the other threads. Scheduling only; the results are the same either way.
-constexpr Index kMinParallelRows = 16;
-
-/// HF LlamaRMSNorm in float32: y = w ⊙ (x · 1/sqrt(mean(x²) + eps)). The mean of squares is
-/// accumulated in double (fixed order) and rounded once.
-void rms_norm(const Matrix& h, const Vector& w, float eps, Matrix& out) {
-  const Index T = h.rows(), d = h.cols();
-  out.resize(T, d);
-  for (Index t = 0; t < T; ++t) {
-    const float* x = h.data() + t * d;
-    double ss = 0.0;
-    for (Index j = 0; j < d; ++j) ss += static_cast<double>(x[j]) * x[j];
-    const float ms = static_cast<float>(ss / static_cast<double>(d));
-    const float r = 1.0f / std::sqrt(ms + eps);
-    float* y = out.data() + t * d;
-    for (Index j = 0; j < d; ++j) y[j] = w[j] * (x[j] * r);
-  }
-}
-
-/// cos/sin of the RoPE angles for positions pos0 .. pos0+T-1, T x head_dim/2 each. Rounded as
-/// HF's LlamaRotaryEmbedding: inv_freq = 1 / theta^(float(2i)/head_dim) in float32, angle =
-/// float(pos) * inv_freq in float32 (one rounding), then cos/sin of that float angle.
-void rope_tables(int64_t pos0, Index T, int head_dim, double theta, Matrix& cos_t, Matrix& sin_t) {
-  const Index half = head_dim / 2;
-  std::vector<float> inv_freq(half);
-  const float base = static_cast<float>(theta);
-  for (Index i = 0; i < half; ++i)
-    inv_freq[i] = 1.0f / static_cast<float>(detmath::pow(
-                             base, static_cast<float>(2 * i) / static_cast<float>(head_dim)));
-  cos_t.resize(T, half);
-  sin_t.resize(T, half);
-  for (Index t = 0; t < T; ++t) {
-    const float pos = static_cast<float>(pos0 + t);
-    for (Index i = 0; i < half; ++i) {
-      const float angle = pos * inv_freq[i];
-      cos_t(t, i) = static_cast<float>(detmath::cos(static_cast<double>(angle)));
-      sin_t(t, i) = static_cast<float>(detmath::sin(static_cast<double>(angle)));
-    }
-  }
-}
-
-/// Rotate-half RoPE in place on every head of X (T x n_heads*head_dim):
-/// out_i = x_i cos_i - x_{i+half} sin_i,  out_{i+half} = x_{i+half} cos_i + x_i sin_i.
-void apply_rope(Matrix& X, int n_heads, int head_dim, const Matrix& cos_t, const Matrix& sin_t) {
-  const Index T = X.rows(), half = head_dim / 2;
-  for (Index t = 0; t < T; ++t) {
-    const float* c = cos_t.data() + t * half;
-    const float* s = sin_t.data() + t * half;
-    for (int hh = 0; hh < n_heads; ++hh) {
-      float* x = X.data() + t * X.cols() + static_cast<Index>(hh) * head_dim;
-      for (Index i = 0; i < half; ++i) {
-        const float x1 = x[i], x2 = x[i + half];
-        x[i] = x1 * c[i] - x2 * s[i];
-        x[i + half] = x2 * c[i] + x1 * s[i];
-      }
-    }
-  }
-}
-
-/// Causal grouped-query attention of T new queries (positions past .. past+T-1) against keys
-/// and values of positions 0 .. past+T-1 (rows of K/V with row stride ld_kv). One task per
-/// (head, chunk of kAttnRows query rows): S = scale · Q_j K_gᵀ restricted to the keys the
-/// chunk can see, row softmax over positions <= the query's, O_j = P V_g.
-void attention(const Matrix& Q, const float* K, const float* V, Index ld_kv, int64_t past,
-               int n_heads, int n_kv_heads, int head_dim, bool parallel, Matrix& out) {
-  const Index T = Q.rows(), qd = Q.cols();
-  out.resize(T, qd);
-  const Index n_chunks = (T + kAttnRows - 1) / kAttnRows;
-  const Index n_tasks = n_chunks * n_heads;
-  const int group = n_heads / n_kv_heads;
-  const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
-  ParallelErrors errs;  // only std::bad_alloc can occur here
-#pragma omp parallel num_threads(team_size(parallel))
-  {
-    // Rows of S start on 64-byte boundaries so Eigen's vectorised max/sum split every row into
-    // packets the same way whatever the allocation: the bits depend on the shapes only.
-    std::vector<float, Eigen::aligned_allocator<float>> S;
-#pragma omp for schedule(dynamic, 1)
-    for (Index task = 0; task < n_tasks; ++task)
-      errs.run(task, [&] {
-        const int hh = static_cast<int>(task % n_heads);
-        const Index chunk = task / n_heads;
-        const int g = hh / group;
-        const Index i0 = chunk * kAttnRows, rows = std::min(kAttnRows, T - i0);
-        const Index n = past + i0 + rows;  // keys visible to the chunk's last query
-        const Index ld = (n + 15) / 16 * 16;
-        S.resize(static_cast<size_t>(rows * ld));
-        gemm(Trans::No, Trans::Yes, rows, n, head_dim, scale,
-             Q.data() + i0 * qd + static_cast<Index>(hh) * head_dim, qd,
-             K + static_cast<Index>(g) * head_dim, ld_kv, 0.0f, S.data(), ld);
-        for (Index r = 0; r < rows; ++r) {
-          float* s = S.data() + r * ld;
-          const Index valid = past + i0 + r + 1;  // causal: keys at positions <= the query's
-          Eigen::Map<Eigen::ArrayXf, Eigen::Aligned16> p(s, valid);
-          p -= p.maxCoeff();
-          detmath::exp_inplace(s, valid);
-          p *= 1.0f / p.sum();
-          std::fill(s + valid, s + n, 0.0f);
-        }
-        gemm(Trans::No, Trans::No, rows, head_dim, n, 1.0f, S.data(), ld,
-             V + static_cast<Index>(g) * head_dim, ld_kv, 0.0f,
-             out.data() + i0 * qd + static_cast<Index>(hh) * head_dim, qd);
-      });
-  }
-  errs.rethrow();
-}
 
 void check_vector(const Vector& v, Index n, const std::string& name) {
   if (v.size() != n)
@@ -229,9 +43,7 @@ struct Transformer::Workspace {
   Matrix q, k, v, attn;    // T x q_dim, T x kv_dim, T x kv_dim, T x q_dim
   Matrix out;              // T x hidden (o_proj / down_proj result)
   Matrix gate, up;         // T x intermediate
-  Matrix cos_t, sin_t;     // RoPE tables of the current positions
-  int64_t rope_pos0 = -1;  // positions the tables were built for
-  Index rope_rows = -1;
+  RopeTables rope;         // RoPE tables of the current positions
 };
 
 Eigen::Map<const Matrix> Transformer::KvCache::keys(int b) const {
@@ -341,22 +153,18 @@ void Transformer::run_block(int b, const DecoderBlock& w, Matrix& h, int64_t pos
   const float eps = static_cast<float>(c.rms_norm_eps);
 
   // Attention: x = RMSNorm(h); q, k, v projections.
-  rms_norm(h, w.input_norm, eps, ws.xn);
+  rms_norm_forward(h, w.input_norm, eps, ws.xn);
   const Matrix* xq = hooked_input(hooks, b, LinearKind::Q, ws.xn, true, ws.x1);
   const Matrix* xk = hooked_input(hooks, b, LinearKind::K, ws.xn, true, ws.x2);
   const Matrix* xv = hooked_input(hooks, b, LinearKind::V, ws.xn, true, ws.x3);
   const LinearJob qkv[3] = {
       {xq, &w.q.W, &w.q.b, &ws.q}, {xk, &w.k.W, &w.k.b, &ws.k}, {xv, &w.v.W, &w.v.b, &ws.v}};
-  run_linears(qkv, 3, parallel);
+  linear_forward(qkv, 3, parallel);
 
   call_kv_hook(hooks, b, KvStage::PreRope, ws.k, ws.v);
-  if (ws.rope_pos0 != pos0 || ws.rope_rows != T) {
-    rope_tables(pos0, T, c.head_dim, c.rope_theta, ws.cos_t, ws.sin_t);
-    ws.rope_pos0 = pos0;
-    ws.rope_rows = T;
-  }
-  apply_rope(ws.q, c.num_heads, c.head_dim, ws.cos_t, ws.sin_t);
-  apply_rope(ws.k, c.num_kv_heads, c.head_dim, ws.cos_t, ws.sin_t);
+  if (ws.rope.pos0 != pos0 || ws.rope.rows != T) rope_tables(pos0, T, c.head_dim, c.rope_theta, ws.rope);
+  rope_forward(ws.q, c.num_heads, c.head_dim, ws.rope);
+  rope_forward(ws.k, c.num_kv_heads, c.head_dim, ws.rope);
   call_kv_hook(hooks, b, KvStage::PostRope, ws.k, ws.v);
 
   const Index kvd = ws.k.cols();
@@ -366,36 +174,35 @@ void Transformer::run_block(int b, const DecoderBlock& w, Matrix& h, int64_t pos
     const int64_t past = cache->length_;
     cache->k_[b].middleRows(past, T) = ws.k;
     cache->v_[b].middleRows(past, T) = ws.v;
-    attention(ws.q, cache->k_[b].data(), cache->v_[b].data(), kvd, past, c.num_heads,
-              c.num_kv_heads, c.head_dim, parallel, ws.attn);
+    attention_forward(ws.q, cache->k_[b].data(), cache->v_[b].data(), kvd, past, c.num_heads,
+                      c.num_kv_heads, c.head_dim, parallel, ws.attn);
   } else {
-    attention(ws.q, ws.k.data(), ws.v.data(), kvd, 0, c.num_heads, c.num_kv_heads, c.head_dim,
-              parallel, ws.attn);
+    attention_forward(ws.q, ws.k.data(), ws.v.data(), kvd, 0, c.num_heads, c.num_kv_heads,
+                      c.head_dim, parallel, ws.attn);
   }
 
   const Matrix* xo = hooked_input(hooks, b, LinearKind::O, ws.attn, false, ws.x1);
   const LinearJob o = {xo, &w.o.W, &w.o.b, &ws.out};
-  run_linears(&o, 1, parallel);
+  linear_forward(&o, 1, parallel);
   h += ws.out;
 
   // MLP: h += down(silu(gate(x)) ⊙ up(x)), x = RMSNorm(h).
-  rms_norm(h, w.post_attn_norm, eps, ws.xn);
+  rms_norm_forward(h, w.post_attn_norm, eps, ws.xn);
   const Matrix* xg = hooked_input(hooks, b, LinearKind::Gate, ws.xn, true, ws.x1);
   const Matrix* xu = hooked_input(hooks, b, LinearKind::Up, ws.xn, true, ws.x2);
-  const LinearJob gu[2] = {{xg, &w.gate.W, &w.gate.b, &ws.gate}, {xu, &w.up.W, &w.up.b, &ws.up}};
-  run_linears(gu, 2, parallel, /*swiglu=*/true);
+  swiglu_forward({xg, &w.gate.W, &w.gate.b, &ws.gate}, {xu, &w.up.W, &w.up.b, &ws.up}, parallel);
   const Matrix* xd = hooked_input(hooks, b, LinearKind::Down, ws.gate, false, ws.x1);
   const LinearJob down = {xd, &w.down.W, &w.down.b, &ws.out};
-  run_linears(&down, 1, parallel);
+  linear_forward(&down, 1, parallel);
   h += ws.out;
 }
 
 Matrix Transformer::run_head(const Matrix& h, bool parallel, Workspace& ws) const {
   check_matrix(h, h.rows(), w_.config.hidden_size, "head input");
-  rms_norm(h, w_.final_norm, static_cast<float>(w_.config.rms_norm_eps), ws.xn);
+  rms_norm_forward(h, w_.final_norm, static_cast<float>(w_.config.rms_norm_eps), ws.xn);
   Matrix logits;
   const LinearJob job = {&ws.xn, &w_.lm_head, nullptr, &logits};
-  run_linears(&job, 1, parallel);
+  linear_forward(&job, 1, parallel);
   return logits;
 }
 

@@ -37,15 +37,10 @@
 #include <vector>
 
 #include "core/model/model.h"
+#include "core/model/ops.h"
 #include "core/tensor.h"
 
 namespace ql {
-
-/// Output columns per GEMM tile (with kPanelRows token rows from core/linalg.h). Fixed:
-/// changing it changes results in the last bits.
-constexpr Index kTileCols = 128;
-/// Query rows per attention task (one head x one chunk of query rows). Fixed, as kTileCols.
-constexpr Index kAttnRows = 128;
 
 /// Where a kv hook sees keys/values: straight out of k_proj/v_proj (+bias), or after RoPE has
 /// been applied to K (V is the same at both stages unless a PreRope hook replaced it).
