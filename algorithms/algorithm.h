@@ -161,6 +161,9 @@ struct AlgorithmInfo {
   std::string paper;    ///< title and arXiv id, or "" for baselines
   /// Whether the step's weight QuantSpec keys (bits, scheme, ...) apply; `fp` takes none.
   bool uses_weight_spec = true;
+  /// The plugin leaves every weight as it is (`fp`): a pipeline of such steps without
+  /// activation quantization is the FP model, which the runner need not evaluate twice.
+  bool identity = false;
   /// The plugin's own options (typed struct behind std::any).
   std::shared_ptr<const AnyOptionSchema> options;
   std::function<std::unique_ptr<Algorithm>()> make;

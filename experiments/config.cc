@@ -552,18 +552,6 @@ std::string RunConfig::workload_key() const {
   return k;
 }
 
-namespace {
-bool full_match_any(const std::vector<std::string>& res, const std::string& name) {
-  for (auto& r : res)
-    if (std::regex_match(name, std::regex(r))) return true;
-  return false;
-}
-}  // namespace
-
-bool QuantStep::applies_to(const std::string& layer) const {
-  return full_match_any(targets, layer) && !full_match_any(ignore, layer);
-}
-
 int layer_group_size(const QuantSpec& spec) {
   switch (spec.granularity) {
     case Granularity::PerTensor: return 0;

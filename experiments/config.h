@@ -29,9 +29,6 @@ struct QuantStep {
   std::vector<std::string> ignore;        ///< regexes of layer names to leave alone
   std::any options;                       ///< the plugin's typed options struct
   SourceLoc loc;                          ///< where the step was written, for run-time errors
-
-  /// Whether this step acts on the layer: its name fully matches a target and no ignore regex.
-  bool applies_to(const std::string& layer) const;
 };
 
 /// LayerRow::group_size encoding of a weight grid: -1 per channel, 0 per tensor, else g.

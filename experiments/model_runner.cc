@@ -12,12 +12,14 @@
 #include "core/metrics.h"
 #include "core/parallel.h"
 #include "core/model/checkpoint.h"
-#include "core/model/fold.h"
+#include "core/model/architecture.h"
 #include "core/model/lm_eval.h"
+#include "core/model/quantized_model.h"
 #include "core/model/text_data.h"
 #include "core/model/tokenizer.h"
 #include "core/model/transformer.h"
 #include "core/rng.h"
+#include "experiments/pipeline.h"
 
 namespace ql {
 
@@ -36,39 +38,6 @@ struct EvalData {
   std::vector<std::string> attr_keys;     // design slice families (JSONL attributes)
   std::vector<std::vector<std::string>> attrs;  // attrs[k][unit]
   int64_t skipped_docs = 0;
-};
-
-/// Inputs of a block's linears that share one input: the q/k/v projections read the
-/// input-normed residual, gate/up the post-attention-normed residual; o and down read their
-/// own inputs. `norm` is the RMSNorm weight that produces the shared input (where a
-/// norm->consumers transform is folded), or null.
-struct InputGroup {
-  std::vector<LinearKind> members;
-  bool has_norm = false;
-  bool post_attn = false;
-};
-const std::vector<InputGroup>& input_groups() {
-  static const std::vector<InputGroup> g = {
-      {{LinearKind::Q, LinearKind::K, LinearKind::V}, true, false},
-      {{LinearKind::O}, false, false},
-      {{LinearKind::Gate, LinearKind::Up}, true, true},
-      {{LinearKind::Down}, false, false}};
-  return g;
-}
-int group_of_kind(LinearKind k) {
-  switch (k) {
-    case LinearKind::Q: case LinearKind::K: case LinearKind::V: return 0;
-    case LinearKind::O: return 1;
-    case LinearKind::Gate: case LinearKind::Up: return 2;
-    case LinearKind::Down: return 3;
-  }
-  return 0;
-}
-
-/// Activation fake-quantization of one linear's input, with its static range when needed.
-struct ActQuant {
-  const ActQuantSpec* spec = nullptr;
-  ActRange range;
 };
 
 /// Append `part` (one evaluation set's units) to `all`, tagging its units with key=value and
@@ -153,6 +122,67 @@ ModelCache::~ModelCache() = default;
 
 namespace {
 
+/// One evaluation set tokenized and cut into windows, with its resampling units (documents,
+/// or windows of a stream) and design attributes.
+EvalData eval_data(const EvalSet& s, int64_t seq_len, ModelCache::State& st) {
+  const int vocab = st.fp->config.vocab_size;
+  EvalData d;
+  d.set = s;
+  std::vector<Window> wins;
+  if (s.kind == "stream") {
+    wins = stream_windows(st.stream(s.path), seq_len);
+    if (s.max_windows > 0 && static_cast<long long>(wins.size()) > s.max_windows)
+      wins.resize(static_cast<std::size_t>(s.max_windows));
+    // A stream's resampling unit is its window (document boundaries are not tracked).
+    for (std::size_t i = 0; i < wins.size(); ++i) d.unit_ids.push_back("w" + std::to_string(i));
+  } else {
+    std::vector<Document> docs = s.kind == "ids" ? token_id_documents(s.path, vocab)
+                                                 : jsonl_documents(s.path, st.tok());
+    wins = document_windows(docs, seq_len, &d.skipped_docs);
+    if (s.max_windows > 0 && static_cast<long long>(wins.size()) > s.max_windows)
+      wins.resize(static_cast<std::size_t>(s.max_windows));
+    for (auto& doc : docs)
+      for (auto& [k, v] : doc.attrs)
+        if (std::find(d.attr_keys.begin(), d.attr_keys.end(), k) == d.attr_keys.end())
+          d.attr_keys.push_back(k);
+    d.attrs.assign(d.attr_keys.size(), {});
+    for (auto& doc : docs) {
+      d.unit_ids.push_back(doc.id);
+      for (std::size_t k = 0; k < d.attr_keys.size(); ++k) {
+        std::string v = "(none)";
+        for (auto& [key, val] : doc.attrs)
+          if (key == d.attr_keys[k]) v = val;
+        d.attrs[k].push_back(v);
+      }
+    }
+  }
+  if (s.kind != "stream") {
+    // Units are the documents that have at least one window (skipped or cut-off documents
+    // would otherwise count as empty clusters).
+    std::vector<int> remap(d.unit_ids.size(), -1);
+    std::vector<std::string> ids;
+    std::vector<std::vector<std::string>> attrs(d.attr_keys.size());
+    for (auto& w : wins)
+      if (remap[w.doc] < 0) {
+        remap[w.doc] = static_cast<int>(ids.size());
+        ids.push_back(d.unit_ids[w.doc]);
+        for (std::size_t k = 0; k < attrs.size(); ++k) attrs[k].push_back(d.attrs[k][w.doc]);
+      }
+    for (auto& w : wins) w.doc = remap[w.doc];
+    d.unit_ids = std::move(ids);
+    d.attrs = std::move(attrs);
+  }
+  for (auto& w : wins) {
+    for (int32_t id : w.ids)
+      if (id < 0 || id >= vocab)
+        throw ShapeError(s.path + ": token id " + std::to_string(id) + " outside the model's vocabulary of " +
+                         std::to_string(vocab));
+    d.window_unit.push_back(w.doc);
+    d.windows.push_back(std::move(w.ids));
+  }
+  return d;
+}
+
 void prepare(const RunConfig& run, ModelCache::State& st, double* seconds) {
   auto t0 = std::chrono::steady_clock::now();
   const ModelWorkload& mw = run.workload.model;
@@ -200,63 +230,7 @@ void prepare(const RunConfig& run, ModelCache::State& st, double* seconds) {
   for (auto& s : e.sets) eval_key += s.kind + ":" + s.name + ":" + s.path + ":" + std::to_string(s.max_windows) + ";";
   if (st.eval_key != eval_key) {
     st.eval.clear();
-    for (const EvalSet& s : e.sets) {
-      EvalData d;
-      d.set = s;
-      std::vector<Window> wins;
-      if (s.kind == "stream") {
-        wins = stream_windows(st.stream(s.path), e.seq_len);
-        if (s.max_windows > 0 && static_cast<long long>(wins.size()) > s.max_windows)
-          wins.resize(static_cast<std::size_t>(s.max_windows));
-        // A stream's resampling unit is its window (document boundaries are not tracked).
-        for (std::size_t i = 0; i < wins.size(); ++i) d.unit_ids.push_back("w" + std::to_string(i));
-      } else {
-        std::vector<Document> docs = s.kind == "ids" ? token_id_documents(s.path, vocab)
-                                                     : jsonl_documents(s.path, st.tok());
-        wins = document_windows(docs, e.seq_len, &d.skipped_docs);
-        if (s.max_windows > 0 && static_cast<long long>(wins.size()) > s.max_windows)
-          wins.resize(static_cast<std::size_t>(s.max_windows));
-        for (auto& doc : docs)
-          for (auto& [k, v] : doc.attrs)
-            if (std::find(d.attr_keys.begin(), d.attr_keys.end(), k) == d.attr_keys.end())
-              d.attr_keys.push_back(k);
-        d.attrs.assign(d.attr_keys.size(), {});
-        for (auto& doc : docs) {
-          d.unit_ids.push_back(doc.id);
-          for (std::size_t k = 0; k < d.attr_keys.size(); ++k) {
-            std::string v = "(none)";
-            for (auto& [key, val] : doc.attrs)
-              if (key == d.attr_keys[k]) v = val;
-            d.attrs[k].push_back(v);
-          }
-        }
-      }
-      if (s.kind != "stream") {
-        // Units are the documents that have at least one window (skipped or cut-off documents
-        // would otherwise count as empty clusters).
-        std::vector<int> remap(d.unit_ids.size(), -1);
-        std::vector<std::string> ids;
-        std::vector<std::vector<std::string>> attrs(d.attr_keys.size());
-        for (auto& w : wins)
-          if (remap[w.doc] < 0) {
-            remap[w.doc] = static_cast<int>(ids.size());
-            ids.push_back(d.unit_ids[w.doc]);
-            for (std::size_t k = 0; k < attrs.size(); ++k) attrs[k].push_back(d.attrs[k][w.doc]);
-          }
-        for (auto& w : wins) w.doc = remap[w.doc];
-        d.unit_ids = std::move(ids);
-        d.attrs = std::move(attrs);
-      }
-      for (auto& w : wins) {
-        for (int32_t id : w.ids)
-          if (id < 0 || id >= vocab)
-            throw ShapeError(s.path + ": token id " + std::to_string(id) + " outside the model's vocabulary of " +
-                             std::to_string(vocab));
-        d.window_unit.push_back(w.doc);
-        d.windows.push_back(std::move(w.ids));
-      }
-      st.eval.push_back(std::move(d));
-    }
+    for (const EvalSet& s : e.sets) st.eval.push_back(eval_data(s, e.seq_len, st));
     st.eval_key = eval_key;
   }
   if (seconds) *seconds = seconds_since(t0);
@@ -268,281 +242,246 @@ void preload_model_workload(const RunConfig& run, ModelCache& cache) {
   prepare(run, cache.state(), nullptr);
 }
 
-void execute_model_run(const RunConfig& run, ModelCache& cache, const AlgorithmRegistry& registry,
-                       RunRecord& rec, const std::function<void(const std::string&)>& on_layer) {
-  ModelCache::State& st = cache.state();
-  double prep_seconds = 0;
-  prepare(run, st, &prep_seconds);
-  const ModelWeights& fp = *st.fp;
-  const ModelConfig& cfg = fp.config;
-  const int L = cfg.num_layers;
+namespace {
 
-  std::vector<std::unique_ptr<Algorithm>> algos;
-  bool all_fp = true;
-  for (auto& step : run.quant) {
-    const AlgorithmInfo& info = registry.get(step.algorithm);
-    if (info.scope != Scope::Layer && info.scope != Scope::NormConsumers)
-      throw ConfigError(step.loc, "quant",
-                        "algorithm '" + step.algorithm + "' acts at " + scope_name(info.scope) +
-                            " scope, which the model runner does not drive yet",
-                        run.label);
-    all_fp = all_fp && step.algorithm == "fp" && !step.act.quantized();
-    algos.push_back(info.make());
-  }
+/// Calibration statistics of one block's inputs, one entry per input group of the architecture
+/// table: H and S of x' (the transformed input, updated by norm->consumers steps), the FP
+/// Hessians the layer rows measure errors under, and the cumulative channel scale s.
+struct BlockStats {
+  std::vector<HessianAccumulator> H, H_fp;
+  std::vector<ChannelStats> S;
+  std::vector<VectorD> scale;
+};
 
-  // ---------------- block-sequential calibration and quantization ----------------
-  auto t_cal = std::chrono::steady_clock::now();
-  ModelWeights q = fp;  // the quantized model, filled block by block
-  const Transformer fp_model(fp);
-  // act_quant[b][kind]: activation quantization of each linear's input.
-  std::vector<std::array<ActQuant, kLinearKinds>> act_quant(L);
-  ForwardHooks act_hooks;
-  act_hooks.transform_input = [&act_quant](int b, LinearKind k, Matrix& X) {
-    const ActQuant& a = act_quant[b][static_cast<int>(k)];
-    if (a.spec) fake_quant_activations(X, *a.spec, a.spec->mode == ActRangeMode::Static ? &a.range : nullptr);
+/// Everything one model run shares between its phases.
+struct ModelRun {
+  const RunConfig& run;
+  const Architecture arch;
+  const Pipeline pipeline;
+  QuantizedModel model;
+  RunRecord& rec;
+};
+
+/// Phase 1, capture: statistics of the inputs of block b's linears over every calibration
+/// window, for the groups `want` selects (the first member of a group is its capture point:
+/// shared inputs are counted once). Runs block b with `weights` and `hooks` (activation
+/// quantization); returns the block's outputs when `outputs` is set.
+void capture_block(const ModelRun& m, const Transformer& tf, int b, const std::vector<Matrix>& h,
+                   const DecoderBlock& weights, const ForwardHooks* hooks, const std::vector<bool>& want,
+                   BlockStats& st, std::vector<Matrix>* outputs) {
+  const auto& groups = m.arch.input_groups();
+  for (std::size_t g = 0; g < groups.size(); ++g)
+    if (want[g]) {
+      st.H[g] = HessianAccumulator(m.arch.input_width(static_cast<int>(g)));
+      st.S[g] = ChannelStats(m.arch.input_width(static_cast<int>(g)));
+    }
+  ForwardHooks capture = hooks ? *hooks : ForwardHooks{};
+  capture.capture_input = [&](int, LinearKind k, const Matrix& X) {
+    const int g = m.arch.group_of(k);
+    if (!want[g] || groups[g].members.front() != k) return;
+    st.H[g].add(X);
+    st.S[g].add(X);
   };
+  for (std::size_t w = 0; w < h.size(); ++w) {
+    Matrix out = tf.block(b, h[w], 0, &capture, &weights);
+    if (outputs) (*outputs)[w] = std::move(out);
+  }
+}
 
+/// The pipeline's view of group g of block b.
+InputGroupState group_state(ModelRun& m, int b, int g, BlockStats& st, std::array<LayerRow, kLinearKinds>& rows) {
+  const InputGroup& grp = m.arch.input_groups()[g];
+  DecoderBlock& blk = m.model.block(b);
+  InputGroupState s;
+  s.input_name = grp.norm ? m.arch.norm_name(b, g) : linear_name(b, grp.members.front()) + ".input";
+  for (LinearKind k : grp.members) {
+    const int ki = static_cast<int>(k);
+    s.names.push_back(linear_name(b, k));
+    s.weights.push_back(&blk.linear(k).W);
+    s.rows.push_back(&rows[ki]);
+    s.act.push_back(&m.model.act(b, k).spec);
+    s.seed_streams.push_back(static_cast<uint64_t>(b) * 64 + static_cast<uint64_t>(ki) * 8);
+  }
+  s.H = &st.H[g];
+  s.S = &st.S[g];
+  s.scale = &st.scale[g];
+  s.norm = grp.norm ? &norm_weight(blk, grp) : nullptr;
+  s.absorbs_scale = grp.norm != nullptr;
+  return s;
+}
+
+/// Phase 2, apply: the pipeline on block b, whole (one stage) or, with calib.true_sequential,
+/// group by group (q/k/v, o, gate/up, down), re-capturing each stage's inputs from the block
+/// with its earlier stages already quantized (the GPTQ reference's --true-sequential). Static
+/// activation ranges are fixed from each stage's calibration inputs after its transforms.
+void apply_block(ModelRun& m, int b, const std::vector<Matrix>& h, BlockStats& st,
+                 std::array<LayerRow, kLinearKinds>& rows) {
+  const int G = static_cast<int>(m.arch.input_groups().size());
+  const int n_stages = m.run.calib.true_sequential ? G : 1;
+  for (int stage = 0; stage < n_stages; ++stage) {
+    auto in_stage = [&](int g) { return n_stages == 1 || g == stage; };
+    if (stage > 0) {
+      std::vector<bool> want(G, false);
+      want[stage] = true;
+      const Transformer partial(m.model.current());
+      const ForwardHooks act = m.model.hooks();
+      capture_block(m, partial, b, h, m.model.block(b), &act, want, st, nullptr);
+    }
+    for (std::size_t si = 0; si < m.pipeline.steps().size(); ++si)
+      for (int g = 0; g < G; ++g)
+        if (in_stage(g)) {
+          InputGroupState gs = group_state(m, b, g, st, rows);
+          apply_step(m.pipeline, si, gs, m.rec);
+        }
+    for (int k = 0; k < kLinearKinds; ++k) {
+      const int g = m.arch.group_of(static_cast<LinearKind>(k));
+      if (!in_stage(g)) continue;
+      ActQuantizer& a = m.model.act(b, static_cast<LinearKind>(k));
+      a.range = ActRange{st.S[g].min(), st.S[g].max()};
+      if (a.active() && a.spec->mode == ActRangeMode::Static) {
+        // Recorded so a reader can check the evaluation used exactly these ranges.
+        const std::string name = linear_name(b, static_cast<LinearKind>(k));
+        m.rec.diagnostics.push_back({name, -1, "act", "static_range_lo", a.range.lo});
+        m.rec.diagnostics.push_back({name, -1, "act", "static_range_hi", a.range.hi});
+      }
+    }
+  }
+}
+
+/// Layer rows of block b: errors of the effective weights W' diag(1/s) in the original input
+/// space, under the FP block's calibration Hessians. Output errors on evaluation inputs are
+/// measured end to end (slices), not per linear.
+void record_block_rows(ModelRun& m, int b, const BlockStats& st, std::array<LayerRow, kLinearKinds>& rows) {
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  for (int k = 0; k < kLinearKinds; ++k) {
+    const LinearKind kind = static_cast<LinearKind>(k);
+    const int g = m.arch.group_of(kind);
+    const Matrix& W0 = m.model.fp_block(b).linear(kind).W;
+    const Matrix W_eff = m.model.block(b).linear(kind).W * st.scale[g].cwiseInverse().cast<float>().asDiagonal();
+    LayerRow& row = rows[k];
+    row.weight_mse = weight_mse(W0, W_eff);
+    row.rel_err_h = relative_output_error(W0, W_eff, st.H_fp[g].hessian());
+    row.rel_err_eval = row.out_mse = row.max_abs = nan;
+    row.sqnr_db = sqnr_db(W0, W_eff);
+    row.cosine = cosine_similarity(W0, W_eff);
+    m.rec.layers.push_back(row);
+  }
+}
+
+/// Phases 1-3 over all blocks: capture -> apply -> propagate (block b+1 reads the quantized
+/// block's outputs, or the FP block's under calib.propagate: fp). Memory: one block's
+/// activations for all calibration windows. Returns the seconds spent in phase 2.
+double calibrate_and_quantize(ModelRun& m, const std::vector<std::vector<int32_t>>& windows,
+                              const std::function<void(const std::string&)>& on_layer) {
+  const Transformer fp_model(m.model.fp());
+  const int G = static_cast<int>(m.arch.input_groups().size());
   std::vector<Matrix> h;  // the residual stream entering the current block, per window
-  h.reserve(st.calib_windows.size());
-  for (auto& w : st.calib_windows) h.push_back(fp_model.embed(w));
+  h.reserve(windows.size());
+  for (auto& w : windows) h.push_back(fp_model.embed(w));
   double quant_seconds = 0;
-
-  for (int b = 0; b < L; ++b) {
+  for (int b = 0; b < m.model.num_blocks(); ++b) {
     if (on_layer) on_layer("block " + std::to_string(b));
-    // 1. Statistics of every linear input of block b (its FP weights) over all windows. The
-    //    same pass gives the FP block's outputs, which feed block b+1 under propagate: fp.
-    const int G = static_cast<int>(input_groups().size());
-    std::vector<HessianAccumulator> H(G);
-    std::vector<ChannelStats> S(G);
-    for (int g = 0; g < G; ++g) {
-      const Index d = fp.blocks[b].linear(input_groups()[g].members.front()).W.cols();
-      H[g] = HessianAccumulator(d);
-      S[g] = ChannelStats(d);
-    }
-    ForwardHooks capture;
-    capture.capture_input = [&](int, LinearKind k, const Matrix& X) {
-      const int g = group_of_kind(k);
-      if (input_groups()[g].members.front() != k) return;  // shared inputs counted once
-      H[g].add(X);
-      S[g].add(X);
-    };
+    BlockStats st;
+    st.H.resize(G);
+    st.S.resize(G);
+    for (int g = 0; g < G; ++g) st.scale.push_back(VectorD::Ones(m.arch.input_width(g)));
+    // The FP block's statistics; the same pass gives its outputs (block b+1's inputs under
+    // propagate: fp). Earlier blocks' changes reach it through h only.
     std::vector<Matrix> next(h.size());
-    for (std::size_t w = 0; w < h.size(); ++w) next[w] = fp_model.block(b, h[w], 0, &capture, &q.blocks[b]);
-    const std::vector<HessianAccumulator> H_fp = H;
+    capture_block(m, fp_model, b, h, m.model.block(b), nullptr, std::vector<bool>(G, true), st, &next);
+    st.H_fp = st.H;
 
-    // 2. The pipeline on block b.
-    auto t_q = std::chrono::steady_clock::now();
-    DecoderBlock& blk = q.blocks[b];
-    std::vector<VectorD> inv_scale(G);  // x' = x * inv_scale per group (norm transforms)
-    for (int g = 0; g < G; ++g) inv_scale[g] = VectorD::Ones(H[g].dim());
+    const auto t_q = std::chrono::steady_clock::now();
     std::array<LayerRow, kLinearKinds> rows;
-    std::array<double, kLinearKinds> secs{};
-    for (int k = 0; k < kLinearKinds; ++k) {
-      rows[k].layer = linear_name(b, static_cast<LinearKind>(k));
-      rows[k].algorithm = run.pipeline_name();
-      rows[k].scheme = "none";
-    }
-    // Stages: the whole block at once, or (calib.true_sequential) q/k/v, then o, then
-    // gate/up, then down, re-collecting the statistics of each stage's inputs from the block
-    // with its earlier stages already quantized (the GPTQ reference's --true-sequential).
-    const int n_stages = run.calib.true_sequential ? G : 1;
-    for (int stage = 0; stage < n_stages; ++stage) {
-      auto in_stage = [&](int g) { return n_stages == 1 || g == stage; };
-      if (stage > 0) {
-        H[stage] = HessianAccumulator(H[stage].dim());
-        S[stage] = ChannelStats(S[stage].dim());
-        ForwardHooks recapture = act_hooks;
-        recapture.capture_input = [&](int, LinearKind k, const Matrix& X) {
-          if (group_of_kind(k) == stage && input_groups()[stage].members.front() == k) {
-            H[stage].add(X);
-            S[stage].add(X);
-          }
-        };
-        const Transformer partial(q);
-        for (std::size_t w = 0; w < h.size(); ++w) partial.block(b, h[w], 0, &recapture);
-      }
-      for (std::size_t si = 0; si < run.quant.size(); ++si) {
-        const QuantStep& step = run.quant[si];
-        if (auto* na = dynamic_cast<const NormConsumerAlgorithm*>(algos[si].get())) {
-          for (int g = 0; g < G; ++g) {
-            const InputGroup& grp = input_groups()[g];
-            if (!in_stage(g)) continue;
-            if (!grp.has_norm || !step.applies_to(linear_name(b, grp.members.front()))) continue;
-            NormConsumerInput in;
-            in.name = "model.layers." + std::to_string(b) + (grp.post_attn ? ".post_attention_layernorm" : ".input_layernorm");
-            for (LinearKind m : grp.members) {
-              in.consumer_names.push_back(linear_name(b, m));
-              in.consumers.push_back(&blk.linear(m).W);
-            }
-            in.input_stats = &S[g];
-            in.options = &step.options;
-            auto t0 = std::chrono::steady_clock::now();
-            ChannelScaleTransform tr = na->run(in);
-            const double dt = seconds_since(t0);
-            // Fold exactly once: norm weight / s, consumer columns * s.
-            std::vector<Matrix*> consumers;
-            for (LinearKind m : grp.members) {
-              consumers.push_back(&blk.linear(m).W);
-              secs[static_cast<int>(m)] += dt / grp.members.size();
-            }
-            fold_channel_scales(grp.post_attn ? blk.post_attn_norm : blk.input_norm, consumers, tr.scales);
-            const VectorD inv = tr.scales.cwiseInverse();
-            H[g].scale_channels(inv);
-            S[g].scale_channels(inv);
-            inv_scale[g] = inv_scale[g].cwiseProduct(inv);
-            for (auto& [name, value] : tr.diagnostics)
-              rec.diagnostics.push_back({in.name, static_cast<int>(si), step.algorithm, name, value});
-          }
-        } else if (auto* la = dynamic_cast<const LayerAlgorithm*>(algos[si].get())) {
-          for (int k = 0; k < kLinearKinds; ++k) {
-            const LinearKind kind = static_cast<LinearKind>(k);
-            const std::string name = linear_name(b, kind);
-            if (!step.applies_to(name)) continue;
-            const int g = group_of_kind(kind);
-            if (!in_stage(g)) continue;
-            Linear& lin = blk.linear(kind);
-            LayerInput in;
-            in.name = name;
-            in.W = &lin.W;
-            in.hessian = &H[g];
-            in.channels = &S[g];
-            in.spec = step.weight;
-            in.options = &step.options;
-            in.seed = mix_stream(run.seed, static_cast<uint64_t>(b) * 64 + k * 8 + si);
-            LayerResult r = la->run(in);
-            secs[k] += r.metrics.seconds;
-            lin.W = std::move(r.output.W);
-            if (r.output.quantized) {
-              rows[k].bits = step.weight.bits;
-              rows[k].scheme = scheme_name(step.weight.scheme);
-              rows[k].group_size = layer_group_size(step.weight);
-              rows[k].bpw = r.metrics.bits_per_weight;
-            }
-            for (auto& [dn, value] : r.output.diagnostics)
-              rec.diagnostics.push_back({name, static_cast<int>(si), step.algorithm, dn, value});
-          }
-        }
-        if (step.act.quantized())
-          for (int k = 0; k < kLinearKinds; ++k)
-            if (in_stage(group_of_kind(static_cast<LinearKind>(k))) &&
-                step.applies_to(linear_name(b, static_cast<LinearKind>(k))))
-              act_quant[b][k].spec = &step.act;
-      }
-      // Static activation ranges: this stage's calibration inputs, after transforms; fixed
-      // from here on (later stages and evaluation use them unchanged).
-      for (int k = 0; k < kLinearKinds; ++k) {
-        const int g = group_of_kind(static_cast<LinearKind>(k));
-        if (!in_stage(g)) continue;
-        act_quant[b][k].range = ActRange{S[g].min(), S[g].max()};
-        const ActQuant& a = act_quant[b][k];
-        if (a.spec && a.spec->mode == ActRangeMode::Static) {
-          // Recorded so a reader can check the evaluation used exactly these ranges.
-          const std::string name = linear_name(b, static_cast<LinearKind>(k));
-          rec.diagnostics.push_back({name, -1, "act", "static_range_lo", a.range.lo});
-          rec.diagnostics.push_back({name, -1, "act", "static_range_hi", a.range.hi});
-        }
-      }
-    }
-    // Layer rows: errors of the effective weights in the original input space.
-    for (int k = 0; k < kLinearKinds; ++k) {
-      const LinearKind kind = static_cast<LinearKind>(k);
-      const int g = group_of_kind(kind);
-      const Matrix& W0 = fp.blocks[b].linear(kind).W;
-      const Matrix W_eff = blk.linear(kind).W * inv_scale[g].cast<float>().asDiagonal();
-      LayerRow& row = rows[k];
-      row.weight_mse = weight_mse(W0, W_eff);
-      row.rel_err_h = relative_output_error(W0, W_eff, H_fp[g].hessian());
-      // Output errors on evaluation inputs are measured end to end (slices), not per linear.
-      const double nan = std::numeric_limits<double>::quiet_NaN();
-      row.rel_err_eval = row.out_mse = row.max_abs = nan;
-      row.sqnr_db = sqnr_db(W0, W_eff);
-      row.cosine = cosine_similarity(W0, W_eff);
-      row.seconds = secs[k];
-      rec.layers.push_back(row);
-    }
+    for (int k = 0; k < kLinearKinds; ++k) rows[k] = initial_layer_row(m.run, linear_name(b, static_cast<LinearKind>(k)));
+    apply_block(m, b, h, st, rows);
+    record_block_rows(m, b, st, rows);
     quant_seconds += seconds_since(t_q);
 
-    // 3. Inputs of block b+1.
-    if (run.calib.propagate == "quantized" && b + 1 < L) {
-      const Transformer q_model(q);
-      for (std::size_t w = 0; w < h.size(); ++w) next[w] = q_model.block(b, h[w], 0, &act_hooks);
+    if (m.run.calib.propagate == "quantized" && b + 1 < m.model.num_blocks()) {
+      const Transformer q_model(m.model.current());
+      const ForwardHooks act = m.model.hooks();
+      for (std::size_t w = 0; w < h.size(); ++w) next[w] = q_model.block(b, h[w], 0, &act);
     }
     h.swap(next);
   }
-  h.clear();
-  rec.seconds_quant = quant_seconds;
-  rec.seconds_calib = prep_seconds + seconds_since(t_cal) - quant_seconds;
+  return quant_seconds;
+}
 
-  // ---------------- evaluation: FP and quantized, window by window ----------------
-  auto t_eval = std::chrono::steady_clock::now();
-  const Transformer q_model(q);
-  const TokenBuckets& buckets = *st.buckets;
+/// Phase 4, evaluate one set: FP and quantized logits window by window, LM metrics per unit,
+/// slices and disparities into rec; returns the set's unit table.
+UnitTable evaluate_set(const ModelRun& m, const EvalData& d, const TokenBuckets& buckets,
+                       const std::function<void(const std::string&)>& on_layer) {
+  const RunConfig& run = m.run;
+  RunRecord& rec = m.rec;
+  const bool identity = m.pipeline.is_identity();
+  const Transformer fp_model(m.model.fp()), q_model(m.model.current());
+  const ForwardHooks act = m.model.hooks();
   const double nan = std::numeric_limits<double>::quiet_NaN();
   constexpr std::size_t kBatch = 16;  // windows whose logits are held at once (per model)
-  UnitTable all_units;
-  for (const EvalData& d : st.eval) {
-    if (on_layer) on_layer("eval " + d.set.name);
-    LmEvalAccumulator acc(static_cast<int>(d.unit_ids.size()), buckets.names(),
-                          [&buckets](int32_t t) { return buckets.bucket_of(t); },
-                          position_bucket_names(), [](int64_t p) { return position_bucket(p); });
-    for (std::size_t i0 = 0; i0 < d.windows.size(); i0 += kBatch) {
-      const std::size_t i1 = std::min(d.windows.size(), i0 + kBatch);
-      std::vector<std::vector<int32_t>> batch(d.windows.begin() + i0, d.windows.begin() + i1);
-      // Without the FP pass (eval.kl: false) the quantized logits stand in for both sides;
-      // only metrics of the quantized model alone are reported then.
-      std::vector<Matrix> lq = all_fp ? fp_model.forward_batch(batch) : q_model.forward_batch(batch, &act_hooks);
-      std::vector<Matrix> lf = all_fp || !run.eval.kl ? lq : fp_model.forward_batch(batch);
-      // Scoring (two log-softmaxes and a KL per token) is as costly as a forward: spread it over
-      // the threads; each window's result is stored under its index, so the totals do not
-      // depend on the thread count.
-      ParallelErrors errs;
-      const long n = static_cast<long>(i1 - i0);
+  if (on_layer) on_layer("eval " + d.set.name);
+  LmEvalAccumulator acc(static_cast<int>(d.unit_ids.size()), buckets.names(),
+                        [&buckets](int32_t t) { return buckets.bucket_of(t); },
+                        position_bucket_names(), [](int64_t p) { return position_bucket(p); });
+  for (std::size_t i0 = 0; i0 < d.windows.size(); i0 += kBatch) {
+    const std::size_t i1 = std::min(d.windows.size(), i0 + kBatch);
+    std::vector<std::vector<int32_t>> batch(d.windows.begin() + i0, d.windows.begin() + i1);
+    // Without the FP pass (eval.kl: false) the quantized logits stand in for both sides;
+    // only metrics of the quantized model alone are reported then.
+    std::vector<Matrix> lq = identity ? fp_model.forward_batch(batch) : q_model.forward_batch(batch, &act);
+    std::vector<Matrix> lf = identity || !run.eval.kl ? lq : fp_model.forward_batch(batch);
+    // Scoring (two log-softmaxes and a KL per token) is as costly as a forward: spread it over
+    // the threads; each window's result is stored under its index, so the totals do not
+    // depend on the thread count.
+    ParallelErrors errs;
+    const long n = static_cast<long>(i1 - i0);
 #pragma omp parallel for schedule(dynamic, 1)
-      for (long j = 0; j < n; ++j)
-        errs.run(j, [&] {
-          const std::size_t i = i0 + static_cast<std::size_t>(j);
-          acc.add_window(static_cast<int64_t>(i), d.window_unit[i], d.windows[i], lf[j], lq[j]);
-        });
-      errs.rethrow();
-    }
-    UnitTable units = acc.unit_table(d.unit_ids, d.attr_keys, d.attrs);
-    std::vector<SliceMetricDef> defs = lm_metric_defs();
-    if (!run.eval.kl && !all_fp) {
-      std::vector<SliceMetricDef> own;
-      for (auto& m : defs)
-        if (m.name == "ppl" || m.name == "nll" || m.name == "acc") {
-          m.reference = {};
-          own.push_back(m);
-        }
-      defs = std::move(own);
-    }
-    SliceReport rep = evaluate_slices(units, defs, run.slices);
-    const std::string prefix = d.set.name + "/";
-    for (auto& r : rep.rows) {
-      r.metric = prefix + r.metric;
-      if (r.slice_key == "__all__") rec.summary.push_back({r.metric, r.value, r.ci_low, r.ci_high, r.delta});
-      rec.slices.push_back(std::move(r));
-    }
-    for (auto& r : rep.disparity) {
-      r.metric = prefix + r.metric;
-      rec.disparity.push_back(std::move(r));
-    }
-    if (run.eval.kl || all_fp)
-      for (auto& [name, value] : acc.kl_quantiles_overall())
-        rec.summary.push_back({prefix + name, value, nan, nan, value});
-    rec.params.push_back({"eval." + d.set.name + ".scored_tokens", std::to_string(acc.scored_tokens())});
-    rec.params.push_back({"eval." + d.set.name + ".windows", std::to_string(d.windows.size())});
-    if (d.skipped_docs > 0)
-      rec.params.push_back({"eval." + d.set.name + ".skipped_documents", std::to_string(d.skipped_docs)});
-    append_units(all_units, units, "set", d.set.name);
+    for (long j = 0; j < n; ++j)
+      errs.run(j, [&] {
+        const std::size_t i = i0 + static_cast<std::size_t>(j);
+        acc.add_window(static_cast<int64_t>(i), d.window_unit[i], d.windows[i], lf[j], lq[j]);
+      });
+    errs.rethrow();
   }
-  rec.units = std::move(all_units);
+  UnitTable units = acc.unit_table(d.unit_ids, d.attr_keys, d.attrs);
+  std::vector<SliceMetricDef> defs = lm_metric_defs();
+  if (!run.eval.kl && !identity) {
+    std::vector<SliceMetricDef> own;
+    for (auto& md : defs)
+      if (md.name == "ppl" || md.name == "nll" || md.name == "acc") {
+        md.reference = {};
+        own.push_back(md);
+      }
+    defs = std::move(own);
+  }
+  SliceReport rep = evaluate_slices(units, defs, run.slices);
+  const std::string prefix = d.set.name + "/";
+  for (auto& r : rep.rows) {
+    r.metric = prefix + r.metric;
+    if (r.slice_key == "__all__") rec.summary.push_back({r.metric, r.value, r.ci_low, r.ci_high, r.delta});
+    rec.slices.push_back(std::move(r));
+  }
+  for (auto& r : rep.disparity) {
+    r.metric = prefix + r.metric;
+    rec.disparity.push_back(std::move(r));
+  }
+  if (run.eval.kl || identity)
+    for (auto& [name, value] : acc.kl_quantiles_overall()) rec.summary.push_back({prefix + name, value, nan, nan, value});
+  rec.params.push_back({"eval." + d.set.name + ".scored_tokens", std::to_string(acc.scored_tokens())});
+  rec.params.push_back({"eval." + d.set.name + ".windows", std::to_string(d.windows.size())});
+  if (d.skipped_docs > 0)
+    rec.params.push_back({"eval." + d.set.name + ".skipped_documents", std::to_string(d.skipped_docs)});
+  return units;
+}
 
-  // Whole-model weight summary over quantized linears.
+/// Whole-model weight summary over the layer rows, and the evaluation protocol.
+void summarize(const ModelRun& m, const TokenBuckets& buckets) {
+  RunRecord& rec = m.rec;
+  const double nan = std::numeric_limits<double>::quiet_NaN();
   double nw = 0, bits = 0, relh = 0;
   for (std::size_t i = 0; i < rec.layers.size(); ++i) {
     const LinearKind kind = static_cast<LinearKind>(i % kLinearKinds);
-    const double n = static_cast<double>(fp.blocks[i / kLinearKinds].linear(kind).W.size());
+    const double n = static_cast<double>(m.model.fp_block(static_cast<int>(i / kLinearKinds)).linear(kind).W.size());
     nw += n;
     bits += rec.layers[i].bpw * n;
     relh += rec.layers[i].rel_err_h;
@@ -555,6 +494,27 @@ void execute_model_run(const RunConfig& run, ModelCache& cache, const AlgorithmR
                         "dropped, unit = window; jsonl: BOS + text per document, last partial window kept "
                         "when >= 2 tokens, unit = document; token_freq buckets ranked on eval.freq_corpus "
                         "(FNV-1a " + std::to_string(buckets.corpus_hash()) + ")"});
+}
+
+}  // namespace
+
+void execute_model_run(const RunConfig& run, ModelCache& cache, const AlgorithmRegistry& registry,
+                       RunRecord& rec, const std::function<void(const std::string&)>& on_layer) {
+  ModelCache::State& st = cache.state();
+  double prep_seconds = 0;
+  prepare(run, st, &prep_seconds);
+  ModelRun m{run, Architecture::of(st.fp->config),
+             Pipeline(run, registry, {Scope::Layer, Scope::NormConsumers}, "model"), QuantizedModel(st.fp), rec};
+
+  const auto t_cal = std::chrono::steady_clock::now();
+  rec.seconds_quant = calibrate_and_quantize(m, st.calib_windows, on_layer);
+  rec.seconds_calib = prep_seconds + seconds_since(t_cal) - rec.seconds_quant;
+
+  const auto t_eval = std::chrono::steady_clock::now();
+  UnitTable all_units;
+  for (const EvalData& d : st.eval) append_units(all_units, evaluate_set(m, d, *st.buckets, on_layer), "set", d.set.name);
+  rec.units = std::move(all_units);
+  summarize(m, *st.buckets);
   rec.seconds_eval = seconds_since(t_eval);
 }
 

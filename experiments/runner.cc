@@ -20,6 +20,7 @@
 #include "core/parallel.h"
 #include "core/synthetic.h"
 #include "experiments/model_runner.h"
+#include "experiments/pipeline.h"
 #include "experiments/result_store.h"
 #include "experiments/sweep.h"
 
@@ -145,145 +146,85 @@ VectorD token_errors(const Matrix& Yq, const Matrix& Y) {
   return out;
 }
 
-/// The synthetic layer suite: every layer independent, evaluated on held-out tokens of every
-/// population.
-void execute_synthetic_run(const RunConfig& run, WorkloadCache& cache, const AlgorithmRegistry& registry,
-                           RunRecord& rec, const std::function<void(const std::string&)>& on_layer) {
-  std::shared_ptr<const WorkloadCache::Prepared> wl = cache.get(run, &rec.seconds_calib);
+/// One synthetic layer after the pipeline: its weights in the transformed input space, the
+/// cumulative per-channel scale s (x' = x / s), the calibration statistics of x' and the
+/// activation quantizer the steps set.
+struct SyntheticLayerState {
+  Matrix W;
+  VectorD s;
+  HessianAccumulator H;
+  ChannelStats stats;
+  LayerRow row;
+  const ActQuantSpec* act = nullptr;
+};
 
-  std::vector<std::unique_ptr<Algorithm>> algos;
-  for (auto& step : run.quant) {
-    const AlgorithmInfo& info = registry.get(step.algorithm);
-    if (info.scope != Scope::Layer && info.scope != Scope::NormConsumers)
-      throw ConfigError(step.loc, "quant", "algorithm '" + step.algorithm + "' acts at " +
-                                               scope_name(info.scope) +
-                                               " scope; the synthetic layer suite has no transformer blocks",
-                        run.label);
-    algos.push_back(info.make());
+/// The pipeline on layer li. The layer's input has no producer in the suite: evaluation
+/// divides it by s.
+SyntheticLayerState quantize_synthetic_layer(const Pipeline& pipeline, const WorkloadCache::Prepared::Layer& layer, Index li,
+                                             RunRecord& rec) {
+  SyntheticLayerState ls{layer.W, VectorD::Ones(layer.W.cols()), layer.H, layer.stats,
+                         initial_layer_row(pipeline.run(), layer.name), nullptr};
+  InputGroupState g;
+  g.input_name = layer.name + ".input";
+  g.names = {layer.name};
+  g.weights = {&ls.W};
+  g.rows = {&ls.row};
+  g.act = {&ls.act};
+  g.seed_streams = {static_cast<uint64_t>(li) * 131};
+  g.H = &ls.H;
+  g.S = &ls.stats;
+  g.scale = &ls.s;
+  g.absorbs_scale = true;
+  for (std::size_t si = 0; si < pipeline.steps().size(); ++si) apply_step(pipeline, si, g, rec);
+  return ls;
+}
+
+/// Evaluation of layer li on held-out tokens from every population: per-unit error and signal
+/// sums into units, output metrics into the layer row.
+void evaluate_synthetic_layer(const WorkloadCache::Prepared& wl, const WorkloadCache::Prepared::Layer& layer, Index li,
+                              SyntheticLayerState& ls, UnitTable& units) {
+  const Index n_units = static_cast<Index>(wl.unit_ids.size());
+  const Matrix& W = ls.W;
+  const VectorD& s = ls.s;
+  const ActQuantSpec* act = ls.act;
+  const ChannelStats& stats = ls.stats;
+  LayerRow& row = ls.row;
+  Matrix Xq = layer.X_eval;
+  if (s != VectorD::Ones(s.size())) Xq = Xq * s.cast<float>().cwiseInverse().asDiagonal();
+  if (act) {
+    ActRange range;
+    if (act->mode == ActRangeMode::Static) {
+      // Static ranges come from the calibration inputs in the transformed space.
+      range.lo = stats.min();
+      range.hi = stats.max();
+    }
+    fake_quant_activations(Xq, *act, act->mode == ActRangeMode::Static ? &range : nullptr);
   }
+  const Matrix Yq = matmul_nt(Xq, W);
+  const VectorD err = token_errors(Yq, layer.Y_ref);
+  const Index T = wl.unit_tokens;
+  for (Index u = 0; u < n_units; ++u) {
+    units.sums(u, 1 + 2 * li) = err.segment(u * T, T).sum();
+    units.sums(u, 2 + 2 * li) = layer.sig.segment(u * T, T).sum();
+  }
+  const Matrix W_eff = W * s.cast<float>().cwiseInverse().asDiagonal();
+  const double sum_err = err.sum(), sum_sig = layer.sig.sum();
+  row.weight_mse = weight_mse(layer.W, W_eff);
+  row.rel_err_h = relative_output_error(layer.W, W_eff, layer.H.hessian());
+  row.rel_err_eval = sum_sig > 0 ? sum_err / sum_sig : std::numeric_limits<double>::quiet_NaN();
+  row.out_mse = sum_err / static_cast<double>(Yq.size());
+  row.sqnr_db = sqnr_db(layer.Y_ref, Yq);
+  row.cosine = cosine_similarity(layer.Y_ref, Yq);
+  row.max_abs = max_abs_error(layer.Y_ref, Yq);
+}
 
-  const Index n_units = static_cast<Index>(wl->unit_ids.size());
-  const Index L = static_cast<Index>(wl->layers.size());
+/// Slice metrics over units (each a mean over layers of a per-layer ratio of sums; the FP
+/// reference's outputs are the targets themselves, so its error is 0) and layer aggregates.
+void synthetic_summary(const RunConfig& run, const WorkloadCache::Prepared& wl, RunRecord& rec) {
   UnitTable& units = rec.units;
-  units.unit_ids = wl->unit_ids;
-  units.attr_keys = {"population"};
-  units.attrs = {wl->unit_population};
-  units.columns = {"n_tokens"};
-  for (auto& l : wl->layers) {
-    units.columns.push_back("err/" + l.name);
-    units.columns.push_back("sig/" + l.name);
-  }
-  units.sums = MatrixD::Zero(n_units, units.columns.size());
-  units.sums.col(0).setConstant(static_cast<double>(wl->unit_tokens));
-
-  for (Index li = 0; li < L; ++li) {
-    const auto& layer = wl->layers[li];
-    if (on_layer) on_layer(layer.name);
-    const auto t_q = std::chrono::steady_clock::now();
-
-    // Pipeline state of this layer: current weights in the transformed input space, the
-    // per-input-channel scale s (x' = x / s), and calibration statistics of x'.
-    Matrix W = layer.W;
-    VectorD s = VectorD::Ones(W.cols());
-    HessianAccumulator H = layer.H;
-    ChannelStats stats = layer.stats;
-    LayerRow row;
-    row.layer = layer.name;
-    row.algorithm = run.pipeline_name();
-    row.scheme = "none";
-    row.bits = 16;
-    row.group_size = -1;
-    row.bpw = 16;
-    double plugin_seconds = 0;
-    const ActQuantSpec* act = nullptr;
-
-    for (std::size_t si = 0; si < run.quant.size(); ++si) {
-      const QuantStep& step = run.quant[si];
-      if (!step.applies_to(layer.name))
-        continue;
-      if (step.act.quantized()) act = &step.act;
-      if (auto* la = dynamic_cast<const LayerAlgorithm*>(algos[si].get())) {
-        LayerInput in;
-        in.name = layer.name;
-        in.W = &W;
-        in.hessian = &H;
-        in.channels = &stats;
-        in.spec = step.weight;
-        in.options = &step.options;
-        in.seed = mix_stream(run.seed, static_cast<uint64_t>(li) * 131 + si);
-        LayerResult r = la->run(in);
-        plugin_seconds += r.metrics.seconds;
-        W = std::move(r.output.W);
-        if (r.output.quantized) {
-          row.bits = step.weight.bits;
-          row.scheme = scheme_name(step.weight.scheme);
-          row.group_size = layer_group_size(step.weight);
-          row.bpw = r.metrics.bits_per_weight;
-        }
-        for (auto& [name, value] : r.output.diagnostics)
-          rec.diagnostics.push_back({layer.name, static_cast<int>(si), step.algorithm, name, value});
-      } else if (auto* na = dynamic_cast<const NormConsumerAlgorithm*>(algos[si].get())) {
-        NormConsumerInput in;
-        in.name = layer.name + ".input";
-        in.consumer_names = {layer.name};
-        in.consumers = {&W};
-        in.input_stats = &stats;
-        in.options = &step.options;
-        auto t0 = std::chrono::steady_clock::now();
-        ChannelScaleTransform tr = na->run(in);
-        plugin_seconds += seconds_since(t0);
-        // Fold once: W' = W diag(s), x' = x / s, so H' = D⁻¹ H D⁻¹ and the statistics of x'
-        // are re-derived by rescaling the calibration statistics.
-        const Vector sf = tr.scales.cast<float>();
-        W = W * sf.asDiagonal();
-        s = s.cwiseProduct(tr.scales);
-        H.scale_channels(tr.scales.cwiseInverse());
-        stats.scale_channels(tr.scales.cwiseInverse());
-        for (auto& [name, value] : tr.diagnostics)
-          rec.diagnostics.push_back({layer.name, static_cast<int>(si), step.algorithm, name, value});
-      }
-    }
-    rec.seconds_quant += seconds_since(t_q);
-
-    // Evaluation on held-out tokens from every population.
-    const auto t_e = std::chrono::steady_clock::now();
-    Matrix Xq = layer.X_eval;
-    if (s != VectorD::Ones(s.size())) Xq = Xq * s.cast<float>().cwiseInverse().asDiagonal();
-    if (act) {
-      ActRange range;
-      if (act->mode == ActRangeMode::Static) {
-        // Static ranges come from the calibration inputs in the transformed space.
-        range.lo = stats.min();
-        range.hi = stats.max();
-      }
-      fake_quant_activations(Xq, *act, act->mode == ActRangeMode::Static ? &range : nullptr);
-    }
-    const Matrix Yq = matmul_nt(Xq, W);
-    const VectorD err = token_errors(Yq, layer.Y_ref);
-    const Index T = wl->unit_tokens;
-    for (Index u = 0; u < n_units; ++u) {
-      units.sums(u, 1 + 2 * li) = err.segment(u * T, T).sum();
-      units.sums(u, 2 + 2 * li) = layer.sig.segment(u * T, T).sum();
-    }
-    const Matrix W_eff = W * s.cast<float>().cwiseInverse().asDiagonal();
-    const double sum_err = err.sum(), sum_sig = layer.sig.sum();
-    row.weight_mse = weight_mse(layer.W, W_eff);
-    row.rel_err_h = relative_output_error(layer.W, W_eff, layer.H.hessian());
-    row.rel_err_eval = sum_sig > 0 ? sum_err / sum_sig : std::numeric_limits<double>::quiet_NaN();
-    row.out_mse = sum_err / static_cast<double>(Yq.size());
-    row.sqnr_db = sqnr_db(layer.Y_ref, Yq);
-    row.cosine = cosine_similarity(layer.Y_ref, Yq);
-    row.max_abs = max_abs_error(layer.Y_ref, Yq);
-    row.seconds = plugin_seconds;
-    rec.layers.push_back(row);
-    rec.seconds_eval += seconds_since(t_e);
-  }
-
-  // Slice metrics over units. Each metric is a mean over layers of a per-layer ratio of
-  // sums; the FP reference's outputs are the targets themselves, so its error is 0.
-  const auto t_s = std::chrono::steady_clock::now();
+  const Index L = static_cast<Index>(wl.layers.size());
   std::vector<double> d_out;
-  for (auto& l : wl->layers) d_out.push_back(static_cast<double>(l.W.rows()));
+  for (auto& l : wl.layers) d_out.push_back(static_cast<double>(l.W.rows()));
   const Index nl = L;
   std::vector<SliceMetricDef> defs;
   defs.push_back({"out_rel_err", false,
@@ -317,7 +258,7 @@ void execute_synthetic_run(const RunConfig& run, WorkloadCache& cache, const Alg
   // Layer aggregates: bits per weight weighted by weight count, errors averaged over layers.
   double nw = 0, bits = 0, wmse = 0, relh = 0;
   for (std::size_t i = 0; i < rec.layers.size(); ++i) {
-    const double n = static_cast<double>(wl->layers[i].W.size());
+    const double n = static_cast<double>(wl.layers[i].W.size());
     nw += n;
     bits += rec.layers[i].bpw * n;
     wmse += rec.layers[i].weight_mse;
@@ -328,6 +269,38 @@ void execute_synthetic_run(const RunConfig& run, WorkloadCache& cache, const Alg
   rec.summary.push_back({"bpw", bits / nw, nan, nan, bits / nw - 16.0});
   rec.summary.push_back({"weight_mse", wmse / nlay, nan, nan, wmse / nlay});
   rec.summary.push_back({"rel_err_h", relh / nlay, nan, nan, relh / nlay});
+}
+
+/// The synthetic layer suite: every layer independent, evaluated on held-out tokens of every
+/// population.
+void execute_synthetic_run(const RunConfig& run, WorkloadCache& cache, const AlgorithmRegistry& registry,
+                           RunRecord& rec, const std::function<void(const std::string&)>& on_layer) {
+  std::shared_ptr<const WorkloadCache::Prepared> wl = cache.get(run, &rec.seconds_calib);
+  const Pipeline pipeline(run, registry, {Scope::Layer, Scope::NormConsumers}, "synthetic layer-suite");
+  UnitTable& units = rec.units;
+  units.unit_ids = wl->unit_ids;
+  units.attr_keys = {"population"};
+  units.attrs = {wl->unit_population};
+  units.columns = {"n_tokens"};
+  for (auto& l : wl->layers) {
+    units.columns.push_back("err/" + l.name);
+    units.columns.push_back("sig/" + l.name);
+  }
+  units.sums = MatrixD::Zero(static_cast<Index>(wl->unit_ids.size()), units.columns.size());
+  units.sums.col(0).setConstant(static_cast<double>(wl->unit_tokens));
+  for (Index li = 0; li < static_cast<Index>(wl->layers.size()); ++li) {
+    const auto& layer = wl->layers[li];
+    if (on_layer) on_layer(layer.name);
+    const auto t_q = std::chrono::steady_clock::now();
+    SyntheticLayerState ls = quantize_synthetic_layer(pipeline, layer, li, rec);
+    rec.seconds_quant += seconds_since(t_q);
+    const auto t_e = std::chrono::steady_clock::now();
+    evaluate_synthetic_layer(*wl, layer, li, ls, units);
+    rec.layers.push_back(std::move(ls.row));
+    rec.seconds_eval += seconds_since(t_e);
+  }
+  const auto t_s = std::chrono::steady_clock::now();
+  synthetic_summary(run, *wl, rec);
   rec.seconds_eval += seconds_since(t_s);
 }
 

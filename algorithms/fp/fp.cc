@@ -24,6 +24,7 @@ void register_fp(AlgorithmRegistry& registry) {
   info.scope = Scope::Layer;
   info.summary = "no quantization: the floating-point reference";
   info.uses_weight_spec = false;
+  info.identity = true;
   info.options = std::make_shared<OptionSchema<FpOptions>>();
   info.make = [] { return std::make_unique<Fp>(); };
   registry.add(std::move(info));

@@ -9,7 +9,12 @@ namespace ql {
 
 void fold_channel_scales(Vector& norm_weight, const std::vector<Matrix*>& consumers,
                          const VectorD& s) {
-  const Index d = norm_weight.size();
+  fold_channel_scales(&norm_weight, consumers, s);
+}
+
+void fold_channel_scales(Vector* norm_weight, const std::vector<Matrix*>& consumers,
+                         const VectorD& s) {
+  const Index d = norm_weight ? norm_weight->size() : s.size();
   if (s.size() != d)
     throw ShapeError("fold_channel_scales: " + std::to_string(s.size()) + " scales for a norm of " +
                      std::to_string(d) + " channels");
@@ -29,7 +34,7 @@ void fold_channel_scales(Vector& norm_weight, const std::vector<Matrix*>& consum
     if (!(sf[j] > 0.0f) || !std::isfinite(sf[j]))
       throw NumericError("fold_channel_scales: scale " + std::to_string(j) +
                          " is not positive and finite in float32");
-  norm_weight.array() /= sf.array();
+  if (norm_weight) norm_weight->array() /= sf.array();
   for (Matrix* W : consumers) W->array().rowwise() *= sf.transpose().array();
 }
 

@@ -23,5 +23,10 @@ namespace ql {
 /// Not thread-safe for concurrent calls on the same tensors.
 void fold_channel_scales(Vector& norm_weight, const std::vector<Matrix*>& consumers,
                          const VectorD& s);
+/// The same with the producer optional: a null norm_weight scales the consumers only (the
+/// caller divides the input by s itself, e.g. a synthetic layer's inputs); d is then the
+/// consumers' column count.
+void fold_channel_scales(Vector* norm_weight, const std::vector<Matrix*>& consumers,
+                         const VectorD& s);
 
 }  // namespace ql

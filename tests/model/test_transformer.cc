@@ -10,7 +10,9 @@
 #include <nlohmann/json.hpp>
 
 #include "core/error.h"
+#include "core/model/architecture.h"
 #include "core/model/checkpoint.h"
+#include "core/model/quantized_model.h"
 #include "core/model/transformer.h"
 #include "core/parallel.h"
 #include "core/rng.h"
@@ -632,6 +634,71 @@ TEST(TransformerGolden, LogitsFirst64MatchReference) {
   const float inc_diff = max_abs_diff(inc, expected);
   std::printf("[golden] incremental decoding max abs diff = %.3g\n", inc_diff);
   EXPECT_LT(inc_diff, 1e-4);
+}
+
+// ---- the architecture table and the quantized-model object ----
+
+TEST(Architecture, TableCoversEveryLinearOnceWithItsInputWidth) {
+  TinySpec s;
+  const ModelWeights w = tiny_model(s);
+  const Architecture a = Architecture::of(w.config);
+  std::array<int, kLinearKinds> seen{};
+  for (std::size_t g = 0; g < a.input_groups().size(); ++g)
+    for (LinearKind k : a.input_groups()[g].members) {
+      ++seen[static_cast<int>(k)];
+      EXPECT_EQ(a.group_of(k), static_cast<int>(g));
+      EXPECT_EQ(w.blocks[0].linear(k).W.cols(), a.input_width(static_cast<int>(g))) << linear_name(0, k);
+    }
+  for (int k = 0; k < kLinearKinds; ++k) EXPECT_EQ(seen[k], 1);
+  // Norm-produced groups: q/k/v after input_layernorm, gate/up after post_attention_layernorm.
+  EXPECT_EQ(a.norm_name(2, a.group_of(LinearKind::K)), "model.layers.2.input_layernorm");
+  EXPECT_EQ(a.norm_name(2, a.group_of(LinearKind::Up)), "model.layers.2.post_attention_layernorm");
+  EXPECT_EQ(a.norm_name(2, a.group_of(LinearKind::O)), "");
+  EXPECT_EQ(a.heads().kv_head_of(3), 1);  // 4 heads on 2 kv heads
+  EXPECT_EQ(a.heads().kv_dim(), Index(s.kv_heads) * s.head_dim);
+  for (int i = 0; i < s.head_dim; ++i) {
+    EXPECT_EQ(a.rope().partner(a.rope().partner(i)), i);
+    EXPECT_EQ(std::abs(a.rope().partner(i) - i), s.head_dim / 2);
+  }
+  for (const TransformSlotInfo& slot : a.transform_slots()) EXPECT_EQ(&a.slot(slot.slot), &slot);
+  ModelConfig other = w.config;
+  other.architecture = "GPTNeoXForCausalLM";
+  try {
+    Architecture::of(other);
+    FAIL() << "expected a ShapeError";
+  } catch (const ShapeError& e) {
+    EXPECT_NE(std::string(e.what()).find("GPTNeoXForCausalLM"), std::string::npos);
+    EXPECT_NE(std::string(e.what()).find("LlamaForCausalLM"), std::string::npos);
+  }
+}
+
+TEST(QuantizedModel, WithoutQuantizersItEvaluatesBitwiseAsTheFpModel) {
+  TinySpec s;
+  auto fp = std::make_shared<const ModelWeights>(tiny_model(s));
+  QuantizedModel qm(fp);
+  EXPECT_FALSE(qm.has_activation_quant());
+  const auto tokens = random_tokens(40, s.vocab, 5);
+  const Matrix ref = Transformer(*fp).forward(tokens);
+  const ForwardHooks hooks = qm.hooks();
+  EXPECT_TRUE(bitwise_equal(Transformer(qm.current()).forward(tokens, &hooks), ref));
+
+  // An active per-token 4-bit quantizer at one linear is what a hand-written hook does there.
+  ActQuantSpec a4;
+  a4.bits = 4;
+  a4.granularity = ActGranularity::PerToken;
+  qm.act(1, LinearKind::Down).spec = &a4;
+  EXPECT_TRUE(qm.has_activation_quant());
+  ForwardHooks manual;
+  manual.transform_input = [&](int b, LinearKind k, Matrix& X) {
+    if (b == 1 && k == LinearKind::Down) fake_quant_activations(X, a4);
+  };
+  const ForwardHooks qh = qm.hooks();
+  const Matrix q = Transformer(qm.current()).forward(tokens, &qh);
+  EXPECT_TRUE(bitwise_equal(q, Transformer(*fp).forward(tokens, &manual)));
+  EXPECT_FALSE(bitwise_equal(q, ref));
+  // The FP weights are never touched by edits of the current ones.
+  qm.block(0).q.W.setZero();
+  EXPECT_NE(qm.fp_block(0).q.W.norm(), 0.0f);
 }
 
 }  // namespace

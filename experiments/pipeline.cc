@@ -1,0 +1,125 @@
+#include "experiments/pipeline.h"
+
+#include <chrono>
+
+#include "core/error.h"
+#include "core/model/fold.h"
+#include "core/rng.h"
+
+namespace ql {
+
+namespace {
+
+double seconds_since(std::chrono::steady_clock::time_point t0) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+bool full_match_any(const std::vector<std::regex>& res, const std::string& name) {
+  for (const std::regex& r : res)
+    if (std::regex_match(name, r)) return true;
+  return false;
+}
+
+void apply_layer_step(const Pipeline& p, std::size_t si, const LayerAlgorithm& algo,
+                      InputGroupState& g, RunRecord& rec) {
+  const PipelineStep& ps = p.steps()[si];
+  const QuantStep& step = ps.config();
+  for (std::size_t m = 0; m < g.weights.size(); ++m) {
+    if (!ps.applies_to(g.names[m])) continue;
+    LayerInput in;
+    in.name = g.names[m];
+    in.W = g.weights[m];
+    in.hessian = g.H;
+    in.channels = g.S;
+    in.spec = step.weight;
+    in.options = &step.options;
+    in.seed = mix_stream(p.seed(), g.seed_streams[m] + si);
+    LayerResult r = algo.run(in);
+    LayerRow& row = *g.rows[m];
+    row.seconds += r.metrics.seconds;
+    *g.weights[m] = std::move(r.output.W);
+    if (r.output.quantized) {
+      row.bits = step.weight.bits;
+      row.scheme = scheme_name(step.weight.scheme);
+      row.group_size = layer_group_size(step.weight);
+      row.bpw = r.metrics.bits_per_weight;
+    }
+    for (auto& [name, value] : r.output.diagnostics)
+      rec.diagnostics.push_back({g.names[m], static_cast<int>(si), step.algorithm, name, value});
+  }
+}
+
+void apply_norm_step(const Pipeline& p, std::size_t si, const NormConsumerAlgorithm& algo,
+                     InputGroupState& g, RunRecord& rec) {
+  const PipelineStep& ps = p.steps()[si];
+  if (!g.absorbs_scale || !ps.applies_to(g.names.front())) return;
+  NormConsumerInput in;
+  in.name = g.input_name;
+  in.consumer_names = g.names;
+  for (Matrix* W : g.weights) in.consumers.push_back(W);
+  in.input_stats = g.S;
+  in.options = &ps.config().options;
+  const auto t0 = std::chrono::steady_clock::now();
+  ChannelScaleTransform tr = algo.run(in);
+  const double dt = seconds_since(t0);
+  for (LayerRow* row : g.rows) row->seconds += dt / static_cast<double>(g.rows.size());
+  // Fold exactly once (core/model/fold.h): W_i' = W_i diag(s), norm' = norm / s, so the
+  // statistics of x' = x / s are the calibration statistics rescaled.
+  fold_channel_scales(g.norm, g.weights, tr.scales);
+  const VectorD inv = tr.scales.cwiseInverse();
+  g.H->scale_channels(inv);
+  g.S->scale_channels(inv);
+  *g.scale = g.scale->cwiseProduct(tr.scales);
+  for (auto& [name, value] : tr.diagnostics)
+    rec.diagnostics.push_back({in.name, static_cast<int>(si), ps.config().algorithm, name, value});
+}
+
+}  // namespace
+
+PipelineStep::PipelineStep(const QuantStep& step, const AlgorithmInfo& info)
+    : step_(&step), plugin_(info.make()), scope_(info.scope) {
+  for (auto& r : step.targets) targets_.emplace_back(r);
+  for (auto& r : step.ignore) ignore_.emplace_back(r);
+}
+
+bool PipelineStep::applies_to(const std::string& layer) const {
+  return full_match_any(targets_, layer) && !full_match_any(ignore_, layer);
+}
+
+Pipeline::Pipeline(const RunConfig& run, const AlgorithmRegistry& registry,
+                   const std::vector<Scope>& driven, const std::string& workload)
+    : run_(&run), seed_(static_cast<uint64_t>(run.seed)) {
+  for (const QuantStep& step : run.quant) {
+    const AlgorithmInfo& info = registry.get(step.algorithm);
+    bool ok = false;
+    for (Scope s : driven) ok = ok || s == info.scope;
+    if (!ok)
+      throw ConfigError(step.loc, "quant",
+                        "algorithm '" + step.algorithm + "' acts at " + scope_name(info.scope) +
+                            " scope, which the " + workload + " workload does not drive",
+                        run.label);
+    identity_ = identity_ && info.identity && !step.act.quantized();
+    steps_.emplace_back(step, info);
+  }
+}
+
+void apply_step(const Pipeline& pipeline, std::size_t si, InputGroupState& g, RunRecord& rec) {
+  const PipelineStep& ps = pipeline.steps()[si];
+  if (auto* la = dynamic_cast<const LayerAlgorithm*>(&ps.plugin()))
+    apply_layer_step(pipeline, si, *la, g, rec);
+  else if (auto* na = dynamic_cast<const NormConsumerAlgorithm*>(&ps.plugin()))
+    apply_norm_step(pipeline, si, *na, g, rec);
+  if (ps.config().act.quantized())
+    for (std::size_t m = 0; m < g.names.size(); ++m)
+      if (ps.applies_to(g.names[m])) *g.act[m] = &ps.config().act;
+}
+
+LayerRow initial_layer_row(const RunConfig& run, const std::string& name) {
+  LayerRow row;
+  row.layer = name;
+  row.algorithm = run.pipeline_name();
+  row.scheme = "none";
+  return row;
+}
+
+}  // namespace ql

@@ -1,0 +1,93 @@
+// The one pipeline path of every workload: the plugins of a run, built once, and apply_step,
+// which runs one step of the pipeline on one shared input and the linears that read it,
+// dispatching on the plugin's scope. The synthetic layer suite (one linear per input) and the
+// model workload (the groups of core/model/architecture.h, block by block) both call it, so
+// step dispatch, scope gates, diagnostics, layer rows and folding exist once.
+//
+// Per input group the pipeline keeps the consumers' current weights in the transformed input
+// space, the cumulative per-channel scale s (x' = x / s after norm->consumers steps) and the
+// calibration statistics of x'. A norm->consumers step folds 1/s into the producer (an RMSNorm
+// weight) when the group has one; otherwise the workload applies 1/s to the input itself.
+#pragma once
+#include <functional>
+#include <memory>
+#include <regex>
+#include <string>
+#include <vector>
+
+#include "algorithms/algorithm.h"
+#include "experiments/config.h"
+#include "experiments/run_record.h"
+
+namespace ql {
+
+/// One step of a run's pipeline, ready to run: the plugin built once with the step's options,
+/// and its layer-selection regexes compiled once.
+class PipelineStep {
+ public:
+  PipelineStep(const QuantStep& step, const AlgorithmInfo& info);
+  const QuantStep& config() const { return *step_; }
+  const Algorithm& plugin() const { return *plugin_; }
+  Scope scope() const { return scope_; }
+  /// The step acts on the layer: its name fully matches a target and no ignore regex.
+  bool applies_to(const std::string& layer) const;
+
+ private:
+  const QuantStep* step_;
+  std::unique_ptr<Algorithm> plugin_;
+  Scope scope_;
+  std::vector<std::regex> targets_, ignore_;
+};
+
+/// The steps of one run. Throws ConfigError at the step's line when a plugin acts at a scope
+/// the workload cannot drive (`driven` lists those it can; `workload` names it for the message).
+class Pipeline {
+ public:
+  Pipeline(const RunConfig& run, const AlgorithmRegistry& registry, const std::vector<Scope>& driven,
+           const std::string& workload);
+  const std::vector<PipelineStep>& steps() const { return steps_; }
+  /// Every step is `fp` without activation quantization: the quantized model is the FP model.
+  bool is_identity() const { return identity_; }
+  uint64_t seed() const { return seed_; }
+  const RunConfig& run() const { return *run_; }
+
+ private:
+  const RunConfig* run_;
+  uint64_t seed_;
+  std::vector<PipelineStep> steps_;
+  bool identity_ = true;
+};
+
+/// One shared input and the linears reading it, at one point of a run. Pointers refer to the
+/// workload's state and stay valid for the call; the vectors are parallel (one entry per
+/// consumer, in data-flow order).
+struct InputGroupState {
+  std::string input_name;                     ///< e.g. "model.layers.3.input_layernorm"
+  std::vector<std::string> names;             ///< consumer linear names
+  std::vector<Matrix*> weights;               ///< consumers' current weights (d_out x d_in)
+  std::vector<LayerRow*> rows;                ///< their layer rows (bits, bpw, seconds)
+  std::vector<const ActQuantSpec**> act;      ///< their activation quantizer (set by steps)
+  /// Per consumer: the random stream of its plugin calls is mix_stream(run seed, this + step
+  /// index), so plugins that draw numbers are reproducible per layer and step.
+  std::vector<uint64_t> seed_streams;
+  HessianAccumulator* H = nullptr;            ///< of x' (the transformed input)
+  ChannelStats* S = nullptr;                  ///< of x'
+  VectorD* scale = nullptr;                   ///< cumulative s, x' = x / s
+  Vector* norm = nullptr;                     ///< producer RMSNorm weight, or null
+  /// Whether a per-channel scale of this input can be absorbed: by `norm`, or (no norm) by
+  /// the workload dividing the input by `scale` itself. False for inputs no producer can
+  /// absorb exactly (a model's o_proj and down_proj inputs): norm->consumers steps skip them.
+  bool absorbs_scale = false;
+};
+
+/// Runs step `si` on group g: a layer-scope step quantizes every consumer it applies to; a
+/// norm->consumers step (when it applies to the first consumer) computes s, folds it into the
+/// consumers (and 1/s into the norm), and rescales H, S and the cumulative scale; a step with
+/// activation quantization sets the consumers' act spec. Diagnostics go to rec.
+void apply_step(const Pipeline& pipeline, std::size_t si, InputGroupState& g, RunRecord& rec);
+
+/// A fresh layer row for a linear: the run's pipeline name, no grid (16 bits) until a step
+/// quantizes it.
+LayerRow initial_layer_row(const RunConfig& run, const std::string& name);
+
+}  // namespace ql
