@@ -5,6 +5,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <cmath>
 #include <string>
 
 #include "core/error.h"
@@ -165,5 +166,49 @@ void syrk_upper(const Matrix& X, float alpha, float beta, Matrix& C) {
       gemm(Trans::Yes, Trans::No, mi, mj, n, alpha, x + i0, d, x + j0, d, beta, c + i0 * d + j0, d);
   }
 }
+
+// Right-looking with kFactorTile panels: factor the diagonal tile, solve the panel below it,
+// update the trailing lower triangle; each step's tiles are independent tile calls.
+bool cholesky_lower_blocked(MatrixD& A, double min_pivot) {
+  const Index n = A.rows();
+  double* a = A.data();
+  bool ok = true;
+#pragma omp parallel
+  for (Index k0 = 0; k0 < n; k0 += kFactorTile) {
+    const Index kb = std::min(kFactorTile, n - k0);
+#pragma omp single
+    {
+      double* t = a + k0 * n + k0;
+      ok = potrf_lower(kb, t, n) == 0;
+      for (Index j = 0; ok && j < kb; ++j) {
+        const double p = t[j * n + j] * t[j * n + j];
+        ok = p > min_pivot && std::isfinite(p);
+      }
+    }  // implicit barrier: every thread sees ok
+    if (!ok) break;
+    const Index r0 = k0 + kb;
+    if (r0 >= n) break;
+    const Index tiles = (n - r0 + kFactorTile - 1) / kFactorTile;
+    // Panel below the diagonal tile: A21 <- A21 L11⁻ᵀ.
+#pragma omp for schedule(dynamic, 1)
+    for (Index t = 0; t < tiles; ++t) {
+      const Index i0 = r0 + t * kFactorTile, ib = std::min(kFactorTile, n - i0);
+      trsm_right_lower_trans(ib, kb, a + k0 * n + k0, n, a + i0 * n + k0, n);
+    }
+    // Trailing update, one row tile per task (largest first):
+    // A[i-tile, r0 : end of tile i] -= A21[i-tile] A21[r0 : end of tile i]ᵀ. Reads columns
+    // k0..r0, writes columns >= r0, so tasks do not overlap.
+#pragma omp for schedule(dynamic, 1)
+    for (Index tt = 0; tt < tiles; ++tt) {
+      const Index t = tiles - 1 - tt;
+      const Index i0 = r0 + t * kFactorTile, ib = std::min(kFactorTile, n - i0);
+      const Index w = i0 + ib - r0;
+      gemm(Trans::No, Trans::Yes, ib, w, kb, -1.0, a + i0 * n + k0, n, a + r0 * n + k0, n, 1.0,
+           a + i0 * n + r0, n);
+    }
+  }
+  return ok;
+}
+
 
 }  // namespace ql

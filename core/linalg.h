@@ -44,6 +44,16 @@ void trmm_right_upper(Index m, Index n, const float* U, Index ldu, float* B, Ind
 /// triangle untouched). Returns 0, or a positive value when A is not positive definite.
 int potrf_lower(Index n, double* A, Index lda);
 
+/// Tile of the blocked factorisation (rows and columns). Fixed: it sets the summation order.
+constexpr Index kFactorTile = 256;
+
+/// A = L Lᵀ in place on the n x n symmetric A (only its lower triangle is read), blocked in
+/// fixed kFactorTile tiles spread over the OpenMP threads, so L does not depend on the thread
+/// count. The lower triangle becomes L; the strict upper triangle is scratch afterwards. False
+/// when a pivot L_jj² is not above min_pivot or not finite (A not positive definite enough for
+/// the caller's use; e.g. GPTQ's fp32 column loop needs pivots above 2^-23 mean diag).
+bool cholesky_lower_blocked(MatrixD& A, double min_pivot);
+
 /// C = A Bᵀ  (A: m x k, B: n x k, C: m x n). The Y = X Wᵀ of a linear layer.
 Matrix matmul_nt(const Matrix& A, const Matrix& B);
 /// C = A B  (A: m x k, B: k x n).

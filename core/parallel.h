@@ -38,4 +38,17 @@ class ParallelErrors {
 void set_num_threads(int n);
 int num_threads();
 
+/// Sets the thread count for its lifetime and restores the previous one (n <= 0 changes
+/// nothing), so a library call such as run_sweep leaves its caller's setting as it found it.
+class ThreadCountGuard {
+ public:
+  explicit ThreadCountGuard(int n) : saved_(num_threads()) { set_num_threads(n); }
+  ~ThreadCountGuard() { set_num_threads(saved_); }
+  ThreadCountGuard(const ThreadCountGuard&) = delete;
+  ThreadCountGuard& operator=(const ThreadCountGuard&) = delete;
+
+ private:
+  int saved_;
+};
+
 }  // namespace ql

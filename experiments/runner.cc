@@ -408,7 +408,7 @@ class Progress {
 
 SweepSummary run_sweep(const std::vector<RunConfig>& runs, const RunnerOptions& opts,
                        const AlgorithmRegistry& registry) {
-  set_num_threads(opts.threads);
+  const ThreadCountGuard threads(opts.threads);
   SweepSummary sum;
   sum.total = static_cast<int>(runs.size());
   std::ostream& os = opts.progress ? *opts.progress : std::cerr;

@@ -18,9 +18,9 @@
 namespace ql {
 namespace {
 
-/// Tile of the blocked factorisation (rows and columns). Fixed: it sets the summation order,
-/// so changing it changes U in the last bits.
-constexpr Index kTile = 256;
+/// Column panels of the triangular inverse. Fixed: it sets the summation order, so changing
+/// it changes U in the last bits.
+constexpr Index kTile = kFactorTile;
 /// Columns per sub-block of the column loop: inside a lazy-update block, columns are processed
 /// in sub-blocks whose updates to the rest of the block are one small GEMM, so the scalar
 /// recurrence only spans kSub columns. Fixed, like kTile.
@@ -39,51 +39,6 @@ constexpr Index kParallelMinElems = 1 << 16;
 // single-threaded and its bounds do not depend on the thread count; so the factors do not
 // either.
 // ------------------------------------------------------------------------------------------
-
-/// A = L Lᵀ in place: the lower triangle of A (symmetric; only the lower triangle is read)
-/// becomes L; the strict upper triangle is scratch afterwards. Right-looking with kTile
-/// panels: factor the diagonal tile, solve the panel below it, update the trailing lower
-/// triangle. False when a pivot L_jj² is not above min_pivot (or the factorisation breaks).
-bool cholesky_lower(MatrixD& A, double min_pivot) {
-  const Index n = A.rows();
-  double* a = A.data();
-  bool ok = true;
-#pragma omp parallel
-  for (Index k0 = 0; k0 < n; k0 += kTile) {
-    const Index kb = std::min(kTile, n - k0);
-#pragma omp single
-    {
-      double* t = a + k0 * n + k0;
-      ok = potrf_lower(kb, t, n) == 0;
-      for (Index j = 0; ok && j < kb; ++j) {
-        const double p = t[j * n + j] * t[j * n + j];
-        ok = p > min_pivot && std::isfinite(p);
-      }
-    }  // implicit barrier: every thread sees ok
-    if (!ok) break;
-    const Index r0 = k0 + kb;
-    if (r0 >= n) break;
-    const Index tiles = (n - r0 + kTile - 1) / kTile;
-    // Panel below the diagonal tile: A21 <- A21 L11⁻ᵀ.
-#pragma omp for schedule(dynamic, 1)
-    for (Index t = 0; t < tiles; ++t) {
-      const Index i0 = r0 + t * kTile, ib = std::min(kTile, n - i0);
-      trsm_right_lower_trans(ib, kb, a + k0 * n + k0, n, a + i0 * n + k0, n);
-    }
-    // Trailing update, one row tile per task (largest first):
-    // A[i-tile, r0 : end of tile i] -= A21[i-tile] A21[r0 : end of tile i]ᵀ. Reads columns
-    // k0..r0, writes columns >= r0, so tasks do not overlap.
-#pragma omp for schedule(dynamic, 1)
-    for (Index tt = 0; tt < tiles; ++tt) {
-      const Index t = tiles - 1 - tt;
-      const Index i0 = r0 + t * kTile, ib = std::min(kTile, n - i0);
-      const Index w = i0 + ib - r0;
-      gemm(Trans::No, Trans::Yes, ib, w, kb, -1.0, a + i0 * n + k0, n, a + r0 * n + k0, n, 1.0,
-           a + i0 * n + r0, n);
-    }
-  }
-  return ok;
-}
 
 /// U = J L⁻¹ J in fp32 (J the index reversal), from L's lower triangle. L⁻¹ is computed in
 /// column panels of width kTile, each one TRSM on an identity panel (column j of L⁻¹ is zero
@@ -145,7 +100,7 @@ FactorStatus factor(const Matrix& Hu, const std::vector<Index>& perm,
     ai[i] = static_cast<double>(diag[ci]) + lambda;
   }
   if (!finite) return FactorStatus::NotFinite;
-  if (!cholesky_lower(A, min_pivot)) return FactorStatus::NotPositiveDefinite;
+  if (!cholesky_lower_blocked(A, min_pivot)) return FactorStatus::NotPositiveDefinite;
   if (R) {
     R->resize(n, n);
 #pragma omp parallel for schedule(static) if (par)
@@ -357,133 +312,176 @@ std::string join_values(const std::vector<double>& v) {
 // The plugin
 // ------------------------------------------------------------------------------------------
 
-class Gptq final : public LayerAlgorithm {
- private:
-  LayerOutput quantize_layer(const LayerInput& in) const override;
+/// Dead columns, the diagonal with dead entries replaced, and the processing order.
+struct Columns {
+  std::vector<char> dead;
+  std::vector<float> diag;
+  std::vector<Index> perm;
+  double mean_diag = 0.0;
 };
 
-LayerOutput Gptq::quantize_layer(const LayerInput& in) const {
-  const GptqOptions opt = in.options ? std::any_cast<GptqOptions>(*in.options) : GptqOptions{};
-  const QuantSpec& spec = in.spec;
-  const Matrix& W0 = *in.W;
-  LayerOutput out;
-  if (!spec.quantized()) {  // bits: 16 keeps the layer in float, as for rtn
-    out.W = W0;
-    return out;
-  }
-  if (!in.hessian || in.hessian->count() == 0)
-    throw ConfigError(SourceLoc{}, "calib",
-                      "layer '" + in.name +
-                          "': gptq needs calibration data (the Hessian of the layer input), "
-                          "but none was collected");
-  const auto t0 = std::chrono::steady_clock::now();
-  const Index rows = W0.rows(), d = W0.cols();
-
-  const Matrix& Hu = in.hessian->upper_triangle();  // symmetric H, upper triangle
-
+Columns prepare_columns(const Matrix& Hu, bool act_order) {
+  const Index d = Hu.rows();
+  Columns c;
   // §2.1 step 2: dead inputs carry no information; their columns are zeroed and decoupled.
-  std::vector<char> dead(static_cast<size_t>(d), 0);
+  c.dead.assign(static_cast<size_t>(d), 0);
   double live_sum = 0.0;
   Index live = 0;
   for (Index j = 0; j < d; ++j) {
     if (Hu(j, j) == 0.0f) {
-      dead[j] = 1;
+      c.dead[j] = 1;
     } else {
       live_sum += Hu(j, j);
       ++live;
     }
   }
   const float dead_diag = live > 0 ? static_cast<float>(live_sum / live) : 1.0f;
-  std::vector<float> diag(static_cast<size_t>(d));
-  for (Index j = 0; j < d; ++j) diag[j] = dead[j] ? dead_diag : Hu(j, j);
-
+  c.diag.resize(static_cast<size_t>(d));
+  for (Index j = 0; j < d; ++j) c.diag[j] = c.dead[j] ? dead_diag : Hu(j, j);
   // Step 4: act-order permutes by descending diag H (ties keep index order).
-  std::vector<Index> perm(static_cast<size_t>(d));
-  std::iota(perm.begin(), perm.end(), Index{0});
-  if (opt.act_order)
-    std::stable_sort(perm.begin(), perm.end(), [&](Index a, Index b) { return diag[a] > diag[b]; });
+  c.perm.resize(static_cast<size_t>(d));
+  std::iota(c.perm.begin(), c.perm.end(), Index{0});
+  if (act_order)
+    std::stable_sort(c.perm.begin(), c.perm.end(), [&](Index a, Index b) { return c.diag[a] > c.diag[b]; });
+  for (Index j = 0; j < d; ++j) c.mean_diag += c.diag[j];
+  c.mean_diag /= static_cast<double>(d);
+  return c;
+}
 
-  double mean_diag = 0.0;
-  for (Index j = 0; j < d; ++j) mean_diag += diag[j];
-  mean_diag /= static_cast<double>(d);
-
-  // Steps 5-6 with escalating damping (ALGORITHMS.md §2.5, §10).
+struct Damping {
+  double percdamp = -1.0, lambda = 0.0;
   std::vector<double> tried;
-  Matrix U, R;
-  Matrix* Rp = opt.compare_rtn ? &R : nullptr;
-  double percdamp_used = -1.0, lambda = 0.0;
+};
+
+/// Steps 5-6 with escalating damping (ALGORITHMS.md §2.5, §10): the first percdamp of the
+/// schedule whose factorisation succeeds. NumericError naming the layer otherwise.
+Damping factor_damped(const Matrix& Hu, const Columns& c, const GptqOptions& opt, const std::string& name,
+                      Matrix& U, Matrix* R) {
+  Damping dmp;
   std::vector<double> schedule{opt.percdamp};
   for (double v : opt.damp_schedule)
     if (v > schedule.back()) schedule.push_back(v);
   for (double pd : schedule) {
-    tried.push_back(pd);
-    lambda = pd * mean_diag;
-    const FactorStatus status = factor(Hu, perm, diag, lambda, kPivotFloor * mean_diag, U, Rp);
+    dmp.tried.push_back(pd);
+    dmp.lambda = pd * c.mean_diag;
+    const FactorStatus status = factor(Hu, c.perm, c.diag, dmp.lambda, kPivotFloor * c.mean_diag, U, R);
     if (status == FactorStatus::NotFinite)
-      throw NumericError("layer '" + in.name +
+      throw NumericError("layer '" + name +
                          "': gptq: the calibration Hessian contains NaN or Inf (check the "
                          "calibration inputs)");
     if (status == FactorStatus::Ok) {
-      percdamp_used = pd;
-      break;
+      dmp.percdamp = pd;
+      return dmp;
     }
   }
-  if (percdamp_used < 0)
-    throw NumericError("layer '" + in.name +
-                       "': gptq: the damped Hessian is not positive definite (Cholesky failed "
-                       "with percdamp " +
-                       join_values(tried) +
-                       "); use more or other calibration data, check for duplicate "
-                       "calibration rows, or raise percdamp / damp_schedule");
+  throw NumericError("layer '" + name +
+                     "': gptq: the damped Hessian is not positive definite (Cholesky failed "
+                     "with percdamp " +
+                     join_values(dmp.tried) +
+                     "); use more or other calibration data, check for duplicate "
+                     "calibration rows, or raise percdamp / damp_schedule");
+}
 
-  // Grids, working weights in processing order.
-  GridMode mode = GridMode::Channel;
-  if (spec.granularity == Granularity::PerTensor) mode = GridMode::Tensor;
-  if (spec.granularity == Granularity::PerGroup)
-    mode = opt.static_groups ? GridMode::StaticGroups : GridMode::DynamicGroups;
+/// The grids fixed before the column loop (per tensor and per channel on the incoming W,
+/// static groups on the dead-zeroed W in original order, as the reference) and the working
+/// weights in processing order with dead columns zeroed.
+void initial_grids(const Matrix& W0, const QuantSpec& spec, GridMode mode, const Columns& cols,
+                   QuantizedTensor& qt, Matrix& Wp) {
+  const Index rows = W0.rows(), d = W0.cols();
   const Index g = spec.granularity == Granularity::PerGroup ? spec.group_size : 0;
   const Index n_groups = g > 0 ? (d + g - 1) / g : 1;
-
-  QuantizedTensor qt;
   qt.spec = spec;
   qt.scales.resize(mode == GridMode::Tensor ? 1 : rows, n_groups);
   qt.zeros.resize(qt.scales.rows(), qt.scales.cols());
-  if (mode == GridMode::Tensor) {  // on the incoming W, as the reference
+  if (mode == GridMode::Tensor) {
     const Grid t = fit_grid(W0.data(), W0.size(), 1, spec);
     qt.scales(0, 0) = t.scale;
     qt.zeros(0, 0) = t.zero;
   }
-
-  Matrix Wp(rows, d);
+  Wp.resize(rows, d);
   ParallelErrors errs;
 #pragma omp parallel for schedule(static) if (rows * d >= kParallelMinElems)
   for (Index r = 0; r < rows; ++r) {
     errs.run(r, [&] {
-      if (mode == GridMode::Channel) {  // on the incoming row, as the reference
+      if (mode == GridMode::Channel) {
         const Grid c = fit_grid(W0.data() + r * d, d, 1, spec);
         qt.scales(r, 0) = c.scale;
         qt.zeros(r, 0) = c.zero;
       }
-      if (mode == GridMode::StaticGroups) {  // step 3: original order, dead columns zeroed
+      if (mode == GridMode::StaticGroups) {  // step 3
         std::vector<float> row(static_cast<size_t>(d));
-        for (Index c = 0; c < d; ++c) row[c] = dead[c] ? 0.0f : W0(r, c);
+        for (Index c = 0; c < d; ++c) row[c] = cols.dead[c] ? 0.0f : W0(r, c);
         for (Index k = 0; k < n_groups; ++k) {
           const Grid s = fit_grid(row.data() + k * g, std::min(g, d - k * g), 1, spec);
           qt.scales(r, k) = s.scale;
           qt.zeros(r, k) = s.zero;
         }
       }
-      for (Index p = 0; p < d; ++p) Wp(r, p) = dead[perm[p]] ? 0.0f : W0(r, perm[p]);
+      for (Index p = 0; p < d; ++p) Wp(r, p) = cols.dead[cols.perm[p]] ? 0.0f : W0(r, cols.perm[p]);
     });
   }
   errs.rethrow();
+}
+
+/// rtn_rel_err_h, gptq_rel_err_h and gain_vs_rtn under the undamped H: tr(A H Aᵀ) =
+/// ‖A R‖² - λ‖A‖² (H_d = R Rᵀ). GPTQ's own numerator needs no product: the OBS increments sum
+/// to the objective under H_d, Σ err² = tr(ΔW H_d ΔWᵀ) (§2.1), so tr(ΔW H ΔWᵀ) = Σ err² -
+/// λ‖ΔW‖² (dead columns of ΔW are 0 in the working weights and carry no weight under H).
+void compare_with_rtn(const Matrix& W0, const Matrix& Wq, const QuantSpec& spec, const Columns& cols,
+                      const Matrix& R, double lambda, double sum_err2, Diagnostics& diag) {
+  const Index rows = W0.rows(), d = W0.cols();
+  const QuantizedTensor rq = quantize(W0, spec);
+  const Matrix dW_rtn = W0 - dequantize(rq);
+  const std::vector<double> forms = quadratic_forms({&W0, &dW_rtn}, cols.perm, cols.dead, R, lambda);
+  const double den = forms[0], num_rtn = forms[1];
+  std::vector<double> dw2(static_cast<size_t>(rows));
+  for (Index r = 0; r < rows; ++r) {
+    double s = 0.0;
+    for (Index c = 0; c < d; ++c)
+      if (!cols.dead[c]) {
+        const double e = static_cast<double>(W0(r, c)) - Wq(r, c);
+        s += e * e;
+      }
+    dw2[r] = s;
+  }
+  const double num_gptq = sum_err2 - lambda * ordered_sum(dw2);
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  const double rtn_rel = den > 0 ? num_rtn / den : nan;
+  const double gptq_rel = den > 0 ? num_gptq / den : nan;
+  diag.emplace_back("rtn_rel_err_h", rtn_rel);
+  diag.emplace_back("gptq_rel_err_h", gptq_rel);
+  diag.emplace_back("gain_vs_rtn", gptq_rel > 0 ? rtn_rel / gptq_rel : nan);
+}
+
+}  // namespace
+
+GptqResult gptq_solve(const Matrix& W0, const Matrix& Hu, const QuantSpec& spec, const GptqOptions& opt,
+                      const std::string& name) {
+  if (!spec.quantized()) throw Error("layer '" + name + "': gptq_solve needs a quantized grid (bits < 16)");
+  if (Hu.rows() != W0.cols() || Hu.cols() != W0.cols())
+    throw ShapeError("layer '" + name + "': gptq: Hessian is " + std::to_string(Hu.rows()) + "x" +
+                     std::to_string(Hu.cols()) + " for " + std::to_string(W0.cols()) + " input channels");
+  const auto t0 = std::chrono::steady_clock::now();
+  const Index rows = W0.rows(), d = W0.cols();
+  const Columns cols = prepare_columns(Hu, opt.act_order);
+  Matrix U, R;
+  const Damping dmp = factor_damped(Hu, cols, opt, name, U, opt.compare_rtn ? &R : nullptr);
+
+  GridMode mode = GridMode::Channel;
+  if (spec.granularity == Granularity::PerTensor) mode = GridMode::Tensor;
+  if (spec.granularity == Granularity::PerGroup)
+    mode = opt.static_groups ? GridMode::StaticGroups : GridMode::DynamicGroups;
+  GptqResult out;
+  QuantizedTensor& qt = out.quantized;
+  Matrix Wp;
+  initial_grids(W0, spec, mode, cols, qt, Wp);
 
   // Without act-order the processing order is the original one and codes go straight out.
   IntMatrix codes_perm;
   IntMatrix& codes = opt.act_order ? codes_perm : qt.codes;
   codes.resize(rows, d);
   std::vector<double> err2(static_cast<size_t>(rows), 0.0);
-  LoopState st{&Wp, &U, &spec, mode, &perm, &codes, &qt.scales, &qt.zeros, &err2};
+  LoopState st{&Wp, &U, &spec, mode, &cols.perm, &codes, &qt.scales, &qt.zeros, &err2};
   st.fit_block_start = opt.group_fit == GptqGroupFit::BlockStart;
   column_loop(st, opt.blocksize);
   U.resize(0, 0);
@@ -494,49 +492,50 @@ LayerOutput Gptq::quantize_layer(const LayerInput& in) const {
     qt.codes.resize(rows, d);
 #pragma omp parallel for schedule(static) if (rows * d >= kParallelMinElems)
     for (Index r = 0; r < rows; ++r)
-      for (Index p = 0; p < d; ++p) qt.codes(r, perm[p]) = codes_perm(r, p);
+      for (Index p = 0; p < d; ++p) qt.codes(r, cols.perm[p]) = codes_perm(r, p);
   }
   if (opt.act_order && mode == GridMode::DynamicGroups) {
     qt.g_idx.resize(static_cast<size_t>(d));
-    for (Index p = 0; p < d; ++p) qt.g_idx[perm[p]] = static_cast<int32_t>(p / g);
+    for (Index p = 0; p < d; ++p) qt.g_idx[cols.perm[p]] = static_cast<int32_t>(p / spec.group_size);
   }
   out.W = dequantize(qt);
   const double sum_err2 = ordered_sum(err2);
-  const double seconds =
-      std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   out.diagnostics.emplace_back("gptq_loss", 0.5 * sum_err2);
-  out.diagnostics.emplace_back("damping_used", percdamp_used);
-  out.diagnostics.emplace_back("cholesky_retries", static_cast<double>(tried.size() - 1));
-  if (opt.compare_rtn) {
-    // Objective values under the undamped H: tr(A H Aᵀ) = ‖A R‖² - λ‖A‖² (H_d = R Rᵀ). GPTQ's
-    // own numerator needs no product: the OBS increments sum to the objective under H_d,
-    // Σ err² = tr(ΔW H_d ΔWᵀ) (§2.1), so tr(ΔW H ΔWᵀ) = Σ err² - λ‖ΔW‖² (dead columns of
-    // ΔW are 0 in the working weights and carry no weight under H).
-    const QuantizedTensor rq = quantize(W0, spec);
-    const Matrix dW_rtn = W0 - dequantize(rq);
-    const std::vector<double> forms = quadratic_forms({&W0, &dW_rtn}, perm, dead, R, lambda);
-    const double den = forms[0], num_rtn = forms[1];
-    std::vector<double> dw2(static_cast<size_t>(rows));
-    for (Index r = 0; r < rows; ++r) {
-      double s = 0.0;
-      for (Index c = 0; c < d; ++c)
-        if (!dead[c]) {
-          const double e = static_cast<double>(W0(r, c)) - out.W(r, c);
-          s += e * e;
-        }
-      dw2[r] = s;
-    }
-    const double num_gptq = sum_err2 - lambda * ordered_sum(dw2);
-    const double nan = std::numeric_limits<double>::quiet_NaN();
-    const double rtn_rel = den > 0 ? num_rtn / den : nan;
-    const double gptq_rel = den > 0 ? num_gptq / den : nan;
-    out.diagnostics.emplace_back("rtn_rel_err_h", rtn_rel);
-    out.diagnostics.emplace_back("gptq_rel_err_h", gptq_rel);
-    out.diagnostics.emplace_back("gain_vs_rtn", gptq_rel > 0 ? rtn_rel / gptq_rel : nan);
-  }
+  out.diagnostics.emplace_back("damping_used", dmp.percdamp);
+  out.diagnostics.emplace_back("cholesky_retries", static_cast<double>(dmp.tried.size() - 1));
+  if (opt.compare_rtn) compare_with_rtn(W0, out.W, spec, cols, R, dmp.lambda, sum_err2, out.diagnostics);
   out.diagnostics.emplace_back("seconds", seconds);
-  out.quantized = std::move(qt);
+  return out;
+}
+
+namespace {
+
+// ------------------------------------------------------------------------------------------
+// The plugin
+// ------------------------------------------------------------------------------------------
+
+class Gptq final : public LayerAlgorithm {
+ private:
+  LayerOutput quantize_layer(const LayerInput& in) const override;
+};
+
+LayerOutput Gptq::quantize_layer(const LayerInput& in) const {
+  const GptqOptions opt = in.options ? std::any_cast<GptqOptions>(*in.options) : GptqOptions{};
+  LayerOutput out;
+  if (!in.spec.quantized()) {  // bits: 16 keeps the layer in float, as for rtn
+    out.W = *in.W;
+    return out;
+  }
+  if (!in.hessian || in.hessian->count() == 0)
+    throw ConfigError(SourceLoc{}, "calib",
+                      "layer '" + in.name +
+                          "': gptq needs calibration data (the Hessian of the layer input), "
+                          "but none was collected");
+  GptqResult r = gptq_solve(*in.W, in.hessian->upper_triangle(), in.spec, opt, in.name);
+  out.W = std::move(r.W);
+  out.quantized = std::move(r.quantized);
+  out.diagnostics = std::move(r.diagnostics);
   return out;
 }
 

@@ -45,11 +45,12 @@
 //   zeroed, as the reference does; they are static by construction, so static_groups matters
 //   only with granularity group.
 #pragma once
+#include <string>
 #include <vector>
 
-namespace ql {
+#include "algorithms/algorithm.h"
 
-class AlgorithmRegistry;
+namespace ql {
 
 /// Which weights a dynamic group's grid is fitted on (see GptqOptions::group_fit).
 enum class GptqGroupFit { Updated, BlockStart };
@@ -82,6 +83,23 @@ struct GptqOptions {
   /// numerator needs no product (Σ_j err_j² = tr(ΔW (H + λI) ΔWᵀ), the OBS increments).
   bool compare_rtn = true;
 };
+
+/// What gptq_solve returns: the dequantized weights, their codes and grids, and the
+/// diagnostics listed at register_gptq.
+struct GptqResult {
+  Matrix W;
+  QuantizedTensor quantized;
+  Diagnostics diagnostics;
+};
+
+/// The GPTQ solver (§2.1) on one weight matrix W (d_out x d_in) under a symmetric positive
+/// semi-definite Hessian given by its upper triangle H_upper (d_in x d_in; the lower triangle
+/// is not read): H = XᵀX / n from a HessianAccumulator, or any reweighting of it (VLMQ's
+/// XᵀGX). spec must be quantized (bits < 16). Callable by other plugins; `name` labels
+/// errors. Throws ShapeError for mismatched shapes and NumericError as the plugin does.
+/// Deterministic for any thread count (fixed tiles, core/linalg.h).
+GptqResult gptq_solve(const Matrix& W, const Matrix& H_upper, const QuantSpec& spec,
+                      const GptqOptions& options, const std::string& name);
 
 /// Registers "gptq" (layer scope). Diagnostics per layer:
 ///   gptq_loss         ½ Σ (w - q)² / U_jj², i.e. ½ tr(ΔW (H + λI) ΔWᵀ) with H = XᵀX/n
