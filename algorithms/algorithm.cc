@@ -140,6 +140,14 @@ std::vector<std::string> AlgorithmRegistry::names() const {
   return n;
 }
 
+std::unique_ptr<Algorithm> AlgorithmInfo::create(const std::any& options) const {
+  const std::any opts = options.has_value() ? options : this->options->defaults();
+  if (opts.type() != this->options->defaults().type())
+    throw Error("algorithm '" + name + "': options of type " + opts.type().name() + ", expected " +
+                this->options->defaults().type().name());
+  return make(opts);
+}
+
 const AlgorithmRegistry& default_registry() {
   static const AlgorithmRegistry registry = [] {
     AlgorithmRegistry r;

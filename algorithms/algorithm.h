@@ -54,7 +54,6 @@ struct LayerInput {
   const HessianAccumulator* hessian = nullptr;  ///< calibration H of the layer input, or null
   const ChannelStats* channels = nullptr;       ///< per-input-channel statistics, or null
   QuantSpec spec;                               ///< the weight grid requested by the step
-  const std::any* options = nullptr;            ///< the plugin's own options struct
   uint64_t seed = 0;                            ///< for plugins that draw random numbers
 };
 
@@ -110,7 +109,6 @@ struct NormConsumerInput {
   std::vector<std::string> consumer_names;
   std::vector<const Matrix*> consumers;    ///< weights of the linears reading the input
   const ChannelStats* input_stats = nullptr;  ///< statistics of the shared input
-  const std::any* options = nullptr;
 };
 
 class NormConsumerAlgorithm : public Algorithm {
@@ -166,7 +164,12 @@ struct AlgorithmInfo {
   bool identity = false;
   /// The plugin's own options (typed struct behind std::any).
   std::shared_ptr<const AnyOptionSchema> options;
-  std::function<std::unique_ptr<Algorithm>()> make;
+  /// Builds the plugin with its parsed options (the struct options->defaults() holds); a
+  /// plugin is built once per run and keeps its typed options.
+  std::function<std::unique_ptr<Algorithm>(const std::any& options)> make;
+  /// make() with `options`, or with the schema's defaults when `options` is empty. Error naming
+  /// the plugin when `options` holds another type.
+  std::unique_ptr<Algorithm> create(const std::any& options = {}) const;
 };
 
 class AlgorithmRegistry {

@@ -99,8 +99,6 @@ int main(int argc, char** argv) {
 
   // ---- 3. GPTQ ----
   const Matrix W = random_matrix(d, d, 4321, 5);
-  auto algo = default_registry().get("gptq").make();
-  const auto& la = dynamic_cast<const LayerAlgorithm&>(*algo);
   struct Case {
     const char* label;
     Granularity gran;
@@ -118,8 +116,9 @@ int main(int argc, char** argv) {
     GptqOptions o;
     o.act_order = c.act_order;
     o.compare_rtn = c.compare_rtn;
-    const std::any opts = o;
-    const LayerInput in = layer_input(W, H, spec, opts);
+    const auto algo = default_registry().get("gptq").create(o);
+    const auto& la = dynamic_cast<const LayerAlgorithm&>(*algo);
+    const LayerInput in = layer_input(W, H, spec);
     double best = 1e30, gptq_only = 0;
     LayerResult r;
     for (int i = 0; i < reps; ++i) {

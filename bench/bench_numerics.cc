@@ -87,13 +87,12 @@ int main(int argc, char** argv) {
     HessianAccumulator H(d);
     H.add(X);
     const Matrix W = random_matrix(d, d, 4321, 5);
-    auto algo = default_registry().get("gptq").make();
+    auto algo = default_registry().get("gptq").create();
     const auto& la = dynamic_cast<const LayerAlgorithm&>(*algo);
     QuantSpec spec;
     spec.bits = 4;
     spec.granularity = Granularity::PerChannel;
-    const std::any opts = GptqOptions{};
-    const LayerInput in = ql::bench::layer_input(W, H, spec, opts);
+    const LayerInput in = ql::bench::layer_input(W, H, spec);
     const std::string what = "GPTQ W4 per-channel, " + std::to_string(d) + "x" + std::to_string(d) + " layer";
     report(what.c_str(), both_modes(reps, [&] { la.run(in); }));
     const std::string hw = "Hessian accumulation, " + std::to_string(d) + " tokens x " + std::to_string(d);

@@ -50,14 +50,12 @@ inline Matrix correlated_inputs(Index n, Index d, uint64_t seed) {
 }
 
 /// The input of a layer-scope plugin run on W with Hessian H (all must outlive the call).
-inline LayerInput layer_input(const Matrix& W, const HessianAccumulator& H, const QuantSpec& spec,
-                              const std::any& options) {
+inline LayerInput layer_input(const Matrix& W, const HessianAccumulator& H, const QuantSpec& spec) {
   LayerInput in;
   in.name = "bench";
   in.W = &W;
   in.hessian = &H;
   in.spec = spec;
-  in.options = &options;
   return in;
 }
 

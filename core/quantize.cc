@@ -268,9 +268,12 @@ inline Grid fit_unchecked(const float* x, Index n, Index stride, const QuantSpec
 
 /// The invariants the schema enforces, re-checked for specs built in code.
 void check_spec(const QuantSpec& s, const char* fn) {
-  if (!(s.bits >= 2 && s.bits <= 8))
-    bad_spec("bits", std::string(fn) + " needs a quantized spec (bits 2..8), found " +
-                         std::to_string(s.bits));
+  // One bit is a grid only with a zero-point ({lo, hi}); a symmetric 1-bit grid has no levels
+  // on both sides of 0.
+  const int min_bits = s.scheme == QuantScheme::Asym ? 1 : 2;
+  if (!(s.bits >= min_bits && s.bits <= 8))
+    bad_spec("bits", std::string(fn) + " needs a quantized spec (bits " + std::to_string(min_bits) +
+                         "..8), found " + std::to_string(s.bits));
   if (s.granularity == Granularity::PerGroup && s.group_size < 1)
     bad_spec("group_size", "expected >= 1, found " + std::to_string(s.group_size));
   if (s.range == RangeMethod::Percentile && !(s.percentile > 0 && s.percentile <= 100))

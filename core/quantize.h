@@ -23,7 +23,7 @@ struct Grid {
 };
 
 /// Fit a grid to n values x[0], x[stride], ..., x[(n-1)*stride] with spec's scheme and range
-/// method (spec.bits in 2..8, else ConfigError). Scales are rounded to fp16 when
+/// method (spec.bits in 2..8, 1..8 for Asym; else ConfigError). Scales are rounded to fp16 when
 /// spec.scale_dtype is F16 (a scale outside half's range is clamped to the smallest normal /
 /// largest finite half). n == 0 gives the grid of the range [-1, 1].
 Grid fit_grid(const float* x, Index n, Index stride, const QuantSpec& spec);

@@ -32,7 +32,6 @@ void apply_layer_step(const Pipeline& p, std::size_t si, const LayerAlgorithm& a
     in.hessian = g.H;
     in.channels = g.S;
     in.spec = step.weight;
-    in.options = &step.options;
     in.seed = mix_stream(p.seed(), g.seed_streams[m] + si);
     LayerResult r = algo.run(in);
     LayerRow& row = *g.rows[m];
@@ -58,7 +57,6 @@ void apply_norm_step(const Pipeline& p, std::size_t si, const NormConsumerAlgori
   in.consumer_names = g.names;
   for (Matrix* W : g.weights) in.consumers.push_back(W);
   in.input_stats = g.S;
-  in.options = &ps.config().options;
   const auto t0 = std::chrono::steady_clock::now();
   ChannelScaleTransform tr = algo.run(in);
   const double dt = seconds_since(t0);
@@ -77,7 +75,7 @@ void apply_norm_step(const Pipeline& p, std::size_t si, const NormConsumerAlgori
 }  // namespace
 
 PipelineStep::PipelineStep(const QuantStep& step, const AlgorithmInfo& info)
-    : step_(&step), plugin_(info.make()), scope_(info.scope) {
+    : step_(&step), plugin_(info.create(step.options)), scope_(info.scope) {
   for (auto& r : step.targets) targets_.emplace_back(r);
   for (auto& r : step.ignore) ignore_.emplace_back(r);
 }

@@ -26,7 +26,7 @@ void register_fp(AlgorithmRegistry& registry) {
   info.uses_weight_spec = false;
   info.identity = true;
   info.options = std::make_shared<OptionSchema<FpOptions>>();
-  info.make = [] { return std::make_unique<Fp>(); };
+  info.make = [](const std::any&) { return std::make_unique<Fp>(); };
   registry.add(std::move(info));
 }
 

@@ -516,12 +516,16 @@ namespace {
 // ------------------------------------------------------------------------------------------
 
 class Gptq final : public LayerAlgorithm {
+ public:
+  explicit Gptq(GptqOptions o) : opt_(std::move(o)) {}
+
  private:
   LayerOutput quantize_layer(const LayerInput& in) const override;
+  GptqOptions opt_;
 };
 
 LayerOutput Gptq::quantize_layer(const LayerInput& in) const {
-  const GptqOptions opt = in.options ? std::any_cast<GptqOptions>(*in.options) : GptqOptions{};
+  const GptqOptions& opt = opt_;
   LayerOutput out;
   if (!in.spec.quantized()) {  // bits: 16 keeps the layer in float, as for rtn
     out.W = *in.W;
@@ -602,7 +606,7 @@ void register_gptq(AlgorithmRegistry& registry) {
       "Transformers, arXiv 2210.17323";
   info.uses_weight_spec = true;
   info.options = schema;
-  info.make = [] { return std::make_unique<Gptq>(); };
+  info.make = [](const std::any& o) { return std::make_unique<Gptq>(std::any_cast<const GptqOptions&>(o)); };
   registry.add(std::move(info));
 }
 

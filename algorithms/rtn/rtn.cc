@@ -31,7 +31,7 @@ void register_rtn(AlgorithmRegistry& registry) {
   info.summary = "round-to-nearest on the step's grid (min-max, percentile or MSE ranges)";
   info.uses_weight_spec = true;
   info.options = std::make_shared<OptionSchema<RtnOptions>>();
-  info.make = [] { return std::make_unique<Rtn>(); };
+  info.make = [](const std::any&) { return std::make_unique<Rtn>(); };
   registry.add(std::move(info));
 }
 

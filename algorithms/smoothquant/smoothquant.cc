@@ -48,11 +48,16 @@ VectorD clamped(const Vector& v) {
 }
 
 class SmoothQuant final : public NormConsumerAlgorithm {
+ public:
+  explicit SmoothQuant(SmoothQuantOptions o) : opt_(std::move(o)) {}
+
  private:
+  SmoothQuantOptions opt_;
+
   ChannelScaleTransform compute_transform(const NormConsumerInput& in) const override {
     if (!in.input_stats)
       throw Error("'" + in.name + "': smoothquant needs calibration statistics of the shared input");
-    const SmoothQuantOptions& opt = std::any_cast<const SmoothQuantOptions&>(*in.options);
+    const SmoothQuantOptions& opt = opt_;
     for (std::size_t i = 0; i < in.consumers.size(); ++i)
       if (!in.consumers[i]->allFinite())
         throw NumericError("'" + in.name + "': weights of " +
@@ -253,7 +258,9 @@ void register_smoothquant(AlgorithmRegistry& registry) {
       "arXiv 2211.10438";
   info.uses_weight_spec = false;
   info.options = make_schema();
-  info.make = [] { return std::make_unique<SmoothQuant>(); };
+  info.make = [](const std::any& o) {
+    return std::make_unique<SmoothQuant>(std::any_cast<const SmoothQuantOptions&>(o));
+  };
   registry.add(std::move(info));
 }
 

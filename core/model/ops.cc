@@ -9,6 +9,7 @@
 
 #include "core/detmath.h"
 #include "core/error.h"
+#include "core/model/kv_cache_quant.h"
 #include "core/parallel.h"
 
 namespace ql {
@@ -172,7 +173,8 @@ void rope_inverse(Matrix& X, int n_heads, int head_dim, const RopeTables& tab) {
 }
 
 void attention_forward(const Matrix& Q, const float* K, const float* V, Index ld_kv, int64_t past,
-                       int n_heads, int n_kv_heads, int head_dim, bool parallel, Matrix& out) {
+                       int n_heads, int n_kv_heads, int head_dim, bool parallel, Matrix& out,
+                       const KvMix* mix) {
   const Index T = Q.rows(), qd = Q.cols();
   out.resize(T, qd);
   const Index n_chunks = (T + kAttnRows - 1) / kAttnRows;
@@ -184,7 +186,7 @@ void attention_forward(const Matrix& Q, const float* K, const float* V, Index ld
   {
     // Rows of S start on 64-byte boundaries so Eigen's vectorised max/sum split every row into
     // packets the same way whatever the allocation: the bits depend on the shapes only.
-    std::vector<float, Eigen::aligned_allocator<float>> S;
+    std::vector<float, Eigen::aligned_allocator<float>> S, Sq;
 #pragma omp for schedule(dynamic, 1)
     for (Index task = 0; task < n_tasks; ++task)
       errs.run(task, [&] {
@@ -194,10 +196,19 @@ void attention_forward(const Matrix& Q, const float* K, const float* V, Index ld
         const Index i0 = chunk * kAttnRows, rows = std::min(kAttnRows, T - i0);
         const Index n = past + i0 + rows;  // keys visible to the chunk's last query
         const Index ld = (n + 15) / 16 * 16;
+        const float* q = Q.data() + i0 * qd + static_cast<Index>(hh) * head_dim;
+        const Index kv_off = static_cast<Index>(g) * head_dim;
         S.resize(static_cast<size_t>(rows * ld));
-        gemm(Trans::No, Trans::Yes, rows, n, head_dim, scale,
-             Q.data() + i0 * qd + static_cast<Index>(hh) * head_dim, qd,
-             K + static_cast<Index>(g) * head_dim, ld_kv, 0.0f, S.data(), ld);
+        gemm(Trans::No, Trans::Yes, rows, n, head_dim, scale, q, qd, K + kv_off, ld_kv, 0.0f, S.data(), ld);
+        if (mix) {
+          // Scores of the quantized keys; each row takes those below its exact threshold.
+          Sq.resize(static_cast<size_t>(rows * ld));
+          gemm(Trans::No, Trans::Yes, rows, n, head_dim, scale, q, qd, mix->Kq + kv_off, ld_kv, 0.0f, Sq.data(), ld);
+          for (Index r = 0; r < rows; ++r) {
+            const Index ek = kv_exact_from(past + i0 + r, mix->key_chunk, mix->residual);
+            std::copy(Sq.data() + r * ld, Sq.data() + r * ld + ek, S.data() + r * ld);
+          }
+        }
         for (Index r = 0; r < rows; ++r) {
           float* s = S.data() + r * ld;
           const Index valid = past + i0 + r + 1;  // causal: keys at positions <= the query's
@@ -207,9 +218,22 @@ void attention_forward(const Matrix& Q, const float* K, const float* V, Index ld
           p *= 1.0f / p.sum();
           std::fill(s + valid, s + n, 0.0f);
         }
-        gemm(Trans::No, Trans::No, rows, head_dim, n, 1.0f, S.data(), ld,
-             V + static_cast<Index>(g) * head_dim, ld_kv, 0.0f,
-             out.data() + i0 * qd + static_cast<Index>(hh) * head_dim, qd);
+        float* o = out.data() + i0 * qd + static_cast<Index>(hh) * head_dim;
+        if (!mix) {
+          gemm(Trans::No, Trans::No, rows, head_dim, n, 1.0f, S.data(), ld, V + kv_off, ld_kv, 0.0f, o, qd);
+          return;
+        }
+        // P = Pq + Pe split at each row's value threshold: O = Pq Vq + Pe V.
+        for (Index r = 0; r < rows; ++r) {
+          const Index ev = kv_exact_from(past + i0 + r, mix->value_chunk, mix->residual);
+          float* s = S.data() + r * ld;
+          float* sq = Sq.data() + r * ld;
+          std::copy(s, s + ev, sq);
+          std::fill(sq + ev, sq + n, 0.0f);
+          std::fill(s, s + ev, 0.0f);
+        }
+        gemm(Trans::No, Trans::No, rows, head_dim, n, 1.0f, Sq.data(), ld, mix->Vq + kv_off, ld_kv, 0.0f, o, qd);
+        gemm(Trans::No, Trans::No, rows, head_dim, n, 1.0f, S.data(), ld, V + kv_off, ld_kv, 1.0f, o, qd);
       });
   }
   errs.rethrow();

@@ -78,7 +78,19 @@ void rope_inverse(Matrix& X, int n_heads, int head_dim, const RopeTables& tab);
 /// out_j = softmax(Q_j K_gᵀ / sqrt(head_dim), causal) V_g. out is resized to T x
 /// n_heads*head_dim. The probabilities are not kept: a backward pass recomputes them per chunk
 /// from Q and K, which costs one extra product and saves T x T floats per head.
+///
+/// With `mix`, a query at position t reads the keys at positions j < kv_exact_from(t,
+/// key_chunk, residual) from mix->Kq instead of K, and the values below kv_exact_from(t,
+/// value_chunk, residual) from mix->Vq instead of V (same layout and ld_kv): the read rule of a
+/// quantized KV cache (core/model/kv_cache_quant.h). Costs a second score product and a second
+/// value product per task.
+struct KvMix {
+  const float* Kq;
+  const float* Vq;
+  int key_chunk = 1, value_chunk = 1, residual = 0;
+};
 void attention_forward(const Matrix& Q, const float* K, const float* V, Index ld_kv, int64_t past,
-                       int n_heads, int n_kv_heads, int head_dim, bool parallel, Matrix& out);
+                       int n_heads, int n_kv_heads, int head_dim, bool parallel, Matrix& out,
+                       const KvMix* mix = nullptr);
 
 }  // namespace ql

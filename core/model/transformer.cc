@@ -44,11 +44,22 @@ struct Transformer::Workspace {
   Matrix out;              // T x hidden (o_proj / down_proj result)
   Matrix gate, up;         // T x intermediate
   RopeTables rope;         // RoPE tables of the current positions
+  Matrix kq, vq;           // keys / values as a KV quantizer's read rule sees them
+  std::vector<Matrix> k_pre;  // per block: pre-RoPE keys of the new tokens (pre-RoPE quantizers)
 };
 
 Eigen::Map<const Matrix> Transformer::KvCache::keys(int b) const {
   if (k_.empty()) return Eigen::Map<const Matrix>(nullptr, 0, 0);
   return Eigen::Map<const Matrix>(k_.at(b).data(), length_, k_.at(b).cols());
+}
+
+int64_t Transformer::KvCache::bytes(int b) const {
+  const int64_t kvd = k_.empty() ? 0 : k_.at(b).cols();
+  if (enc_.empty()) return 2 * length_ * kvd * 2;
+  const Encoded& e = enc_.at(b);
+  int64_t bytes = (length_ - e.k) * kvd * 2 + (length_ - e.v) * kvd * 2;
+  for (const KvChunkCodes& c : e.codes) bytes += c.bytes();
+  return bytes;
 }
 
 Eigen::Map<const Matrix> Transformer::KvCache::values(int b) const {
@@ -162,24 +173,16 @@ void Transformer::run_block(int b, const DecoderBlock& w, Matrix& h, int64_t pos
   linear_forward(qkv, 3, parallel);
 
   call_kv_hook(hooks, b, KvStage::PreRope, ws.k, ws.v);
+  const KvQuantizer* kvq = hooks && hooks->kv_quantizer ? hooks->kv_quantizer(b) : nullptr;
+  if (kvq && kvq->key_stage() == KvStage::PreRope) {
+    if (ws.k_pre.size() <= static_cast<std::size_t>(b)) ws.k_pre.resize(static_cast<std::size_t>(b) + 1);
+    ws.k_pre[b] = ws.k;
+  }
   if (ws.rope.pos0 != pos0 || ws.rope.rows != T) rope_tables(pos0, T, c.head_dim, c.rope_theta, ws.rope);
   rope_forward(ws.q, c.num_heads, c.head_dim, ws.rope);
   rope_forward(ws.k, c.num_kv_heads, c.head_dim, ws.rope);
   call_kv_hook(hooks, b, KvStage::PostRope, ws.k, ws.v);
-
-  const Index kvd = ws.k.cols();
-  if (cache) {
-    // Rows [length, length+T) were reserved by forward_incremental; length moves on only
-    // after every block succeeded.
-    const int64_t past = cache->length_;
-    cache->k_[b].middleRows(past, T) = ws.k;
-    cache->v_[b].middleRows(past, T) = ws.v;
-    attention_forward(ws.q, cache->k_[b].data(), cache->v_[b].data(), kvd, past, c.num_heads,
-                      c.num_kv_heads, c.head_dim, parallel, ws.attn);
-  } else {
-    attention_forward(ws.q, ws.k.data(), ws.v.data(), kvd, 0, c.num_heads, c.num_kv_heads,
-                      c.head_dim, parallel, ws.attn);
-  }
+  run_attention(b, pos0, cache, kvq, parallel, ws);
 
   const Matrix* xo = hooked_input(hooks, b, LinearKind::O, ws.attn, false, ws.x1);
   const LinearJob o = {xo, &w.o.W, &w.o.b, &ws.out};
@@ -195,6 +198,116 @@ void Transformer::run_block(int b, const DecoderBlock& w, Matrix& h, int64_t pos
   const LinearJob down = {xd, &w.down.W, &w.down.b, &ws.out};
   linear_forward(&down, 1, parallel);
   h += ws.out;
+}
+
+namespace {
+
+/// decode(encode(rows)) of `rows` (whole chunks of `kind`), i.e. their quantized values.
+Matrix quantized_rows(const KvQuantizer& q, KvKind kind, const Matrix& rows) {
+  Matrix out;
+  q.decode(q.encode(kind, rows), out);
+  return out;
+}
+
+}  // namespace
+
+void Transformer::run_attention(int b, int64_t pos0, KvCache* cache, const KvQuantizer* kvq,
+                                bool parallel, Workspace& ws) const {
+  const ModelConfig& c = w_.config;
+  const Index T = ws.q.rows(), kvd = ws.k.cols();
+  const bool pre = kvq && kvq->key_stage() == KvStage::PreRope;
+  if (!cache) {
+    if (!kvq) {
+      attention_forward(ws.q, ws.k.data(), ws.v.data(), kvd, 0, c.num_heads, c.num_kv_heads, c.head_dim,
+                        parallel, ws.attn);
+      return;
+    }
+    if (pos0 != 0)
+      throw ShapeError("transformer: a KV-cache quantizer needs windows that start at position 0 (block " +
+                       std::to_string(b) + " got pos0 " + std::to_string(pos0) + ")");
+    ws.kq = pre ? ws.k_pre[b] : ws.k;
+    kvq->fake_quant_complete_chunks(KvKind::Key, ws.kq);
+    if (pre) rope_forward(ws.kq, c.num_kv_heads, c.head_dim, ws.rope);
+    ws.vq = ws.v;
+    kvq->fake_quant_complete_chunks(KvKind::Value, ws.vq);
+    const KvMix mix{ws.kq.data(), ws.vq.data(), kvq->key_chunk(), kvq->value_chunk(), kvq->residual_length()};
+    attention_forward(ws.q, ws.k.data(), ws.v.data(), kvd, 0, c.num_heads, c.num_kv_heads, c.head_dim,
+                      parallel, ws.attn, &mix);
+    return;
+  }
+  // Rows [length, length+T) were reserved by forward_incremental; length moves on only after
+  // every block succeeded (encode_cache runs then).
+  const int64_t past = cache->length_, n = past + T;
+  cache->k_[b].middleRows(past, T) = ws.k;
+  cache->v_[b].middleRows(past, T) = ws.v;
+  if (!kvq) {
+    attention_forward(ws.q, cache->k_[b].data(), cache->v_[b].data(), kvd, past, c.num_heads,
+                      c.num_kv_heads, c.head_dim, parallel, ws.attn);
+    return;
+  }
+  // Rows below the encoded counts already hold decoded values; the complete chunks after them
+  // are quantized here for the read rule, exactly as the windowed path and encode_cache do.
+  const KvCache::Encoded& e = cache->enc_.at(b);
+  ws.kq = cache->k_[b].topRows(n);
+  const Index ck = kvq->key_chunk(), full_k = (n - e.k) / ck * ck;
+  if (full_k > 0) {
+    if (pre) {
+      Matrix rows(n - e.k, kvd);
+      rows << e.k_pre, ws.k_pre[b];
+      Matrix q = quantized_rows(*kvq, KvKind::Key, rows.topRows(full_k));
+      RopeTables tab;
+      rope_tables(e.k, full_k, c.head_dim, c.rope_theta, tab);
+      rope_forward(q, c.num_kv_heads, c.head_dim, tab);
+      ws.kq.middleRows(e.k, full_k) = q;
+    } else {
+      ws.kq.middleRows(e.k, full_k) = quantized_rows(*kvq, KvKind::Key, ws.kq.middleRows(e.k, full_k));
+    }
+  }
+  ws.vq = cache->v_[b].topRows(n);
+  const Index cv = kvq->value_chunk(), full_v = (n - e.v) / cv * cv;
+  if (full_v > 0)
+    ws.vq.middleRows(e.v, full_v) = quantized_rows(*kvq, KvKind::Value, ws.vq.middleRows(e.v, full_v));
+  const KvMix mix{ws.kq.data(), ws.vq.data(), kvq->key_chunk(), kvq->value_chunk(), kvq->residual_length()};
+  attention_forward(ws.q, cache->k_[b].data(), cache->v_[b].data(), kvd, past, c.num_heads, c.num_kv_heads,
+                    c.head_dim, parallel, ws.attn, &mix);
+}
+
+void Transformer::encode_cache(KvCache& cache, const ForwardHooks* hooks, int64_t n,
+                               const std::vector<Matrix>& new_k_pre) const {
+  const ModelConfig& c = w_.config;
+  for (int b = 0; b < c.num_layers; ++b) {
+    const KvQuantizer* kvq = hooks && hooks->kv_quantizer ? hooks->kv_quantizer(b) : nullptr;
+    if (!kvq) continue;
+    KvCache::Encoded& e = cache.enc_.at(b);
+    const bool pre = kvq->key_stage() == KvStage::PreRope;
+    if (pre) {
+      Matrix all(e.k_pre.rows() + new_k_pre.at(b).rows(), new_k_pre.at(b).cols());
+      all << e.k_pre, new_k_pre.at(b);
+      e.k_pre.swap(all);
+    }
+    // Encode every complete chunk that lies below the next query's exact threshold (which,
+    // with R = 0, includes that query's own, not yet cached, position).
+    const int ck = kvq->key_chunk(), cv = kvq->value_chunk(), R = kvq->residual_length();
+    for (const int64_t target = std::min(n, kv_exact_from(n, ck, R)); e.k + ck <= target; e.k += ck) {
+      const Matrix rows = pre ? Matrix(e.k_pre.topRows(ck)) : Matrix(cache.k_[b].middleRows(e.k, ck));
+      e.codes.push_back(kvq->encode(KvKind::Key, rows));
+      Matrix dec;
+      kvq->decode(e.codes.back(), dec);
+      if (pre) {
+        RopeTables tab;
+        rope_tables(e.k, ck, c.head_dim, c.rope_theta, tab);
+        rope_forward(dec, c.num_kv_heads, c.head_dim, tab);
+        e.k_pre = Matrix(e.k_pre.bottomRows(e.k_pre.rows() - ck));
+      }
+      cache.k_[b].middleRows(e.k, ck) = dec;
+    }
+    for (const int64_t target = std::min(n, kv_exact_from(n, cv, R)); e.v + cv <= target; e.v += cv) {
+      e.codes.push_back(kvq->encode(KvKind::Value, cache.v_[b].middleRows(e.v, cv)));
+      Matrix dec;
+      kvq->decode(e.codes.back(), dec);
+      cache.v_[b].middleRows(e.v, cv) = dec;
+    }
+  }
 }
 
 Matrix Transformer::run_head(const Matrix& h, bool parallel, Workspace& ws) const {
@@ -263,6 +376,14 @@ Matrix Transformer::forward_incremental(const std::vector<int32_t>& new_tokens, 
   }
   const Index T = static_cast<Index>(new_tokens.size());
   const int64_t past = cache.length_;
+  const bool quantized = hooks && hooks->kv_quantizer;
+  if (!quantized && !cache.enc_.empty())
+    throw ShapeError("transformer: this KV cache was filled with a KV-cache quantizer; continue it with one");
+  if (quantized && cache.enc_.empty()) {
+    if (past > 0) throw ShapeError("transformer: a KV-cache quantizer cannot join a cache filled without one");
+    cache.enc_.assign(static_cast<std::size_t>(L), KvCache::Encoded{});
+    for (auto& e : cache.enc_) e.k_pre.resize(0, kvd);
+  }
   // Geometric growth: amortised O(1) copies per token, no allocation on most calls.
   if (L > 0 && cache.k_[0].rows() < past + T) {
     const Index cap = std::max<Index>({past + T, 2 * cache.k_[0].rows(), 64});
@@ -281,6 +402,7 @@ Matrix Transformer::forward_incremental(const std::vector<int32_t>& new_tokens, 
   for (int b = 0; b < c.num_layers; ++b)
     run_block(b, w_.blocks[b], h, past, &cache, hooks, parallel, ws);
   Matrix logits = run_head(h, parallel, ws);
+  if (quantized) encode_cache(cache, hooks, past + T, ws.k_pre);
   cache.length_ = past + T;
   return logits;
 }

@@ -36,15 +36,12 @@
 #include <string>
 #include <vector>
 
+#include "core/model/kv_cache_quant.h"
 #include "core/model/model.h"
 #include "core/model/ops.h"
 #include "core/tensor.h"
 
 namespace ql {
-
-/// Where a kv hook sees keys/values: straight out of k_proj/v_proj (+bias), or after RoPE has
-/// been applied to K (V is the same at both stages unless a PreRope hook replaced it).
-enum class KvStage { PreRope, PostRope };
 
 /// Optional callbacks into the forward pass. Unset members cost nothing.
 ///
@@ -61,6 +58,12 @@ enum class KvStage { PreRope, PostRope };
 /// It may capture them or substitute values in place (shape must stay); what it leaves is what
 /// attention uses and what the KV cache stores.
 ///
+/// kv_quantizer(b), when set and non-null, is block b's KV-cache quantizer: attention reads
+/// keys and values per its read rule (core/model/kv_cache_quant.h), quantized below each
+/// query's threshold and exact above; keys at its key_stage(). In forward() the window's
+/// positions start at 0; block() with a quantizer needs pos0 = 0. forward_incremental() keeps
+/// the quantized part of the cache as codes (KvCache::bytes()).
+///
 /// Thread safety: in forward_batch() with a shared ForwardHooks the callbacks are called
 /// concurrently from different windows and must be thread-safe; the per-window overload of
 /// forward_batch() avoids that. Elsewhere they are called from the calling thread, outside any
@@ -70,6 +73,7 @@ struct ForwardHooks {
   std::function<void(int block, LinearKind kind, const Matrix& X)> capture_input;
   std::function<void(int block, LinearKind kind, Matrix& X)> transform_input;
   std::function<void(int block, KvStage stage, Matrix& K, Matrix& V)> kv;
+  std::function<const KvQuantizer*(int block)> kv_quantizer;
 };
 
 class Transformer {
@@ -81,15 +85,36 @@ class Transformer {
    public:
     /// Number of cached tokens (= position of the next token).
     int64_t length() const { return length_; }
-    void clear() { length_ = 0; }
+    void clear() {
+      length_ = 0;
+      enc_.clear();
+    }
     /// Cached keys (post-RoPE) / values of block b: length() x (num_kv_heads*head_dim), a view
-    /// valid until the next call that modifies the cache (0 x 0 before the first call).
+    /// valid until the next call that modifies the cache (0 x 0 before the first call). With a
+    /// KV quantizer, rows of encoded chunks hold their decoded values (RoPE applied for
+    /// pre-RoPE keys), the others exact.
     Eigen::Map<const Matrix> keys(int b) const;
     Eigen::Map<const Matrix> values(int b) const;
+    /// Bytes block b's cache occupies as stored: encoded chunks (KvChunkCodes::bytes()) plus
+    /// the exact rows at 16 bits. Without a quantizer every row is exact. The decoded float
+    /// mirror above is a convenience of this simulation (attention reads it without decoding
+    /// each step) and is not counted.
+    int64_t bytes(int b) const;
+    /// Rows of block b's keys / values that are held as codes.
+    int64_t encoded_keys(int b) const { return enc_.empty() ? 0 : enc_.at(b).k; }
+    int64_t encoded_values(int b) const { return enc_.empty() ? 0 : enc_.at(b).v; }
 
    private:
     friend class Transformer;
+    /// Per block: encoded chunks, how many leading rows they cover, and the pre-RoPE keys of the
+    /// rows not yet encoded (pre-RoPE key quantizers only; row i = position k + i).
+    struct Encoded {
+      std::vector<KvChunkCodes> codes;
+      int64_t k = 0, v = 0;
+      Matrix k_pre;
+    };
     std::vector<Matrix> k_, v_;  // per block; capacity rows, the first length_ are valid
+    std::vector<Encoded> enc_;   // per block, when a quantizer ran
     int64_t length_ = 0;
   };
 
@@ -144,6 +169,10 @@ class Transformer {
   void embed_into(const std::vector<int32_t>& tokens, Matrix& h) const;
   void run_block(int b, const DecoderBlock& w, Matrix& h, int64_t pos0, KvCache* cache,
                  const ForwardHooks* hooks, bool parallel, Workspace& ws) const;
+  void run_attention(int b, int64_t pos0, KvCache* cache, const KvQuantizer* kvq, bool parallel,
+                     Workspace& ws) const;
+  void encode_cache(KvCache& cache, const ForwardHooks* hooks, int64_t n,
+                    const std::vector<Matrix>& new_k_pre) const;
   Matrix run_head(const Matrix& h, bool parallel, Workspace& ws) const;
   Matrix run_window(const std::vector<int32_t>& tokens, const ForwardHooks* hooks,
                     bool parallel) const;

@@ -69,10 +69,10 @@ TEST_P(Conformance, LayerScopeContract) {
   RunConfig rc = parse_text(step_yaml(name));
   const QuantStep& step = rc.quant.at(0);
   Layer l = make_layer();
-  auto algo = info.make();
+  auto algo = info.create(step.options);
   auto* la = dynamic_cast<LayerAlgorithm*>(algo.get());
   ASSERT_NE(la, nullptr);
-  LayerInput in{"conf", &l.W, &l.H, &l.stats, step.weight, &step.options, 7};
+  LayerInput in{"conf", &l.W, &l.H, &l.stats, step.weight, 7};
   LayerResult a = la->run(in);
   LayerResult b = la->run(in);
 
@@ -85,8 +85,8 @@ TEST_P(Conformance, LayerScopeContract) {
     EXPECT_LE(q.codes.maxCoeff(), step.weight.qmax());
     // Compare with RTN on the same grid and the same objective.
     RunConfig rtn = parse_text(step_yaml("rtn"));
-    auto r = default_registry().get("rtn").make();
-    LayerInput rin{"conf", &l.W, &l.H, &l.stats, rtn.quant[0].weight, &rtn.quant[0].options, 7};
+    auto r = default_registry().get("rtn").create(rtn.quant[0].options);
+    LayerInput rin{"conf", &l.W, &l.H, &l.stats, rtn.quant[0].weight, 7};
     LayerResult rr = dynamic_cast<LayerAlgorithm*>(r.get())->run(rin);
     EXPECT_LE(a.metrics.rel_output_error_h, rr.metrics.rel_output_error_h * kNoWorseThanRtnTolerance);
     EXPECT_GT(a.metrics.rel_output_error_h, 0.0);
@@ -106,7 +106,7 @@ TEST_P(Conformance, NormConsumersScopeContract) {
   Matrix W2(24, l.W.cols());  // a second linear reading the same input (q/k/v, gate/up)
   CounterRng rw(11, 4);
   for (Index i = 0; i < W2.size(); ++i) W2.data()[i] = static_cast<float>(rw.normal(i) * 0.3);
-  auto algo = info.make();
+  auto algo = info.create(step.options);
   auto* na = dynamic_cast<NormConsumerAlgorithm*>(algo.get());
   ASSERT_NE(na, nullptr);
   NormConsumerInput in;
@@ -114,7 +114,6 @@ TEST_P(Conformance, NormConsumersScopeContract) {
   in.consumer_names = {"conf.a", "conf.b"};
   in.consumers = {&l.W, &W2};
   in.input_stats = &l.stats;
-  in.options = &step.options;
   const ChannelScaleTransform a = na->run(in);
   const ChannelScaleTransform b = na->run(in);
 

@@ -40,14 +40,12 @@ QuantSpec make_spec(int bits, QuantScheme scheme = QuantScheme::Asym,
 
 LayerResult run_gptq(const Matrix& W, const HessianAccumulator* H, const QuantSpec& spec,
                      const GptqOptions& o = {}, const std::string& name = "blk0.q_proj") {
-  auto algo = default_registry().get("gptq").make();
-  const std::any opts = o;
+  auto algo = default_registry().get("gptq").create(o);
   LayerInput in;
   in.name = name;
   in.W = &W;
   in.hessian = H;
   in.spec = spec;
-  in.options = &opts;
   return dynamic_cast<const LayerAlgorithm&>(*algo).run(in);
 }
 

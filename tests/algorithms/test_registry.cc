@@ -26,7 +26,7 @@ TEST(Registry, EveryPluginHasFactoryScopeAndSchema) {
   for (const std::string& name : default_registry().names()) {
     const AlgorithmInfo& info = default_registry().get(name);
     ASSERT_TRUE(info.options) << name;
-    std::unique_ptr<Algorithm> a = info.make();
+    std::unique_ptr<Algorithm> a = info.create();
     ASSERT_TRUE(a) << name;
     EXPECT_EQ(a->scope(), info.scope) << name;
     EXPECT_FALSE(info.summary.empty()) << name;
@@ -51,7 +51,7 @@ TEST(Registry, RejectsDuplicatesAndOptionsThatShadowStepKeys) {
   auto schema = std::make_shared<OptionSchema<DummyOptions>>();
   schema->add("bits", &DummyOptions::bits, "collides with the grid's bits");
   shadow.options = schema;
-  shadow.make = [] { return std::make_unique<Dummy>(); };
+  shadow.make = [](const std::any&) { return std::make_unique<Dummy>(); };
   EXPECT_THROW(r.add(shadow), Error);
 }
 

@@ -31,7 +31,7 @@ QuantStep parse_step(const std::string& options_yaml) {
 /// Runs the registered plugin on `consumers` reading an input whose statistics are `stats`.
 ChannelScaleTransform run_sq(const QuantStep& step, const std::vector<const Matrix*>& consumers,
                              const ChannelStats& stats) {
-  auto algo = default_registry().get("smoothquant").make();
+  auto algo = default_registry().get("smoothquant").create(step.options);
   auto* na = dynamic_cast<NormConsumerAlgorithm*>(algo.get());
   EXPECT_NE(na, nullptr);
   NormConsumerInput in;
@@ -39,7 +39,6 @@ ChannelScaleTransform run_sq(const QuantStep& step, const std::vector<const Matr
   for (std::size_t i = 0; i < consumers.size(); ++i) in.consumer_names.push_back("c" + std::to_string(i));
   in.consumers = consumers;
   in.input_stats = &stats;
-  in.options = &step.options;
   return na->run(in);
 }
 

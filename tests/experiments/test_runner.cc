@@ -254,7 +254,7 @@ TEST(Runner, FailedRunIsRecordedAndTheSweepContinues) {
   info.summary = "test plugin";
   info.uses_weight_spec = false;
   info.options = std::make_shared<OptionSchema<NoOptions>>();
-  info.make = [] { return std::make_unique<FailsOnDown>(); };
+  info.make = [](const std::any&) { return std::make_unique<FailsOnDown>(); };
   reg.add(info);
 
   fs::path dir = temp_dir("failed");

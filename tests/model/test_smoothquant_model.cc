@@ -71,7 +71,7 @@ struct Smoothed {
 /// Every block's two norm groups smoothed by the registered plugin and folded once each.
 Smoothed smooth_model(const ModelWeights& fp, const std::vector<BlockStats>& stats,
                       const QuantStep& step) {
-  auto algo = default_registry().get("smoothquant").make();
+  auto algo = default_registry().get("smoothquant").create(step.options);
   const auto& na = dynamic_cast<const NormConsumerAlgorithm&>(*algo);
   Smoothed out{fp};
   for (int b = 0; b < fp.config.num_layers; ++b) {
@@ -89,7 +89,6 @@ Smoothed smooth_model(const ModelWeights& fp, const std::vector<BlockStats>& sta
         consumers.push_back(&blk.linear(k).W);
       }
       in.input_stats = &stats[b][g];
-      in.options = &step.options;
       const ChannelScaleTransform t = na.run(in);
       fold_channel_scales(g == 0 ? blk.input_norm : blk.post_attn_norm, consumers, t.scales);
       out.max_abs_log_scale =

@@ -701,5 +701,98 @@ TEST(QuantizedModel, WithoutQuantizersItEvaluatesBitwiseAsTheFpModel) {
   EXPECT_NE(qm.fp_block(0).q.W.norm(), 0.0f);
 }
 
+// ---- a quantized KV cache in attention ----
+
+struct KvCase {
+  const char* name;
+  ScalarKvSpec spec;
+};
+
+std::vector<KvCase> kv_cases() {
+  std::vector<KvCase> v;
+  ScalarKvSpec a;  // FlatQuant's setting: per token, one group per head, R = 0
+  a.key_bits = a.value_bits = 3;
+  v.push_back({"token_head_R0", a});
+  ScalarKvSpec b;  // KIVI: keys per channel over 8-token chunks, 5 exact recent tokens
+  b.key_bits = b.value_bits = 2;
+  b.keys_per_channel = true;
+  b.token_group = 8;
+  b.residual_length = 5;
+  b.group_size = 8;
+  v.push_back({"kivi_channel8_R5", b});
+  ScalarKvSpec c;  // pre-RoPE keys (KVQuant), per-token groups of the whole row, R = 3
+  c.key_bits = 4;
+  c.value_bits = 2;
+  c.key_stage = KvStage::PreRope;
+  c.group_size = 32;
+  c.residual_length = 3;
+  v.push_back({"prerope_row_R3", c});
+  return v;
+}
+
+ForwardHooks kv_hooks(const KvQuantizer* q) {
+  ForwardHooks h;
+  h.kv_quantizer = [q](int) { return q; };
+  return h;
+}
+
+TEST(KvCacheQuant, WindowedAndIncrementalAgreeAndTheCacheHoldsCodesOfTheStatedSize) {
+  TinySpec s;
+  const ModelWeights w = tiny_model(s);
+  const Transformer tf(w);
+  const Index kvd = Index(s.kv_heads) * s.head_dim;
+  const auto tokens = random_tokens(45, s.vocab, 9);
+  const Matrix fp = tf.forward(tokens);
+  for (const KvCase& kc : kv_cases()) {
+    SCOPED_TRACE(kc.name);
+    const auto q = make_scalar_kv_quantizer(kc.spec, s.head_dim, kvd);
+    const ForwardHooks h = kv_hooks(q.get());
+    const Matrix win = tf.forward(tokens, &h);
+    EXPECT_GT(max_abs_diff(win, fp), 1e-3f);  // the cache is quantized
+    // Token by token, then in uneven pieces: the same read rule, other product shapes.
+    for (int piece : {1, 7}) {
+      Transformer::KvCache cache;
+      Matrix inc(static_cast<Index>(tokens.size()), s.vocab);
+      for (std::size_t t0 = 0; t0 < tokens.size(); t0 += piece) {
+        const std::size_t t1 = std::min(tokens.size(), t0 + piece);
+        const std::vector<int32_t> part(tokens.begin() + t0, tokens.begin() + t1);
+        inc.middleRows(static_cast<Index>(t0), static_cast<Index>(t1 - t0)) = tf.forward_incremental(part, cache, &h);
+      }
+      EXPECT_LT(max_abs_diff(inc, win), 1e-5f * (1.0f + win.cwiseAbs().maxCoeff())) << "piece " << piece;
+      for (int b = 0; b < s.layers; ++b) EXPECT_EQ(cache.bytes(b), q->cache_bytes(cache.length(), kvd));
+      EXPECT_GT(cache.encoded_keys(0), 0);
+    }
+  }
+}
+
+TEST(KvCacheQuant, AResidualWindowCoveringTheWindowIsTheFpModelExactly) {
+  TinySpec s;
+  const ModelWeights w = tiny_model(s);
+  const Transformer tf(w);
+  const auto tokens = random_tokens(40, s.vocab, 10);
+  ScalarKvSpec spec;
+  spec.key_bits = spec.value_bits = 2;
+  spec.residual_length = 40;
+  const auto q = make_scalar_kv_quantizer(spec, s.head_dim, Index(s.kv_heads) * s.head_dim);
+  const ForwardHooks h = kv_hooks(q.get());
+  EXPECT_TRUE(bitwise_equal(tf.forward(tokens, &h), tf.forward(tokens)));
+}
+
+TEST(KvCacheQuant, CacheBytesFollowTheFormula) {
+  // 64 kv channels, per-token groups of 16: a quantized token costs 64*4/8 + 4 grids * 4 bytes.
+  ScalarKvSpec spec;
+  spec.group_size = 16;
+  spec.residual_length = 10;
+  const auto q = make_scalar_kv_quantizer(spec, 16, 64);
+  const int64_t n = 100, enc = 91;  // exact_from(100, 1, 10) = 91
+  EXPECT_EQ(q->cache_bytes(n, 64), 2 * (enc * (32 + 16) + (n - enc) * 128));
+  EXPECT_NEAR(q->kv_bits(n, 64), 8.0 * q->cache_bytes(n, 64) / (2.0 * n * 64), 1e-12);
+  EXPECT_NEAR(q->bits_per_element(KvKind::Key, 64), 4 + 32.0 / 16, 1e-12);
+  EXPECT_EQ(kv_exact_from(9, 8, 0), 8);
+  EXPECT_EQ(kv_exact_from(6, 8, 0), 0);
+  EXPECT_EQ(kv_exact_from(20, 8, 5), 16);
+  EXPECT_THROW(make_scalar_kv_quantizer(spec, 16, 60), ShapeError);  // 16 does not divide 60
+}
+
 }  // namespace
 }  // namespace ql
