@@ -101,6 +101,34 @@ ChannelScaleTransform NormConsumerAlgorithm::run(const NormConsumerInput& in) co
   return t;
 }
 
+KvCacheResult KvCacheAlgorithm::run(const KvCacheInput& in) const {
+  const Index kvd = in.heads.kv_dim();
+  if (kvd <= 0) throw ShapeError("'" + in.name + "': empty KV width");
+  for (const Matrix* m : {in.keys_pre_rope, in.keys_post_rope, in.values})
+    if (m && m->cols() != kvd)
+      throw ShapeError("'" + in.name + "': calibration K/V of width " + std::to_string(m->cols()) +
+                       ", the block's KV width is " + std::to_string(kvd));
+  const auto t0 = std::chrono::steady_clock::now();
+  KvCacheResult r;
+  r.quantizer = fit_quantizer(in, r.diagnostics);
+  r.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  if (!r.quantizer) return r;
+  const KvQuantizer& q = *r.quantizer;
+  if (q.key_chunk() < 1 || q.value_chunk() < 1 || q.residual_length() < 0)
+    throw ShapeError("'" + in.name + "': KV quantizer with chunks " + std::to_string(q.key_chunk()) + "/" +
+                     std::to_string(q.value_chunk()) + " and residual " + std::to_string(q.residual_length()));
+  for (KvKind kind : {KvKind::Key, KvKind::Value}) {
+    const Index rows = kind == KvKind::Key ? q.key_chunk() : q.value_chunk();
+    Matrix probe = Matrix::Ones(rows, kvd), out;
+    q.decode(q.encode(kind, probe), out);
+    if (out.rows() != rows || out.cols() != kvd || !out.allFinite())
+      throw NumericError("'" + in.name + "': the KV quantizer does not round-trip a chunk of the block's width");
+  }
+  r.diagnostics.emplace_back("kv_bits_per_element_k", q.bits_per_element(KvKind::Key, kvd));
+  r.diagnostics.emplace_back("kv_bits_per_element_v", q.bits_per_element(KvKind::Value, kvd));
+  return r;
+}
+
 const std::vector<std::string>& common_step_keys() {
   static const std::vector<std::string> keys = {
       "algorithm", "bits", "scheme", "granularity", "group_size", "range", "percentile",

@@ -23,6 +23,8 @@
 #include <vector>
 
 #include "core/calib_stats.h"
+#include "core/model/architecture.h"
+#include "core/model/kv_cache_quant.h"
 #include "core/options.h"
 #include "core/quant_spec.h"
 #include "core/quantize.h"
@@ -123,14 +125,51 @@ class NormConsumerAlgorithm : public Algorithm {
 };
 
 // ------------------------------------------------------------------------------------------
-// Block, model and KV-cache scopes: their inputs are transformer objects (core/model), which
-// the real-checkpoint workload provides. The runner refuses these scopes on workloads without
-// transformer blocks, with an error naming the step.
+// KV-cache scope: a quantizer attention reads through (core/model/kv_cache_quant.h), per block.
+// Model workloads only; the runner refuses it elsewhere with an error naming the step.
+// ------------------------------------------------------------------------------------------
+
+/// What a KV-cache plugin sees for one block.
+struct KvCacheInput {
+  int block = 0;
+  std::string name;   ///< "model.layers.3.self_attn"
+  HeadLayout heads;   ///< kv width = heads.kv_dim()
+  RopePairing rope;
+  /// Calibration keys (before and after RoPE) and values of the block, every calibration window
+  /// stacked (rows = tokens, kv_dim columns), as the block's current weights produce them;
+  /// captured only when the plugin declares CalibNeeds::kv, else null.
+  const Matrix* keys_pre_rope = nullptr;
+  const Matrix* keys_post_rope = nullptr;
+  const Matrix* values = nullptr;
+  uint64_t seed = 0;
+};
+
+struct KvCacheResult {
+  /// Null: the plugin leaves the cache exact (e.g. 16 bits).
+  std::shared_ptr<const KvQuantizer> quantizer;
+  Diagnostics diagnostics;
+  double seconds = 0;
+};
+
+class KvCacheAlgorithm : public Algorithm {
+ public:
+  Scope scope() const final { return Scope::KvCache; }
+  /// Checks the captures' widths against the head layout, times fit_quantizer, and checks the
+  /// quantizer: chunks >= 1, residual >= 0, and one chunk of keys and of values of the block's
+  /// width encodes and decodes to finite values of that shape. Throws ShapeError / NumericError
+  /// naming the block.
+  KvCacheResult run(const KvCacheInput& in) const;
+
+ private:
+  virtual std::shared_ptr<const KvQuantizer> fit_quantizer(const KvCacheInput& in,
+                                                           Diagnostics& diagnostics) const = 0;
+};
+
+// ------------------------------------------------------------------------------------------
+// Block and model scopes (FlatQuant, VLMQ's importance pass; ZeroQAT) come with their plugins.
 // ------------------------------------------------------------------------------------------
 class BlockContext;   // one decoder block with its FP inputs and targets
 class ModelContext;   // the whole fake-quantized model with a loss on a data stream
-class KvCaptures;     // captured pre-RoPE keys / values per layer
-class KvQuantizer;    // what attention uses at evaluation time
 
 class BlockAlgorithm : public Algorithm {
  public:
@@ -142,15 +181,17 @@ class ModelAlgorithm : public Algorithm {
   Scope scope() const final { return Scope::Model; }
   virtual Diagnostics process_model(ModelContext& model, const std::any& options) const = 0;
 };
-class KvCacheAlgorithm : public Algorithm {
- public:
-  Scope scope() const final { return Scope::KvCache; }
-  virtual std::unique_ptr<KvQuantizer> fit(const KvCaptures& kv, const std::any& options) const = 0;
-};
 
 // ------------------------------------------------------------------------------------------
 // Registration
 // ------------------------------------------------------------------------------------------
+
+/// The calibration data a plugin reads; the runner captures only what some step needs.
+struct CalibNeeds {
+  bool hessian = false;        ///< H = XᵀX/n of each linear's input
+  bool channel_stats = false;  ///< per-input-channel absmax / mean|x| / mean x² / min / max
+  bool kv = false;             ///< each block's calibration keys (pre/post RoPE) and values
+};
 
 struct AlgorithmInfo {
   std::string name;     ///< the `algorithm:` value in YAML
@@ -162,6 +203,7 @@ struct AlgorithmInfo {
   /// The plugin leaves every weight as it is (`fp`): a pipeline of such steps without
   /// activation quantization is the FP model, which the runner need not evaluate twice.
   bool identity = false;
+  CalibNeeds needs;
   /// The plugin's own options (typed struct behind std::any).
   std::shared_ptr<const AnyOptionSchema> options;
   /// Builds the plugin with its parsed options (the struct options->defaults() holds); a

@@ -4,6 +4,7 @@
 #include "algorithms/algorithm.h"
 #include "algorithms/fp/fp.h"
 #include "algorithms/gptq/gptq.h"
+#include "algorithms/kv_rtn/kv_rtn.h"
 #include "algorithms/rtn/rtn.h"
 #include "algorithms/smoothquant/smoothquant.h"
 
@@ -14,6 +15,7 @@ void register_all(AlgorithmRegistry& registry) {
   register_rtn(registry);
   register_gptq(registry);
   register_smoothquant(registry);
+  register_kv_rtn(registry);
 }
 
 }  // namespace ql

@@ -348,6 +348,61 @@ void apply_block(ModelRun& m, int b, const std::vector<Matrix>& h, BlockStats& s
   }
 }
 
+/// Calibration keys (pre- and post-RoPE) and values of block b with its current weights and
+/// activation quantizers, every window stacked.
+struct KvCapture {
+  Matrix k_pre, k_post, v;
+};
+KvCapture capture_kv(const ModelRun& m, int b, const std::vector<Matrix>& h) {
+  const Transformer tf(m.model.current());
+  std::vector<Matrix> kp(h.size()), ko(h.size()), vs(h.size());
+  ForwardHooks hooks = m.model.hooks();
+  hooks.kv_quantizer = nullptr;  // the exact K/V the block produces
+  std::size_t w = 0;
+  hooks.kv = [&](int, KvStage stage, Matrix& K, Matrix& V) {
+    (stage == KvStage::PreRope ? kp[w] : ko[w]) = K;
+    vs[w] = V;
+  };
+  Index rows = 0;
+  for (w = 0; w < h.size(); ++w) {
+    tf.block(b, h[w], 0, &hooks);
+    rows += kp[w].rows();
+  }
+  KvCapture c{Matrix(rows, m.arch.heads().kv_dim()), Matrix(rows, m.arch.heads().kv_dim()),
+              Matrix(rows, m.arch.heads().kv_dim())};
+  for (std::size_t i = 0, r = 0; i < h.size(); r += kp[i].rows(), ++i) {
+    c.k_pre.middleRows(r, kp[i].rows()) = kp[i];
+    c.k_post.middleRows(r, ko[i].rows()) = ko[i];
+    c.v.middleRows(r, vs[i].rows()) = vs[i];
+  }
+  return c;
+}
+
+/// Phase 2b: the KV-cache steps of block b, after its weight steps (so calibration K/V, when a
+/// plugin needs them, come from the block as quantized so far). Captures only when needed.
+void apply_kv_steps(ModelRun& m, int b, const std::vector<Matrix>& h) {
+  KvCapture cap;
+  bool captured = false;
+  for (std::size_t si = 0; si < m.pipeline.steps().size(); ++si) {
+    const PipelineStep& ps = m.pipeline.steps()[si];
+    if (ps.scope() != Scope::KvCache) continue;
+    KvCacheInput in;
+    in.block = b;
+    in.name = "model.layers." + std::to_string(b) + ".self_attn";
+    in.heads = m.arch.heads();
+    in.rope = m.arch.rope();
+    in.seed = mix_stream(m.pipeline.seed(), static_cast<uint64_t>(b) * 64 + 63 + si);
+    if (ps.needs().kv && ps.applies_to(in.name)) {
+      if (!captured) cap = capture_kv(m, b, h);
+      captured = true;
+      in.keys_pre_rope = &cap.k_pre;
+      in.keys_post_rope = &cap.k_post;
+      in.values = &cap.v;
+    }
+    apply_kv_step(m.pipeline, si, in, m.run.eval.seq_len, m.model.kv_slot(b), m.rec);
+  }
+}
+
 /// Layer rows of block b: errors of the effective weights W' diag(1/s) in the original input
 /// space, under the FP block's calibration Hessians. Output errors on evaluation inputs are
 /// measured end to end (slices), not per linear.
@@ -395,6 +450,7 @@ double calibrate_and_quantize(ModelRun& m, const std::vector<std::vector<int32_t
     std::array<LayerRow, kLinearKinds> rows;
     for (int k = 0; k < kLinearKinds; ++k) rows[k] = initial_layer_row(m.run, linear_name(b, static_cast<LinearKind>(k)));
     apply_block(m, b, h, st, rows);
+    apply_kv_steps(m, b, h);
     record_block_rows(m, b, st, rows);
     quant_seconds += seconds_since(t_q);
 
@@ -488,6 +544,9 @@ void summarize(const ModelRun& m, const TokenBuckets& buckets) {
   }
   rec.summary.push_back({"bpw", bits / nw, nan, nan, bits / nw - 16.0});
   rec.summary.push_back({"rel_err_h", relh / rec.layers.size(), nan, nan, relh / rec.layers.size()});
+  // KV-cache storage at the evaluation window length (16 = exact cache).
+  const double kvb = m.model.kv_bits(m.run.eval.seq_len);
+  rec.summary.push_back({"kv_bits", kvb, nan, nan, kvb - 16.0});
   rec.params.push_back({"protocol",
                         "windows of eval.seq_len tokens, non-overlapping from 0; positions 1..len-1 scored from "
                         "their prefix; streams: BOS + documents joined by a blank line, last partial window "
@@ -504,7 +563,7 @@ void execute_model_run(const RunConfig& run, ModelCache& cache, const AlgorithmR
   double prep_seconds = 0;
   prepare(run, st, &prep_seconds);
   ModelRun m{run, Architecture::of(st.fp->config),
-             Pipeline(run, registry, {Scope::Layer, Scope::NormConsumers}, "model"), QuantizedModel(st.fp), rec};
+             Pipeline(run, registry, {Scope::Layer, Scope::NormConsumers, Scope::KvCache}, "model"), QuantizedModel(st.fp), rec};
 
   const auto t_cal = std::chrono::steady_clock::now();
   rec.seconds_quant = calibrate_and_quantize(m, st.calib_windows, on_layer);

@@ -75,7 +75,7 @@ void apply_norm_step(const Pipeline& p, std::size_t si, const NormConsumerAlgori
 }  // namespace
 
 PipelineStep::PipelineStep(const QuantStep& step, const AlgorithmInfo& info)
-    : step_(&step), plugin_(info.create(step.options)), scope_(info.scope) {
+    : step_(&step), plugin_(info.create(step.options)), scope_(info.scope), needs_(info.needs) {
   for (auto& r : step.targets) targets_.emplace_back(r);
   for (auto& r : step.ignore) ignore_.emplace_back(r);
 }
@@ -103,13 +103,36 @@ Pipeline::Pipeline(const RunConfig& run, const AlgorithmRegistry& registry,
 
 void apply_step(const Pipeline& pipeline, std::size_t si, InputGroupState& g, RunRecord& rec) {
   const PipelineStep& ps = pipeline.steps()[si];
-  if (auto* la = dynamic_cast<const LayerAlgorithm*>(&ps.plugin()))
-    apply_layer_step(pipeline, si, *la, g, rec);
-  else if (auto* na = dynamic_cast<const NormConsumerAlgorithm*>(&ps.plugin()))
-    apply_norm_step(pipeline, si, *na, g, rec);
+  switch (ps.scope()) {
+    case Scope::Layer:
+      apply_layer_step(pipeline, si, dynamic_cast<const LayerAlgorithm&>(ps.plugin()), g, rec);
+      break;
+    case Scope::NormConsumers:
+      apply_norm_step(pipeline, si, dynamic_cast<const NormConsumerAlgorithm&>(ps.plugin()), g, rec);
+      break;
+    case Scope::KvCache:  // acts on a block's cache (apply_kv_step), not on linear inputs
+      break;
+    case Scope::Block:
+    case Scope::Model:
+      throw Error("apply_step: " + std::string(scope_name(ps.scope())) + " scope is not driven per input group");
+  }
   if (ps.config().act.quantized())
     for (std::size_t m = 0; m < g.names.size(); ++m)
       if (ps.applies_to(g.names[m])) *g.act[m] = &ps.config().act;
+}
+
+void apply_kv_step(const Pipeline& pipeline, std::size_t si, const KvCacheInput& in, int64_t eval_len,
+                   std::shared_ptr<const KvQuantizer>& slot, RunRecord& rec) {
+  const PipelineStep& ps = pipeline.steps()[si];
+  if (!ps.applies_to(in.name)) return;
+  const auto& ka = dynamic_cast<const KvCacheAlgorithm&>(ps.plugin());
+  KvCacheResult r = ka.run(in);
+  slot = std::move(r.quantizer);
+  const std::string& alg = ps.config().algorithm;
+  for (auto& [name, value] : r.diagnostics) rec.diagnostics.push_back({in.name, static_cast<int>(si), alg, name, value});
+  rec.diagnostics.push_back({in.name, static_cast<int>(si), alg, "kv_bits",
+                             slot ? slot->kv_bits(eval_len, in.heads.kv_dim()) : 16.0});
+  rec.diagnostics.push_back({in.name, static_cast<int>(si), alg, "seconds", r.seconds});
 }
 
 LayerRow initial_layer_row(const RunConfig& run, const std::string& name) {

@@ -29,6 +29,7 @@ class PipelineStep {
   const QuantStep& config() const { return *step_; }
   const Algorithm& plugin() const { return *plugin_; }
   Scope scope() const { return scope_; }
+  const CalibNeeds& needs() const { return needs_; }
   /// The step acts on the layer: its name fully matches a target and no ignore regex.
   bool applies_to(const std::string& layer) const;
 
@@ -36,6 +37,7 @@ class PipelineStep {
   const QuantStep* step_;
   std::unique_ptr<Algorithm> plugin_;
   Scope scope_;
+  CalibNeeds needs_;
   std::vector<std::regex> targets_, ignore_;
 };
 
@@ -83,8 +85,16 @@ struct InputGroupState {
 /// Runs step `si` on group g: a layer-scope step quantizes every consumer it applies to; a
 /// norm->consumers step (when it applies to the first consumer) computes s, folds it into the
 /// consumers (and 1/s into the norm), and rescales H, S and the cumulative scale; a step with
-/// activation quantization sets the consumers' act spec. Diagnostics go to rec.
+/// activation quantization sets the consumers' act spec; a KV-cache step does nothing here
+/// (apply_kv_step runs it per block). Diagnostics go to rec.
 void apply_step(const Pipeline& pipeline, std::size_t si, InputGroupState& g, RunRecord& rec);
+
+/// Runs KV-cache step `si` on one block: the plugin fits a quantizer from `in` (whose captures
+/// the caller filled when the plugin's info declares needs.kv) and the result replaces `slot`
+/// when the step applies to in.name (a later KV step replaces an earlier one). Diagnostics,
+/// including kv_bits at `eval_len` tokens, go to rec.
+void apply_kv_step(const Pipeline& pipeline, std::size_t si, const KvCacheInput& in, int64_t eval_len,
+                   std::shared_ptr<const KvQuantizer>& slot, RunRecord& rec);
 
 /// A fresh layer row for a linear: the run's pipeline name, no grid (16 bits) until a step
 /// quantizes it.

@@ -606,6 +606,7 @@ void register_gptq(AlgorithmRegistry& registry) {
       "Transformers, arXiv 2210.17323";
   info.uses_weight_spec = true;
   info.options = schema;
+  info.needs.hessian = true;
   info.make = [](const std::any& o) { return std::make_unique<Gptq>(std::any_cast<const GptqOptions&>(o)); };
   registry.add(std::move(info));
 }

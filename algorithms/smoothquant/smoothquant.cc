@@ -258,6 +258,7 @@ void register_smoothquant(AlgorithmRegistry& registry) {
       "arXiv 2211.10438";
   info.uses_weight_spec = false;
   info.options = make_schema();
+  info.needs.channel_stats = true;
   info.make = [](const std::any& o) {
     return std::make_unique<SmoothQuant>(std::any_cast<const SmoothQuantOptions&>(o));
   };

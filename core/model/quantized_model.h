@@ -1,6 +1,7 @@
 // A quantized model as one object: the FP weights as loaded (shared, never modified), the
-// current weights (transformed and quantized by the pipeline so far), and the activation
-// quantizer at every linear's input. The forward pass evaluates it through hooks().
+// current weights (transformed and quantized by the pipeline so far), the activation
+// quantizer at every linear's input, and a KV-cache quantizer per block that attention reads
+// through. The forward pass evaluates it through hooks().
 //
 // Blocks are reached through block(b) only, so a later change can hold one block's current
 // weights at a time.
@@ -46,14 +47,23 @@ class QuantizedModel {
   const ActQuantizer& act(int b, LinearKind k) const { return act_.at(b)[static_cast<int>(k)]; }
   bool has_activation_quant() const;
 
-  /// Hooks that apply every active quantizer to its linear's input (transform_input); the
-  /// returned hooks refer to this object, which must outlive them.
+  /// Block b's KV-cache quantizer (null: exact cache).
+  std::shared_ptr<const KvQuantizer>& kv_slot(int b) { return kv_.at(b); }
+  const KvQuantizer* kv_quantizer(int b) const { return kv_.at(b).get(); }
+  /// Mean over blocks of the KV bits per element of a sequence of n tokens (16 for an exact
+  /// block's cache): the `kv_bits` summary metric.
+  double kv_bits(int64_t n) const;
+
+  /// Hooks that apply every active quantizer to its linear's input (transform_input) and give
+  /// attention the KV quantizers (kv_quantizer); the returned hooks refer to this object,
+  /// which must outlive them.
   ForwardHooks hooks() const;
 
  private:
   std::shared_ptr<const ModelWeights> fp_;
   ModelWeights current_;
   std::vector<std::array<ActQuantizer, kLinearKinds>> act_;
+  std::vector<std::shared_ptr<const KvQuantizer>> kv_;
 };
 
 }  // namespace ql
