@@ -129,6 +129,31 @@ KvCacheResult KvCacheAlgorithm::run(const KvCacheInput& in) const {
   return r;
 }
 
+BlockResult BlockAlgorithm::run(const BlockInput& in) const {
+  if (!in.arch || !in.weights || !in.config) throw ShapeError("'" + in.name + "': block input without weights");
+  for (int k = 0; k < kLinearKinds; ++k)
+    if (!in.weights->linear(static_cast<LinearKind>(k)).W.allFinite())
+      throw NumericError("'" + in.name + "': " + linear_suffix(static_cast<LinearKind>(k)) + " weights are not finite");
+  const auto t0 = std::chrono::steady_clock::now();
+  BlockResult r;
+  r.transforms = compute_transforms(in, r.diagnostics);
+  r.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  for (int s = 0; s < kTransformSlots; ++s) {
+    const auto& t = r.transforms.slot[s];
+    if (!t) continue;
+    const std::string slot = in.arch->transform_slots()[s].name;
+    const Index width = in.arch->slot_width(static_cast<TransformSlot>(s));
+    if (t->width() != width)
+      throw ShapeError("'" + in.name + "': a " + t->describe() + " for slot " + slot + " of width " +
+                       std::to_string(width));
+    const double e = t->inverse_error();
+    if (!(e < 1e-6))
+      throw NumericError("'" + in.name + "': the inverse of the " + slot + " transform is off by " + std::to_string(e));
+    r.diagnostics.emplace_back(slot + "_inverse_error", e);
+  }
+  return r;
+}
+
 const std::vector<std::string>& common_step_keys() {
   static const std::vector<std::string> keys = {
       "algorithm", "bits", "scheme", "granularity", "group_size", "range", "percentile",

@@ -25,6 +25,7 @@
 #include "core/calib_stats.h"
 #include "core/model/architecture.h"
 #include "core/model/kv_cache_quant.h"
+#include "core/model/quantized_model.h"
 #include "core/options.h"
 #include "core/quant_spec.h"
 #include "core/quantize.h"
@@ -166,16 +167,46 @@ class KvCacheAlgorithm : public Algorithm {
 };
 
 // ------------------------------------------------------------------------------------------
-// Block and model scopes (FlatQuant, VLMQ's importance pass; ZeroQAT) come with their plugins.
+// Block scope: transforms for one decoder block, in the slots of the architecture table
+// (rotation; FlatQuant will learn the same objects). The runner merges their inverses into the
+// weights and installs the online parts in the quantized model (QuantizedModel::
+// apply_transforms) before the block's norm->consumers and layer steps, which then see the
+// transformed weights and inputs.
 // ------------------------------------------------------------------------------------------
-class BlockContext;   // one decoder block with its FP inputs and targets
-class ModelContext;   // the whole fake-quantized model with a loss on a data stream
+
+struct BlockInput {
+  int block = 0;
+  std::string name;                         ///< "model.layers.3"
+  const Architecture* arch = nullptr;       ///< slots, head layout, widths
+  const ModelConfig* config = nullptr;
+  const DecoderBlock* weights = nullptr;    ///< the block's current weights
+  bool kv_quantized = false;                ///< a KV-cache step follows in the pipeline
+  uint64_t seed = 0;
+};
+
+struct BlockResult {
+  BlockTransforms transforms;
+  Diagnostics diagnostics;
+  double seconds = 0;
+};
 
 class BlockAlgorithm : public Algorithm {
  public:
   Scope scope() const final { return Scope::Block; }
-  virtual Diagnostics process_block(BlockContext& block, const std::any& options) const = 0;
+  /// Checks the block's weights are finite, times compute_transforms, and checks every returned
+  /// transform: the width of its slot, and a stored inverse exact to 1e-6 (max |P P⁻¹ - I|).
+  /// Throws ShapeError / NumericError naming the block and slot.
+  BlockResult run(const BlockInput& in) const;
+
+ private:
+  virtual BlockTransforms compute_transforms(const BlockInput& in, Diagnostics& diagnostics) const = 0;
 };
+
+// ------------------------------------------------------------------------------------------
+// Model scope (ZeroQAT) comes with its plugin.
+// ------------------------------------------------------------------------------------------
+class ModelContext;   // the whole fake-quantized model with a loss on a data stream
+
 class ModelAlgorithm : public Algorithm {
  public:
   Scope scope() const final { return Scope::Model; }

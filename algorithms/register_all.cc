@@ -5,6 +5,7 @@
 #include "algorithms/fp/fp.h"
 #include "algorithms/gptq/gptq.h"
 #include "algorithms/kv_rtn/kv_rtn.h"
+#include "algorithms/rotation/rotation.h"
 #include "algorithms/rtn/rtn.h"
 #include "algorithms/smoothquant/smoothquant.h"
 
@@ -16,6 +17,7 @@ void register_all(AlgorithmRegistry& registry) {
   register_gptq(registry);
   register_smoothquant(registry);
   register_kv_rtn(registry);
+  register_rotation(registry);
 }
 
 }  // namespace ql

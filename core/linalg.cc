@@ -109,14 +109,16 @@ int potrf_lower(Index n, double* A, Index lda) {
 namespace {
 
 /// C = A op(B) with op(B) = Bᵀ when transpose_b, in fixed row panels of A (one tile call each).
-Matrix panel_gemm(const Matrix& A, const Matrix& B, bool transpose_b, const char* name) {
+template <class M>
+M panel_gemm(const M& A, const M& B, bool transpose_b, const char* name) {
+  using S = typename M::Scalar;
   const Index k = A.cols(), kb = transpose_b ? B.cols() : B.rows();
   if (k != kb)
     throw ShapeError(std::string(name) + ": A is " + std::to_string(A.rows()) + "x" +
                      std::to_string(A.cols()) + ", B is " + std::to_string(B.rows()) + "x" +
                      std::to_string(B.cols()));
   const Index m = A.rows(), n = transpose_b ? B.rows() : B.cols();
-  Matrix C(m, n);
+  M C(m, n);
   if (m == 0 || n == 0) return C;
   if (k == 0) {
     C.setZero();
@@ -127,8 +129,8 @@ Matrix panel_gemm(const Matrix& A, const Matrix& B, bool transpose_b, const char
 #pragma omp parallel for schedule(dynamic, 1)
   for (Index p = 0; p < np; ++p) {
     const Index r0 = p * kPanelRows, rows = std::min(kPanelRows, m - r0);
-    gemm(Trans::No, transpose_b ? Trans::Yes : Trans::No, rows, n, k, 1.0f, A.data() + r0 * k, k,
-         B.data(), ldb, 0.0f, C.data() + r0 * n, n);
+    gemm(Trans::No, transpose_b ? Trans::Yes : Trans::No, rows, n, k, S(1), A.data() + r0 * k, k,
+         B.data(), ldb, S(0), C.data() + r0 * n, n);
   }
   return C;
 }
@@ -137,6 +139,7 @@ Matrix panel_gemm(const Matrix& A, const Matrix& B, bool transpose_b, const char
 
 Matrix matmul_nt(const Matrix& A, const Matrix& B) { return panel_gemm(A, B, true, "matmul_nt"); }
 Matrix matmul_nn(const Matrix& A, const Matrix& B) { return panel_gemm(A, B, false, "matmul_nn"); }
+MatrixD matmul_nn(const MatrixD& A, const MatrixD& B) { return panel_gemm(A, B, false, "matmul_nn"); }
 
 void syrk_upper(const Matrix& X, float alpha, float beta, Matrix& C) {
   const Index n = X.rows(), d = X.cols();

@@ -58,6 +58,8 @@ bool cholesky_lower_blocked(MatrixD& A, double min_pivot);
 Matrix matmul_nt(const Matrix& A, const Matrix& B);
 /// C = A B  (A: m x k, B: k x n).
 Matrix matmul_nn(const Matrix& A, const Matrix& B);
+/// The same in double (transform merges).
+MatrixD matmul_nn(const MatrixD& A, const MatrixD& B);
 
 /// Upper triangle of C <- beta C + alpha XᵀX  (X: n x d, C: d x d; the strictly lower part of
 /// C is left untouched). The Hessian accumulation: fixed kPanelRows-square tiles, a SYRK on each

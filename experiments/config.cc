@@ -8,6 +8,7 @@
 
 #include "core/options.h"
 #include "experiments/hash.h"
+#include "experiments/pipeline.h"
 
 namespace ql {
 namespace {
@@ -490,6 +491,7 @@ RunConfig parse_run_config(const ConfigNode& root, const std::string& label,
       throw ConfigError(root.loc(), "workload.path", "expected a checkpoint directory");
     if (rc.quant.empty())
       throw ConfigError(root.loc(), "quant", "expected a 'quant' list (use [{algorithm: fp}] for the FP reference)");
+    validate_pipeline(rc, registry);
   } catch (const ConfigError& e) {
     throw e.with_run(label);
   }

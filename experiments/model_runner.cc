@@ -310,6 +310,41 @@ InputGroupState group_state(ModelRun& m, int b, int g, BlockStats& st, std::arra
   return s;
 }
 
+/// Phase 2a: the block-scope steps of block b (transforms merged and installed). When any
+/// applied, the statistics of every input are captured again, now of the transformed inputs
+/// the later steps quantize for (the FP Hessians of the layer rows stay in the original space).
+void apply_block_steps(ModelRun& m, int b, const std::vector<Matrix>& h, BlockStats& st) {
+  bool kv_quantized = false;
+  for (const PipelineStep& ps : m.pipeline.steps()) kv_quantized = kv_quantized || ps.scope() == Scope::KvCache;
+  bool changed = false;
+  for (std::size_t si = 0; si < m.pipeline.steps().size(); ++si) {
+    const PipelineStep& ps = m.pipeline.steps()[si];
+    BlockInput in;
+    in.block = b;
+    in.name = "model.layers." + std::to_string(b);
+    if (ps.scope() != Scope::Block || !ps.applies_to(in.name)) continue;
+    in.arch = &m.arch;
+    in.config = &m.model.config();
+    in.weights = &m.model.block(b);
+    in.kv_quantized = kv_quantized;
+    in.seed = mix_stream(m.pipeline.seed(), static_cast<uint64_t>(b) * 64 + 62);
+    BlockResult r = dynamic_cast<const BlockAlgorithm&>(ps.plugin()).run(in);
+    m.model.apply_transforms(b, r.transforms);
+    for (int s = 0; s < kTransformSlots; ++s)
+      if (r.transforms.slot[s])
+        m.rec.params.push_back({in.name + ".transform." + m.arch.transform_slots()[s].name, r.transforms.slot[s]->describe()});
+    for (auto& [name, value] : r.diagnostics)
+      m.rec.diagnostics.push_back({in.name, static_cast<int>(si), ps.config().algorithm, name, value});
+    m.rec.diagnostics.push_back({in.name, static_cast<int>(si), ps.config().algorithm, "seconds", r.seconds});
+    changed = changed || !r.transforms.empty();
+  }
+  if (!changed) return;
+  const Transformer tf(m.model.current());
+  const ForwardHooks hooks = m.model.hooks();
+  capture_block(m, tf, b, h, m.model.block(b), &hooks, std::vector<bool>(m.arch.input_groups().size(), true), st,
+                nullptr);
+}
+
 /// Phase 2, apply: the pipeline on block b, whole (one stage) or, with calib.true_sequential,
 /// group by group (q/k/v, o, gate/up, down), re-capturing each stage's inputs from the block
 /// with its earlier stages already quantized (the GPTQ reference's --true-sequential). Static
@@ -412,7 +447,9 @@ void record_block_rows(ModelRun& m, int b, const BlockStats& st, std::array<Laye
     const LinearKind kind = static_cast<LinearKind>(k);
     const int g = m.arch.group_of(kind);
     const Matrix& W0 = m.model.fp_block(b).linear(kind).W;
-    const Matrix W_eff = m.model.block(b).linear(kind).W * st.scale[g].cwiseInverse().cast<float>().asDiagonal();
+    // Channel scales act in the transformed space (block transforms come first in a pipeline).
+    const Matrix W_eff = m.model.effective_weight(
+        b, kind, m.model.block(b).linear(kind).W * st.scale[g].cwiseInverse().cast<float>().asDiagonal());
     LayerRow& row = rows[k];
     row.weight_mse = weight_mse(W0, W_eff);
     row.rel_err_h = relative_output_error(W0, W_eff, st.H_fp[g].hessian());
@@ -449,6 +486,7 @@ double calibrate_and_quantize(ModelRun& m, const std::vector<std::vector<int32_t
     const auto t_q = std::chrono::steady_clock::now();
     std::array<LayerRow, kLinearKinds> rows;
     for (int k = 0; k < kLinearKinds; ++k) rows[k] = initial_layer_row(m.run, linear_name(b, static_cast<LinearKind>(k)));
+    apply_block_steps(m, b, h, st);
     apply_block(m, b, h, st, rows);
     apply_kv_steps(m, b, h);
     record_block_rows(m, b, st, rows);
@@ -563,7 +601,7 @@ void execute_model_run(const RunConfig& run, ModelCache& cache, const AlgorithmR
   double prep_seconds = 0;
   prepare(run, st, &prep_seconds);
   ModelRun m{run, Architecture::of(st.fp->config),
-             Pipeline(run, registry, {Scope::Layer, Scope::NormConsumers, Scope::KvCache}, "model"), QuantizedModel(st.fp), rec};
+             Pipeline(run, registry), QuantizedModel(st.fp), rec};
 
   const auto t_cal = std::chrono::steady_clock::now();
   rec.seconds_quant = calibrate_and_quantize(m, st.calib_windows, on_layer);

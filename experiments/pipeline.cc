@@ -84,18 +84,36 @@ bool PipelineStep::applies_to(const std::string& layer) const {
   return full_match_any(targets_, layer) && !full_match_any(ignore_, layer);
 }
 
-Pipeline::Pipeline(const RunConfig& run, const AlgorithmRegistry& registry,
-                   const std::vector<Scope>& driven, const std::string& workload)
+void validate_pipeline(const RunConfig& run, const AlgorithmRegistry& registry) {
+  const bool model = run.workload.is_model();
+  std::string weight_step;  // the first layer or norm->consumers step so far
+  for (std::size_t i = 0; i < run.quant.size(); ++i) {
+    const QuantStep& step = run.quant[i];
+    const std::string path = "quant." + std::to_string(i) + ".algorithm";
+    const Scope scope = registry.get(step.algorithm).scope;
+    const bool driven = scope == Scope::Layer || scope == Scope::NormConsumers ||
+                        (model && (scope == Scope::Block || scope == Scope::KvCache));
+    if (!driven)
+      throw ConfigError(step.loc, path,
+                        "algorithm '" + step.algorithm + "' acts at " + scope_name(scope) + " scope, which the " +
+                            (model ? "model" : "synthetic layer-suite") + " workload does not drive" +
+                            (model ? "" : " (it has no transformer blocks or KV cache)"),
+                        run.label);
+    // Block transforms define the space the weight steps quantize in, so they come first.
+    if (scope == Scope::Block && !weight_step.empty())
+      throw ConfigError(step.loc, path,
+                        "block-scope step '" + step.algorithm + "' must come before the weight steps ('" + weight_step +
+                            "' is earlier): its transforms define the space the weights are quantized in",
+                        run.label);
+    if (weight_step.empty() && (scope == Scope::Layer || scope == Scope::NormConsumers)) weight_step = step.algorithm;
+  }
+}
+
+Pipeline::Pipeline(const RunConfig& run, const AlgorithmRegistry& registry)
     : run_(&run), seed_(static_cast<uint64_t>(run.seed)) {
+  validate_pipeline(run, registry);
   for (const QuantStep& step : run.quant) {
     const AlgorithmInfo& info = registry.get(step.algorithm);
-    bool ok = false;
-    for (Scope s : driven) ok = ok || s == info.scope;
-    if (!ok)
-      throw ConfigError(step.loc, "quant",
-                        "algorithm '" + step.algorithm + "' acts at " + scope_name(info.scope) +
-                            " scope, which the " + workload + " workload does not drive",
-                        run.label);
     identity_ = identity_ && info.identity && !step.act.quantized();
     steps_.emplace_back(step, info);
   }
@@ -111,8 +129,8 @@ void apply_step(const Pipeline& pipeline, std::size_t si, InputGroupState& g, Ru
       apply_norm_step(pipeline, si, dynamic_cast<const NormConsumerAlgorithm&>(ps.plugin()), g, rec);
       break;
     case Scope::KvCache:  // acts on a block's cache (apply_kv_step), not on linear inputs
+    case Scope::Block:    // acts on a whole block before its weight steps (the model runner)
       break;
-    case Scope::Block:
     case Scope::Model:
       throw Error("apply_step: " + std::string(scope_name(ps.scope())) + " scope is not driven per input group");
   }

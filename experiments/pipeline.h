@@ -41,12 +41,16 @@ class PipelineStep {
   std::vector<std::regex> targets_, ignore_;
 };
 
-/// The steps of one run. Throws ConfigError at the step's line when a plugin acts at a scope
-/// the workload cannot drive (`driven` lists those it can; `workload` names it for the message).
+/// Checks that every step of `run` acts at a scope its workload drives (synthetic suite: layer
+/// and norm->consumers; model: also block and KV cache) and that block-scope steps come before
+/// the weight steps. ConfigError at the step's line otherwise. parse_run_config calls it, so a
+/// bad pipeline fails before any compute.
+void validate_pipeline(const RunConfig& run, const AlgorithmRegistry& registry);
+
+/// The steps of one run (validated by validate_pipeline).
 class Pipeline {
  public:
-  Pipeline(const RunConfig& run, const AlgorithmRegistry& registry, const std::vector<Scope>& driven,
-           const std::string& workload);
+  Pipeline(const RunConfig& run, const AlgorithmRegistry& registry);
   const std::vector<PipelineStep>& steps() const { return steps_; }
   /// Every step is `fp` without activation quantization: the quantized model is the FP model.
   bool is_identity() const { return identity_; }

@@ -276,7 +276,7 @@ void synthetic_summary(const RunConfig& run, const WorkloadCache::Prepared& wl, 
 void execute_synthetic_run(const RunConfig& run, WorkloadCache& cache, const AlgorithmRegistry& registry,
                            RunRecord& rec, const std::function<void(const std::string&)>& on_layer) {
   std::shared_ptr<const WorkloadCache::Prepared> wl = cache.get(run, &rec.seconds_calib);
-  const Pipeline pipeline(run, registry, {Scope::Layer, Scope::NormConsumers}, "synthetic layer-suite");
+  const Pipeline pipeline(run, registry);
   UnitTable& units = rec.units;
   units.unit_ids = wl->unit_ids;
   units.attr_keys = {"population"};

@@ -66,6 +66,11 @@ std::string Architecture::norm_name(int block, int group) const {
   return n ? "model.layers." + std::to_string(block) + "." + n : std::string();
 }
 
+Index Architecture::slot_width(TransformSlot s) const {
+  const TransformSlotInfo& info = slot(s);
+  return info.input_group >= 0 ? widths_[info.input_group] : heads_.kv_dim();
+}
+
 Vector& norm_weight(DecoderBlock& blk, const InputGroup& g) {
   if (g.site == InputSite::AttnIn) return blk.input_norm;
   if (g.site == InputSite::MlpIn) return blk.post_attn_norm;

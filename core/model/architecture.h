@@ -94,6 +94,9 @@ class Architecture {
   Index input_width(int group) const { return widths_[group]; }
   const std::vector<TransformSlotInfo>& transform_slots() const { return slots_; }
   const TransformSlotInfo& slot(TransformSlot s) const { return slots_[static_cast<int>(s)]; }
+  /// Width a transform in slot s acts on: hidden (q/k/v and gate/up inputs), q_dim (o input),
+  /// intermediate (down input), kv_dim (v output, keys).
+  Index slot_width(TransformSlot s) const;
   const HeadLayout& heads() const { return heads_; }
   const RopePairing& rope() const { return rope_; }
   bool qkv_bias() const { return qkv_bias_; }

@@ -1,13 +1,59 @@
 #include "core/model/quantized_model.h"
 
 #include "core/error.h"
+#include "core/linalg.h"
 
 namespace ql {
 
+bool BlockTransforms::empty() const {
+  for (auto& s : slot)
+    if (s) return false;
+  return true;
+}
+
+namespace {
+
+/// The per-query-head form of a per-kv-head transform: o_proj reads every query head's output,
+/// which is its kv head's values transformed by P_v.
+InputTransform per_query_head(const InputTransform& pv, const HeadLayout& h) {
+  const MatrixD A = pv.matrix().topLeftCorner(h.head_dim, h.head_dim);
+  const MatrixD Ai = pv.inverse_transpose().topLeftCorner(h.head_dim, h.head_dim);
+  return InputTransform::per_head(TransformFactor{A, Ai}, h.num_heads);
+}
+
+/// x ↦ x M with M the product of the input-side transforms of a linear, as a dense double
+/// matrix (empty: none).
+MatrixD input_map(const BlockTransforms& t, LinearKind k, const HeadLayout& h) {
+  switch (k) {
+    case LinearKind::Q:
+    case LinearKind::K:
+    case LinearKind::V:
+      return t[TransformSlot::QkvInput] ? t[TransformSlot::QkvInput]->matrix() : MatrixD();
+    case LinearKind::Gate:
+    case LinearKind::Up:
+      return t[TransformSlot::GateUpInput] ? t[TransformSlot::GateUpInput]->matrix() : MatrixD();
+    case LinearKind::Down:
+      return t[TransformSlot::DownInput] ? t[TransformSlot::DownInput]->matrix() : MatrixD();
+    case LinearKind::O: {
+      MatrixD M;
+      if (t[TransformSlot::VOutputPerHead]) M = per_query_head(*t[TransformSlot::VOutputPerHead], h).matrix();
+      if (t[TransformSlot::OInputAcrossHeads]) {
+        const MatrixD P = t[TransformSlot::OInputAcrossHeads]->matrix();
+        M = M.size() ? matmul_nn(M, P) : P;
+      }
+      return M;
+    }
+  }
+  return {};
+}
+
+}  // namespace
+
 QuantizedModel::QuantizedModel(std::shared_ptr<const ModelWeights> fp)
-    : fp_(std::move(fp)) {
+    : fp_(std::move(fp)), arch_(Architecture::of(fp_ ? fp_->config : ModelConfig{})) {
   if (!fp_) throw Error("QuantizedModel: no FP weights");
   current_ = *fp_;
+  transforms_.resize(static_cast<std::size_t>(fp_->config.num_layers));
   act_.resize(static_cast<std::size_t>(fp_->config.num_layers));
   kv_.resize(static_cast<std::size_t>(fp_->config.num_layers));
 }
@@ -27,9 +73,54 @@ bool QuantizedModel::has_activation_quant() const {
   return false;
 }
 
+void QuantizedModel::apply_transforms(int b, const BlockTransforms& t) {
+  BlockTransforms& have = transforms_.at(b);
+  const HeadLayout& h = arch_.heads();
+  for (int s = 0; s < kTransformSlots; ++s) {
+    if (!t.slot[s]) continue;
+    const char* name = arch_.transform_slots()[s].name;
+    if (have.slot[s])
+      throw ShapeError("block " + std::to_string(b) + ": slot " + name + " already holds a transform");
+    const Index width = arch_.slot_width(static_cast<TransformSlot>(s));
+    if (t.slot[s]->width() != width)
+      throw ShapeError("block " + std::to_string(b) + ": a " + t.slot[s]->describe() + " does not fit slot " +
+                       name + " of width " + std::to_string(width));
+  }
+  DecoderBlock& blk = current_.blocks.at(b);
+  if (auto& p = t[TransformSlot::QkvInput])
+    for (LinearKind k : {LinearKind::Q, LinearKind::K, LinearKind::V}) merge_input_transform(blk.linear(k).W, *p);
+  if (auto& p = t[TransformSlot::GateUpInput])
+    for (LinearKind k : {LinearKind::Gate, LinearKind::Up}) merge_input_transform(blk.linear(k).W, *p);
+  if (auto& p = t[TransformSlot::DownInput]) merge_input_transform(blk.down.W, *p);
+  if (auto& p = t[TransformSlot::VOutputPerHead]) {
+    merge_output_transform(blk.v.W, blk.v.b, *p);
+    merge_input_transform(blk.o.W, per_query_head(*p, h));
+  }
+  if (auto& p = t[TransformSlot::OInputAcrossHeads]) merge_input_transform(blk.o.W, *p);
+  for (int s = 0; s < kTransformSlots; ++s)
+    if (t.slot[s]) have.slot[s] = t.slot[s];
+}
+
+Matrix QuantizedModel::effective_weight(int b, LinearKind kind, const Matrix& W) const {
+  const BlockTransforms& t = transforms_.at(b);
+  if (t.empty()) return W;
+  MatrixD Wd = W.cast<double>();
+  const MatrixD M = input_map(t, kind, arch_.heads());
+  if (M.size()) Wd = matmul_nn(Wd, MatrixD(M.transpose()));
+  if (kind == LinearKind::V && t[TransformSlot::VOutputPerHead])
+    Wd = matmul_nn(t[TransformSlot::VOutputPerHead]->inverse_transpose(), Wd);
+  return Wd.cast<float>();
+}
+
 ForwardHooks QuantizedModel::hooks() const {
   ForwardHooks h;
   h.transform_input = [this](int b, LinearKind k, Matrix& X) {
+    const BlockTransforms& t = transforms_[b];
+    const TransformSlot online = k == LinearKind::Q || k == LinearKind::K || k == LinearKind::V ? TransformSlot::QkvInput
+                                 : k == LinearKind::O                                             ? TransformSlot::OInputAcrossHeads
+                                 : k == LinearKind::Down                                          ? TransformSlot::DownInput
+                                                                                                  : TransformSlot::GateUpInput;
+    if (t[online]) t[online]->apply(X);
     const ActQuantizer& a = act(b, k);
     if (a.active())
       fake_quant_activations(X, *a.spec, a.spec->mode == ActRangeMode::Static ? &a.range : nullptr);
@@ -37,6 +128,21 @@ ForwardHooks QuantizedModel::hooks() const {
   bool any_kv = false;
   for (auto& q : kv_) any_kv = any_kv || q != nullptr;
   if (any_kv) h.kv_quantizer = [this](int b) { return kv_quantizer(b); };
+  bool any_qk = false;
+  for (auto& t : transforms_) any_qk = any_qk || t[TransformSlot::KeysPerHead] != nullptr;
+  if (any_qk) {
+    // Queries get P_k⁻ᵀ per query head, keys P_k per kv head: q kᵀ is unchanged.
+    std::vector<std::shared_ptr<const InputTransform>> q_side(transforms_.size());
+    for (std::size_t b = 0; b < transforms_.size(); ++b)
+      if (auto& pk = transforms_[b][TransformSlot::KeysPerHead])
+        q_side[b] = std::make_shared<const InputTransform>(
+            per_query_head(pk->inverse_transposed(), arch_.heads()));
+    h.transform_qk = [this, q_side](int b, Matrix& Q, Matrix& K) {
+      if (!q_side[b]) return;
+      q_side[b]->apply(Q);
+      transforms_[b][TransformSlot::KeysPerHead]->apply(K);
+    };
+  }
   return h;
 }
 

@@ -1,7 +1,9 @@
 // A quantized model as one object: the FP weights as loaded (shared, never modified), the
-// current weights (transformed and quantized by the pipeline so far), the activation
-// quantizer at every linear's input, and a KV-cache quantizer per block that attention reads
-// through. The forward pass evaluates it through hooks().
+// current weights (transformed and quantized by the pipeline so far), the online transforms
+// of each block (the slots of core/model/architecture.h), the activation quantizer at every
+// linear's input, and a KV-cache quantizer per block that attention reads through. The
+// forward pass evaluates it through hooks(): at a linear's input the online transform, then the
+// activation quantizer; after RoPE the key/query transform; in attention the KV quantizer.
 //
 // Blocks are reached through block(b) only, so a later change can hold one block's current
 // weights at a time.
@@ -13,8 +15,10 @@
 #include <memory>
 #include <vector>
 
+#include "core/model/architecture.h"
 #include "core/model/model.h"
 #include "core/model/transformer.h"
+#include "core/model/transforms.h"
 #include "core/quant_spec.h"
 #include "core/quantize.h"
 
@@ -28,10 +32,38 @@ struct ActQuantizer {
   bool active() const { return spec != nullptr; }
 };
 
+/// Transforms for one block, one per slot of the architecture table (null = none), as a
+/// block-scope plugin returns them. Shapes: qkv_in / gate_up_in hidden, down_in intermediate,
+/// o_in across heads (num_heads x num_heads factor, width q_dim), v_out per kv head (width
+/// kv_dim), k_post_rope per head (head_dim factor; width kv_dim).
+struct BlockTransforms {
+  std::array<std::shared_ptr<const InputTransform>, kTransformSlots> slot;
+  std::shared_ptr<const InputTransform>& operator[](TransformSlot s) { return slot[static_cast<int>(s)]; }
+  const std::shared_ptr<const InputTransform>& operator[](TransformSlot s) const {
+    return slot[static_cast<int>(s)];
+  }
+  bool empty() const;
+};
+
 class QuantizedModel {
  public:
-  /// Starts as the FP model: current weights = a copy of fp, no activation quantizers.
+  /// Starts as the FP model: current weights = a copy of fp, no transforms or quantizers.
   explicit QuantizedModel(std::shared_ptr<const ModelWeights> fp);
+
+  const Architecture& architecture() const { return arch_; }
+
+  /// Installs block b's transforms: every inverse merged into the weights in double (q/k/v,
+  /// gate/up, down and o inputs: W <- W P⁻ᵀ; v_out: W_v <- P_vᵀ W_v per kv head with o_proj
+  /// absorbing P_v⁻ᵀ on every query head), the online ones kept for evaluation. A slot that
+  /// already holds a transform is a ShapeError (compose transforms in one step), as is a
+  /// transform whose width does not fit its slot. The block's function is unchanged up to
+  /// rounding.
+  void apply_transforms(int b, const BlockTransforms& t);
+  const BlockTransforms& transforms(int b) const { return transforms_.at(b); }
+  /// A weight W' of linear `kind` in block b's transformed space mapped back into the FP
+  /// model's input/output space (W' Mᵀ for an input transform M, P⁻ᵀ W' for an output transform
+  /// P), in float; W' itself when the block has no transforms.
+  Matrix effective_weight(int b, LinearKind kind, const Matrix& W) const;
 
   const ModelWeights& fp() const { return *fp_; }
   const ModelConfig& config() const { return fp_->config; }
@@ -61,7 +93,9 @@ class QuantizedModel {
 
  private:
   std::shared_ptr<const ModelWeights> fp_;
+  Architecture arch_;
   ModelWeights current_;
+  std::vector<BlockTransforms> transforms_;
   std::vector<std::array<ActQuantizer, kLinearKinds>> act_;
   std::vector<std::shared_ptr<const KvQuantizer>> kv_;
 };

@@ -175,12 +175,20 @@ void Transformer::run_block(int b, const DecoderBlock& w, Matrix& h, int64_t pos
   call_kv_hook(hooks, b, KvStage::PreRope, ws.k, ws.v);
   const KvQuantizer* kvq = hooks && hooks->kv_quantizer ? hooks->kv_quantizer(b) : nullptr;
   if (kvq && kvq->key_stage() == KvStage::PreRope) {
+    if (hooks->transform_qk)
+      throw ShapeError("transformer: block " + std::to_string(b) +
+                       " has a post-RoPE key transform and a pre-RoPE KV quantizer; quantize keys after RoPE");
     if (ws.k_pre.size() <= static_cast<std::size_t>(b)) ws.k_pre.resize(static_cast<std::size_t>(b) + 1);
     ws.k_pre[b] = ws.k;
   }
   if (ws.rope.pos0 != pos0 || ws.rope.rows != T) rope_tables(pos0, T, c.head_dim, c.rope_theta, ws.rope);
   rope_forward(ws.q, c.num_heads, c.head_dim, ws.rope);
   rope_forward(ws.k, c.num_kv_heads, c.head_dim, ws.rope);
+  if (hooks && hooks->transform_qk) {
+    hooks->transform_qk(b, ws.q, ws.k);
+    if (ws.q.rows() != T || ws.k.rows() != T || ws.k.cols() != ws.v.cols())
+      throw ShapeError("transformer: transform_qk hook of block " + std::to_string(b) + " changed Q/K shapes");
+  }
   call_kv_hook(hooks, b, KvStage::PostRope, ws.k, ws.v);
   run_attention(b, pos0, cache, kvq, parallel, ws);
 

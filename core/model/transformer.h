@@ -74,6 +74,10 @@ struct ForwardHooks {
   std::function<void(int block, LinearKind kind, Matrix& X)> transform_input;
   std::function<void(int block, KvStage stage, Matrix& K, Matrix& V)> kv;
   std::function<const KvQuantizer*(int block)> kv_quantizer;
+  /// Called after RoPE with the new tokens' Q (tokens x q_dim) and K (tokens x kv_dim), before
+  /// the PostRope kv hook: may transform both in place (e.g. a per-head P_k on keys and P_k⁻ᵀ
+  /// on queries, which leaves every score unchanged and changes what the cache quantizes).
+  std::function<void(int block, Matrix& Q, Matrix& K)> transform_qk;
 };
 
 class Transformer {

@@ -3,10 +3,13 @@
 // covariance (white inputs would hide differences, ALGORITHMS.md §2.6).
 #include <gtest/gtest.h>
 
+#include <limits>
+
 #include "algorithms/algorithm.h"
 #include "core/config_node.h"
 #include "core/error.h"
 #include "core/model/fold.h"
+#include "core/model/transformer.h"
 #include "core/rng.h"
 #include "experiments/config.h"
 
@@ -26,7 +29,11 @@ std::string step_yaml(const std::string& name, const std::string& extra = "") {
   const AlgorithmInfo& info = default_registry().get(name);
   std::string s = "quant:\n  - algorithm: " + name + "\n";
   if (info.uses_weight_spec) s += "    bits: 4\n    granularity: group\n    group_size: 32\n";
-  return s + extra;
+  // Block and KV-cache steps need a model workload (after the step, so line numbers stay).
+  const bool model = info.scope == Scope::Block || info.scope == Scope::KvCache;
+  return s + extra +
+         (model ? "workload: {kind: model, path: /m}\ncalib: {text: /t.txt}\neval: {streams: [{name: p, path: /p.txt}]}\n"
+                : "");
 }
 
 struct Layer {
@@ -73,6 +80,8 @@ class Conformance : public ::testing::TestWithParam<std::string> {};
 class LayerConformance : public ::testing::TestWithParam<std::string> {};
 class NormConsumersConformance : public ::testing::TestWithParam<std::string> {};
 class KvCacheConformance : public ::testing::TestWithParam<std::string> {};
+class BlockConformance : public ::testing::TestWithParam<std::string> {};
+GTEST_ALLOW_UNINSTANTIATED_PARAMETERIZED_TEST(BlockConformance);
 GTEST_ALLOW_UNINSTANTIATED_PARAMETERIZED_TEST(LayerConformance);
 GTEST_ALLOW_UNINSTANTIATED_PARAMETERIZED_TEST(NormConsumersConformance);
 GTEST_ALLOW_UNINSTANTIATED_PARAMETERIZED_TEST(KvCacheConformance);
@@ -246,11 +255,93 @@ TEST_P(KvCacheConformance, Contract) {
   }
 }
 
+/// A one-block LLaMA model with GQA (4 heads on 2 kv heads) and random weights.
+std::shared_ptr<const ModelWeights> one_block_model() {
+  auto w = std::make_shared<ModelWeights>();
+  ModelConfig& c = w->config;
+  c.architecture = "LlamaForCausalLM";
+  c.hidden_size = 32;
+  c.intermediate_size = 48;
+  c.num_layers = 1;
+  c.num_heads = 4;
+  c.num_kv_heads = 2;
+  c.head_dim = 8;
+  c.vocab_size = 50;
+  c.max_position_embeddings = 64;
+  uint64_t stream = 30;
+  auto rnd = [&](Index r, Index k, double sd) {
+    CounterRng g(11, stream++);
+    Matrix m(r, k);
+    for (Index i = 0; i < m.size(); ++i) m.data()[i] = static_cast<float>(sd * g.normal(i));
+    return m;
+  };
+  w->embed = rnd(50, 32, 1.0);
+  w->lm_head = rnd(50, 32, 0.2);
+  w->final_norm = Vector::Ones(32);
+  DecoderBlock b;
+  b.input_norm = Vector::Ones(32);
+  b.post_attn_norm = Vector::Ones(32);
+  b.q.W = rnd(32, 32, 0.2);
+  b.k.W = rnd(16, 32, 0.2);
+  b.v.W = rnd(16, 32, 0.2);
+  b.o.W = rnd(32, 32, 0.2);
+  b.gate.W = rnd(48, 32, 0.2);
+  b.up.W = rnd(48, 32, 0.2);
+  b.down.W = rnd(32, 48, 0.2);
+  w->blocks.push_back(b);
+  return w;
+}
+
+TEST_P(BlockConformance, Contract) {
+  const std::string name = GetParam();
+  const AlgorithmInfo& info = default_registry().get(name);
+  ASSERT_EQ(info.scope, Scope::Block);
+  RunConfig rc = parse_text(step_yaml(name));
+  auto algo = info.create(rc.quant.at(0).options);
+  const auto& ba = dynamic_cast<const BlockAlgorithm&>(*algo);
+  const auto fp = one_block_model();
+  QuantizedModel qm(fp);
+  BlockInput in;
+  in.name = "model.layers.0";
+  in.arch = &qm.architecture();
+  in.config = &qm.config();
+  in.weights = &qm.block(0);
+  in.kv_quantized = true;
+  const BlockResult a = ba.run(in), b = ba.run(in);
+  ASSERT_FALSE(a.transforms.empty()) << name << " returned no transform at its defaults";
+  for (int sl = 0; sl < kTransformSlots; ++sl) {
+    ASSERT_EQ(static_cast<bool>(a.transforms.slot[sl]), static_cast<bool>(b.transforms.slot[sl]));
+    if (a.transforms.slot[sl]) EXPECT_EQ(a.transforms.slot[sl]->matrix(), b.transforms.slot[sl]->matrix()) << "not deterministic";
+  }
+  // Installed, the transforms leave the block's function unchanged (before quantization).
+  qm.apply_transforms(0, a.transforms);
+  std::vector<int32_t> tokens(20);
+  for (int t = 0; t < 20; ++t) tokens[t] = (7 * t + 3) % 50;
+  const Matrix ref = Transformer(*fp).forward(tokens);
+  const ForwardHooks h = qm.hooks();
+  const Matrix out = Transformer(qm.current()).forward(tokens, &h);
+  EXPECT_LT((out - ref).cwiseAbs().maxCoeff(), 1e-4 * ref.cwiseAbs().maxCoeff());
+  // Non-finite weights are a NumericError from run(), before the plugin.
+  DecoderBlock bad = qm.block(0);
+  bad.up.W(0, 0) = std::numeric_limits<float>::quiet_NaN();
+  in.weights = &bad;
+  EXPECT_THROW(ba.run(in), NumericError);
+  for (const std::string& key : info.options->keys()) {
+    try {
+      parse_text(step_yaml(name, "    " + key + ": {bad: 1}\n"));
+      ADD_FAILURE() << name << " accepted a map for option " << key;
+    } catch (const ConfigError& e) {
+      EXPECT_EQ(e.key_path(), "quant.0." + key) << e.what();
+    }
+  }
+}
+
 auto param_name = [](const ::testing::TestParamInfo<std::string>& p) { return p.param; };
 INSTANTIATE_TEST_SUITE_P(AllRegistered, Conformance, ::testing::ValuesIn(default_registry().names()), param_name);
 INSTANTIATE_TEST_SUITE_P(AllRegistered, LayerConformance, ::testing::ValuesIn(plugins_of(Scope::Layer)), param_name);
 INSTANTIATE_TEST_SUITE_P(AllRegistered, NormConsumersConformance,
                          ::testing::ValuesIn(plugins_of(Scope::NormConsumers)), param_name);
+INSTANTIATE_TEST_SUITE_P(AllRegistered, BlockConformance, ::testing::ValuesIn(plugins_of(Scope::Block)), param_name);
 INSTANTIATE_TEST_SUITE_P(AllRegistered, KvCacheConformance, ::testing::ValuesIn(plugins_of(Scope::KvCache)),
                          param_name);
 

@@ -117,6 +117,32 @@ TEST(Plan, MisspeltKeyFailsBeforeAnyComputeWithLocation) {
 
 // `quantlab list` documents every option the parser accepts: each key of every algorithm's
 // schema, of the quant-step and activation specs and of every config section, with its type.
+TEST(Plan, StepsAtScopesTheWorkloadCannotDriveFailAtTheirLine) {
+  auto parse = [](const std::string& yaml) {
+    return parse_run_config(ConfigNode::parse(yaml, "scopes.yaml"), "r", "scopes.yaml", default_registry());
+  };
+  try {
+    parse("quant:\n  - algorithm: rtn\n    bits: 4\n  - algorithm: kv_rtn\n");
+    FAIL() << "a KV-cache step on the synthetic suite was accepted";
+  } catch (const ConfigError& e) {
+    EXPECT_EQ(e.key_path(), "quant.1.algorithm");
+    EXPECT_EQ(e.loc().line, 4);
+    EXPECT_NE(std::string(e.what()).find("kv-cache scope"), std::string::npos) << e.what();
+  }
+  try {
+    parse("workload: {kind: model, path: /m}\ncalib: {text: /t.txt}\neval: {streams: [{name: p, path: /p.txt}]}\n"
+          "quant:\n  - {algorithm: rtn, bits: 4}\n  - {algorithm: rotation}\n");
+    FAIL() << "a block step after a weight step was accepted";
+  } catch (const ConfigError& e) {
+    EXPECT_EQ(e.key_path(), "quant.1.algorithm");
+    EXPECT_EQ(e.loc().line, 6);
+    EXPECT_NE(std::string(e.what()).find("must come before the weight steps"), std::string::npos) << e.what();
+  }
+  EXPECT_NO_THROW(parse("workload: {kind: model, path: /m}\ncalib: {text: /t.txt}\neval: {streams: [{name: p, path: /p.txt}]}\n"
+                        "quant: [{algorithm: rotation}, "
+                        "{algorithm: rtn, bits: 4}, {algorithm: kv_rtn}]\n"));
+}
+
 TEST(Cli, ListDocumentsEveryOption) {
   const fs::path out = fs::temp_directory_path() / ("ql_list_" + std::to_string(::getpid()) + ".txt");
   const std::string cmd = std::string(QL_BINARY_DIR) + "/quantlab list > " + out.string();

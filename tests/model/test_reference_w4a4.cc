@@ -7,8 +7,11 @@
 // model: an exact cache is the FP model bit for bit, and error grows as bits fall.
 #include <gtest/gtest.h>
 
+#include <cmath>
+#include <cstdlib>
 #include <map>
 #include <string>
+#include <vector>
 
 #include "tests/model/reference_util.h"
 
@@ -43,6 +46,42 @@ TEST(ReferenceW4A4, RtnSmoothQuantAndKv4RowsMatchTheReference) {
     const bool calibrated = name.rfind("smoothquant", 0) == 0;
     const double ours = persuasion_ppl(", propagate: fp", quant, cache, calibrated ? 128 : 2);
     expect_degradation_matches(name, ours, reference_row(ref, name), fp);
+  }
+}
+
+/// Mean and sample standard deviation.
+std::pair<double, double> mean_sd(const std::vector<double>& v) {
+  double m = 0, ss = 0;
+  for (double x : v) m += x;
+  m /= static_cast<double>(v.size());
+  for (double x : v) ss += (x - m) * (x - m);
+  return {m, v.size() > 1 ? std::sqrt(ss / static_cast<double>(v.size() - 1)) : 0.0};
+}
+
+// The rotation row depends on the random draw: ours over 5 seeds against the reference's 3
+// seeds (its own numpy draws), means within 15% of the reference's mean increase. KV4 rotation
+// rows (3 more seeds each side) run with QL_REFERENCE_ALL=1.
+TEST(ReferenceW4A4, RotationRowsMatchTheReferenceOverSeeds) {
+  if (!have_data()) GTEST_SKIP() << "../shared/data not found at " << kData;
+  const nlohmann::json ref = load("flatquant.json");
+  const double fp = reference_row(ref, "fp");
+  WorkloadCache cache;
+  const bool all = std::getenv("QL_REFERENCE_ALL") != nullptr;
+  for (const std::string row : {"rotation_w4a4", "rotation_w4a4kv4"}) {
+    const bool kv = row.find("kv4") != std::string::npos;
+    if (kv && !all) continue;
+    std::vector<double> ours, theirs;
+    for (const char* suffix : {"", "_seed1", "_seed2"}) theirs.push_back(reference_row(ref, row + suffix) - fp);
+    for (int seed = 0; seed < 5; ++seed) {
+      const std::string quant = "[{algorithm: rotation, seed: " + std::to_string(seed) + "}, " + std::string(kRtnW4A4) +
+                                (kv ? ", {algorithm: kv_rtn, k_bits: 4, v_bits: 4}]" : "]");
+      ours.push_back(persuasion_ppl("", quant, cache, 2) - fp);
+    }
+    const auto [mo, so] = mean_sd(ours);
+    const auto [mr, sr] = mean_sd(theirs);
+    std::printf("[reference] %-22s ours +%.4f sd %.4f (5 seeds)  reference +%.4f sd %.4f (3 seeds)\n", row.c_str(), mo,
+                so, mr, sr);
+    EXPECT_NEAR(mo, mr, std::max(0.15 * mr, 0.05)) << row;
   }
 }
 

@@ -10,7 +10,10 @@
 #include <nlohmann/json.hpp>
 
 #include "core/error.h"
+#include "algorithms/algorithm.h"
+#include "core/config_node.h"
 #include "core/model/architecture.h"
+#include "core/model/transforms.h"
 #include "core/model/checkpoint.h"
 #include "core/model/quantized_model.h"
 #include "core/model/transformer.h"
@@ -792,6 +795,92 @@ TEST(KvCacheQuant, CacheBytesFollowTheFormula) {
   EXPECT_EQ(kv_exact_from(6, 8, 0), 0);
   EXPECT_EQ(kv_exact_from(20, 8, 5), 16);
   EXPECT_THROW(make_scalar_kv_quantizer(spec, 16, 60), ShapeError);  // 16 does not divide 60
+}
+
+// ---- transforms in the forward pass ----
+
+TransformFactor random_factor(Index n, uint64_t stream) {
+  // A general invertible factor: orthogonal times a positive diagonal (FlatQuant's SVD form).
+  MatrixD Q = random_orthogonal(n, 5, stream);
+  VectorD sigma(n);
+  for (Index i = 0; i < n; ++i) sigma[i] = 0.5 + static_cast<double>(i) / static_cast<double>(n);
+  return TransformFactor{Q * sigma.asDiagonal(), Q * sigma.cwiseInverse().asDiagonal()};
+}
+
+TEST(Transforms, EveryStructureAppliesItsMatrixAndMergesExactly) {
+  const std::vector<InputTransform> ts = {
+      InputTransform::dense(random_factor(24, 1)),
+      InputTransform::kronecker(random_factor(4, 2), random_factor(6, 3)),
+      InputTransform::per_head(random_factor(8, 4), 3),
+      InputTransform::across_heads(random_factor(3, 5), 8)};
+  for (const InputTransform& t : ts) {
+    SCOPED_TRACE(t.describe());
+    ASSERT_EQ(t.width(), 24);
+    const Matrix X = random_matrix(5, 24, 1.0, 40);
+    Matrix Y = X;
+    t.apply(Y);
+    const MatrixD ref = X.cast<double>() * t.matrix();
+    EXPECT_LT((Y.cast<double>() - ref).norm(), 1e-5 * ref.norm());
+    EXPECT_LT(t.inverse_error(), 1e-12);
+    EXPECT_LT((t.matrix() * t.inverse_transpose().transpose() - MatrixD::Identity(24, 24)).cwiseAbs().maxCoeff(), 1e-12);
+    // A linear reading the transformed input keeps its output: (X P)(W P⁻ᵀ)ᵀ = X Wᵀ.
+    const Matrix W = random_matrix(7, 24, 0.3, 41);
+    Matrix Wm = W;
+    merge_input_transform(Wm, t);
+    const MatrixD out = (X.cast<double>() * t.matrix()) * Wm.cast<double>().transpose();
+    const MatrixD want = X.cast<double>() * W.cast<double>().transpose();
+    EXPECT_LT((out - want).norm(), 1e-6 * want.norm());
+  }
+  EXPECT_EQ(kronecker_factor_sizes(256), (std::pair<Index, Index>{16, 16}));
+  EXPECT_EQ(kronecker_factor_sizes(768), (std::pair<Index, Index>{24, 32}));
+  const MatrixD H = random_hadamard(16, 1, 2);
+  EXPECT_LT((H * H.transpose() - MatrixD::Identity(16, 16)).cwiseAbs().maxCoeff(), 1e-15);
+  EXPECT_THROW(random_hadamard(24, 1, 2), ShapeError);
+}
+
+TEST(QuantizedModel, RotationInEverySlotLeavesTheFpFunctionUnchanged) {
+  TinySpec s;
+  s.qkv_bias = true;  // Qwen2-style biases move with P_v
+  auto fp = std::make_shared<const ModelWeights>(tiny_model(s));
+  const auto tokens = random_tokens(48, s.vocab, 12);
+  const Matrix ref = Transformer(*fp).forward(tokens);
+  const AlgorithmInfo& info = default_registry().get("rotation");
+  for (int seed : {0, 1, 7}) {
+    SCOPED_TRACE(seed);
+    QuantizedModel qm(fp);
+    ConfigNode opts = ConfigNode::parse("seed: " + std::to_string(seed) + "\nkeys: on\n", "rotation.yaml");
+    std::any o = info.options->defaults();
+    for (const auto& [k, v] : opts.entries()) info.options->parse_key(o, k, v, k);
+    const auto rot = info.create(o);
+    for (int b = 0; b < s.layers; ++b) {
+      BlockInput in;
+      in.block = b;
+      in.name = "model.layers." + std::to_string(b);
+      in.arch = &qm.architecture();
+      in.config = &qm.config();
+      in.weights = &qm.block(b);
+      const BlockResult r = dynamic_cast<const BlockAlgorithm&>(*rot).run(in);
+      ASSERT_TRUE(r.transforms[TransformSlot::KeysPerHead]);
+      qm.apply_transforms(b, r.transforms);
+      // Mapped back through the transforms, every weight is the FP weight.
+      for (int k = 0; k < kLinearKinds; ++k) {
+        const LinearKind kind = static_cast<LinearKind>(k);
+        const Matrix back = qm.effective_weight(b, kind, qm.block(b).linear(kind).W);
+        EXPECT_LT(max_abs_diff(back, fp->blocks[b].linear(kind).W), 1e-5f) << linear_name(b, kind);
+      }
+      EXPECT_THROW(qm.apply_transforms(b, r.transforms), ShapeError);  // one transform per slot
+    }
+    const ForwardHooks h = qm.hooks();
+    const Matrix out = Transformer(qm.current()).forward(tokens, &h);
+    EXPECT_LT(max_abs_diff(out, ref), 1e-4f * ref.cwiseAbs().maxCoeff());
+    // With keys rotated, windowed and incremental decoding still agree.
+    Transformer::KvCache cache;
+    Matrix inc(48, s.vocab);
+    for (Index t = 0; t < 48; t += 16)
+      inc.middleRows(t, 16) = Transformer(qm.current()).forward_incremental(
+          std::vector<int32_t>(tokens.begin() + t, tokens.begin() + t + 16), cache, &h);
+    EXPECT_LT(max_abs_diff(inc, out), 1e-4f * ref.cwiseAbs().maxCoeff());
+  }
 }
 
 }  // namespace
