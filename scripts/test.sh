@@ -9,6 +9,10 @@
 # between OpenBLAS's Cooperlake, Haswell and Sandybridge kernels (measured: Persuasion FP ppl
 # 77.06579223 .. 77.06579264, RTN W3 79.15895265 .. 79.15895313) against tolerances of 1e-4 and
 # 1e-3: a second kernel set cannot change their outcome, and they take 3.4 of the 14.7 minutes.
+# It also leaves out the W4A4 reference rows (ReferenceW4A4: RTN, SmoothQuant, KV4, rotation;
+# no error feedback): Haswell against Cooperlake kernels moved their increases by 0.1-0.6%
+# (measured: RTN W4A4 +5.0704 / +5.0633, SmoothQuant W4A4 +5.3182 / +5.3108, rotation seed 0
+# 78.66 / 78.65) against a 15% tolerance, and they take 3 minutes.
 # Tests that need ../shared skip with a reason when it is absent.
 # QL_KERNEL_PASSES=1 runs pass 1 only (a quick local check; CI runs both).
 set -euo pipefail
@@ -39,4 +43,4 @@ if [ "$got" = "$first" ]; then
 fi
 echo "== test pass 2 of 2: OpenBLAS kernels $got (OPENBLAS_CORETYPE=$second) =="
 OPENBLAS_CORETYPE=$second ctest --output-on-failure -j"$(nproc)" --timeout 900 \
-  -E '^PortableNumerics\.|^Golden\.(FpStreamPerplexities|FpSlicePerplexities|RtnPerplexitiesOnPersuasion)$'
+  -E '^PortableNumerics\.|^ReferenceW4A4\.|^Golden\.(FpStreamPerplexities|FpSlicePerplexities|RtnPerplexitiesOnPersuasion)$'
