@@ -1,12 +1,21 @@
 // The `kind: model` workload: a Hugging Face checkpoint quantized block by block and evaluated
-// on texts, overall and per slice.
+// on texts, overall and per slice. The run is a sequence of phases over a small block state
+// (experiments/model_runner.cc), with the pipeline's steps applied by experiments/pipeline.h:
 //
-//   load (cached across runs) -> calibration windows -> for each block: capture the inputs of
-//   its linears over every calibration window (Hessian + channel statistics per shared input),
-//   apply the pipeline (norm->consumer transforms folded into the RMSNorm weights and the
-//   consumers; layer-scope quantization per linear), feed the next block with the quantized
-//   block's outputs (or the FP block's, calib.propagate: fp) -> evaluate FP and quantized
-//   models window by window in the same process -> LM metrics per unit -> slices.
+//   load (cached across runs) -> calibration windows -> for each block b:
+//     capture    statistics (Hessian + channel statistics per shared input of the architecture
+//                table) of block b's linear inputs over every calibration window; the FP block's
+//                outputs come from the same pass
+//     block      block-scope steps: transforms merged into the weights and installed online in
+//                the quantized model; inputs re-captured in the transformed space
+//     apply      norm->consumer transforms folded into the RMSNorm weights and the consumers,
+//                layer-scope quantization per linear (whole block, or stage by stage with
+//                calib.true_sequential); static activation ranges fixed
+//     kv         KV-cache steps: a quantizer per block (K/V captured only if a plugin needs them)
+//     propagate  block b+1 reads the quantized block's outputs (or the FP block's, calib.
+//                propagate: fp)
+//   -> evaluate the FP model and the quantized-model object window by window in the same
+//   process -> LM metrics per unit -> slices; layer rows, bpw and kv_bits summaries.
 //
 // Memory during calibration is bounded by one block's activations for all calibration windows
 // (n_samples x seq_len x hidden floats) plus the statistics of one block's linears.

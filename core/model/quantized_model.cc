@@ -54,6 +54,12 @@ QuantizedModel::QuantizedModel(std::shared_ptr<const ModelWeights> fp)
   if (!fp_) throw Error("QuantizedModel: no FP weights");
   current_ = *fp_;
   transforms_.resize(static_cast<std::size_t>(fp_->config.num_layers));
+  // The slot whose transform acts on each linear's input (the architecture table's placement).
+  for (int k = 0; k < kLinearKinds; ++k) {
+    input_slot_[k] = -1;
+    for (const TransformSlotInfo& s : arch_.transform_slots())
+      if (s.input_group == arch_.group_of(static_cast<LinearKind>(k))) input_slot_[k] = static_cast<int>(s.slot);
+  }
   act_.resize(static_cast<std::size_t>(fp_->config.num_layers));
   kv_.resize(static_cast<std::size_t>(fp_->config.num_layers));
 }
@@ -115,12 +121,8 @@ Matrix QuantizedModel::effective_weight(int b, LinearKind kind, const Matrix& W)
 ForwardHooks QuantizedModel::hooks() const {
   ForwardHooks h;
   h.transform_input = [this](int b, LinearKind k, Matrix& X) {
-    const BlockTransforms& t = transforms_[b];
-    const TransformSlot online = k == LinearKind::Q || k == LinearKind::K || k == LinearKind::V ? TransformSlot::QkvInput
-                                 : k == LinearKind::O                                             ? TransformSlot::OInputAcrossHeads
-                                 : k == LinearKind::Down                                          ? TransformSlot::DownInput
-                                                                                                  : TransformSlot::GateUpInput;
-    if (t[online]) t[online]->apply(X);
+    const int slot = input_slot_[static_cast<int>(k)];
+    if (slot >= 0 && transforms_[b].slot[slot]) transforms_[b].slot[slot]->apply(X);
     const ActQuantizer& a = act(b, k);
     if (a.active())
       fake_quant_activations(X, *a.spec, a.spec->mode == ActRangeMode::Static ? &a.range : nullptr);

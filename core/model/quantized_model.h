@@ -96,6 +96,7 @@ class QuantizedModel {
   Architecture arch_;
   ModelWeights current_;
   std::vector<BlockTransforms> transforms_;
+  std::array<int, kLinearKinds> input_slot_{};  // slot acting on each linear's input, or -1
   std::vector<std::array<ActQuantizer, kLinearKinds>> act_;
   std::vector<std::shared_ptr<const KvQuantizer>> kv_;
 };
