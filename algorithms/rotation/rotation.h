@@ -16,6 +16,7 @@
 // hadamard: a randomized Hadamard matrix where the factor size is a power of two, Haar
 // otherwise), kronecker (default true; false = one dense P per q/k/v, gate/up, down input),
 // keys (auto | on | off: P_k when a KV-cache step follows / always / never).
+// The step's targets/ignore regexes match the block, "model.layers.<b>".
 // Deliberate difference from QuaRot: transforms sit online after each RMSNorm (FlatQuant's
 // placement) instead of being fused into the residual stream, so no norm weights move.
 #pragma once
