@@ -165,7 +165,7 @@ int main(int argc, char** argv) {
               cache, default_registry());
   RunRecord rec;
   const double t_run = seconds_of([&] { rec = execute_run(rc, cache, default_registry()); });
-  if (rec.status != "ok") {
+  if (rec.status != RunStatus::Ok) {
     std::printf("whole-model GPTQ failed: %s\n", rec.message.c_str());
     return 1;
   }

@@ -162,7 +162,7 @@ int main(int argc, char** argv) {
       const RunConfig rc = parse_run_config(ConfigNode::parse(yaml + "numerics: " + mode + "\n", "bench.yaml"),
                                             mode, "bench.yaml", default_registry());
       const RunRecord r = execute_run(rc, cache, default_registry());
-      if (r.status != "ok") std::printf("whole-model GPTQ (%s) failed: %s\n", mode, r.message.c_str());
+      if (r.status != RunStatus::Ok) std::printf("whole-model GPTQ (%s) failed: %s\n", mode, r.message.c_str());
       return r.seconds_calib + r.seconds_quant;
     };
     run_mode("fast");  // warm-up: checkpoint load and tokenization are not what is measured

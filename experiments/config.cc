@@ -70,9 +70,9 @@ const OptionSchema<CalibConfig>& model_calib_schema() {
         "rule", "random|strided",
         "random: offsets drawn from the seed; strided: window i starts at i*((len-seq_len)//n_samples), the GPTQ reference's rule",
         [](CalibConfig& c, const ConfigNode& n, const std::string& p) {
-          c.rule = read_choice(n, p, {"random", "strided"});
+          c.rule = read_choice(n, p, {"random", "strided"}) == "strided" ? CalibRule::Strided : CalibRule::Random;
         },
-        [](const CalibConfig& c) { return ConfigNode::scalar(c.rule); });
+        [](const CalibConfig& c) { return ConfigNode::scalar(c.rule == CalibRule::Strided ? "strided" : "random"); });
     o.add("draw", &CalibConfig::draw,
           "which calibration draw (set of windows) to use, in [0, draws): strided windows shifted "
           "by draw*(stride//draws), or an independent random set; sweep it to compare results "
@@ -86,9 +86,9 @@ const OptionSchema<CalibConfig>& model_calib_schema() {
         "propagate", "quantized|fp",
         "inputs of block b+1 during calibration: outputs of the quantized blocks (GPTQ) or of the FP blocks",
         [](CalibConfig& c, const ConfigNode& n, const std::string& p) {
-          c.propagate = read_choice(n, p, {"quantized", "fp"});
+          c.propagate = read_choice(n, p, {"quantized", "fp"}) == "fp" ? Propagate::Fp : Propagate::Quantized;
         },
-        [](const CalibConfig& c) { return ConfigNode::scalar(c.propagate); });
+        [](const CalibConfig& c) { return ConfigNode::scalar(c.propagate == Propagate::Fp ? "fp" : "quantized"); });
     o.add("true_sequential", &CalibConfig::true_sequential,
           "quantize q/k/v, o, gate/up, down in turn, re-collecting statistics after each stage");
     o.validator([](const CalibConfig& c, const ConfigNode& map, const std::string& path) {
@@ -118,7 +118,7 @@ const OptionSchema<EvalConfig>& synthetic_eval_schema() {
   return s;
 }
 
-EvalSet parse_eval_set(const ConfigNode& n, const std::string& path, const std::string& kind) {
+EvalSet parse_eval_set(const ConfigNode& n, const std::string& path, EvalSetKind kind) {
   if (!n.is_map())
     throw ConfigError(n.loc(), path, "expected a map {name, path, max_windows}, found '" + n.to_flow() + "'");
   EvalSet e;
@@ -152,12 +152,12 @@ const OptionSchema<EvalConfig>& model_eval_schema() {
         [](EvalConfig& c, const ConfigNode& n, const std::string& p) {
           if (!n.is_sequence()) throw ConfigError(n.loc(), p, "expected a list of {name, path}");
           for (std::size_t i = 0; i < n.size(); ++i)
-            c.sets.push_back(parse_eval_set(n.at(i), join_path(p, std::to_string(i)), "stream"));
+            c.sets.push_back(parse_eval_set(n.at(i), join_path(p, std::to_string(i)), EvalSetKind::Stream));
         },
         [](const EvalConfig& c) {
           ConfigNode l = ConfigNode::sequence();
           for (auto& e : c.sets)
-            if (e.kind == "stream") l.push_back(emit_eval_set(e));
+            if (e.kind == EvalSetKind::Stream) l.push_back(emit_eval_set(e));
           return l;
         });
     o.add_custom(
@@ -166,12 +166,12 @@ const OptionSchema<EvalConfig>& model_eval_schema() {
         [](EvalConfig& c, const ConfigNode& n, const std::string& p) {
           if (!n.is_sequence()) throw ConfigError(n.loc(), p, "expected a list of {name, path}");
           for (std::size_t i = 0; i < n.size(); ++i)
-            c.sets.push_back(parse_eval_set(n.at(i), join_path(p, std::to_string(i)), "jsonl"));
+            c.sets.push_back(parse_eval_set(n.at(i), join_path(p, std::to_string(i)), EvalSetKind::Jsonl));
         },
         [](const EvalConfig& c) {
           ConfigNode l = ConfigNode::sequence();
           for (auto& e : c.sets)
-            if (e.kind == "jsonl") l.push_back(emit_eval_set(e));
+            if (e.kind == EvalSetKind::Jsonl) l.push_back(emit_eval_set(e));
           return l;
         });
     o.add_custom(
@@ -180,12 +180,12 @@ const OptionSchema<EvalConfig>& model_eval_schema() {
         [](EvalConfig& c, const ConfigNode& n, const std::string& p) {
           if (!n.is_sequence()) throw ConfigError(n.loc(), p, "expected a list of {name, path}");
           for (std::size_t i = 0; i < n.size(); ++i)
-            c.sets.push_back(parse_eval_set(n.at(i), join_path(p, std::to_string(i)), "ids"));
+            c.sets.push_back(parse_eval_set(n.at(i), join_path(p, std::to_string(i)), EvalSetKind::Ids));
         },
         [](const EvalConfig& c) {
           ConfigNode l = ConfigNode::sequence();
           for (auto& e : c.sets)
-            if (e.kind == "ids") l.push_back(emit_eval_set(e));
+            if (e.kind == EvalSetKind::Ids) l.push_back(emit_eval_set(e));
           return l;
         });
     o.add("seq_len", &EvalConfig::seq_len, "evaluation window length", {2, 1 << 20});
@@ -440,7 +440,8 @@ RunConfig parse_run_config(const ConfigNode& root, const std::string& label,
     // The workload kind decides which calib:/eval: keys exist.
     if (const ConfigNode* w = root.find("workload"); w && w->is_map())
       if (const ConfigNode* kind = w->find("kind"))
-        rc.workload.kind = read_choice(*kind, "workload.kind", {"synthetic", "model"});
+        rc.workload.kind =
+            read_choice(*kind, "workload.kind", {"synthetic", "model"}) == "model" ? WorkloadKind::Model : WorkloadKind::Synthetic;
     const bool model = rc.workload.is_model();
     // calib: and eval: first: they size the workload's data, which its validator checks.
     if (const ConfigNode* n = root.find("calib"))
@@ -504,7 +505,7 @@ RunConfig parse_run_config(const ConfigNode& root, const std::string& label,
   c.set("seed", ConfigNode::scalar(std::to_string(rc.seed)));
   c.set("numerics", ConfigNode::scalar(numerics_name(rc.numerics)));
   ConfigNode w = ConfigNode::map();
-  w.set("kind", ConfigNode::scalar(rc.workload.kind));
+  w.set("kind", ConfigNode::scalar(workload_kind_name(rc.workload.kind)));
   const ConfigNode spec_node = rc.workload.is_model()
                                    ? model_workload_schema().emit(rc.workload.model)
                                    : synthetic_spec_schema().emit(rc.workload.synthetic);
@@ -552,6 +553,17 @@ std::string RunConfig::workload_key() const {
   for (const char* s : {"workload", "calib", "eval"})
     if (const ConfigNode* n = canonical.find(s)) k += std::string(s) + ":\n" + n->to_yaml();
   return k;
+}
+
+const char* workload_kind_name(WorkloadKind k) { return k == WorkloadKind::Model ? "model" : "synthetic"; }
+
+const char* eval_set_kind_name(EvalSetKind k) {
+  switch (k) {
+    case EvalSetKind::Stream: return "stream";
+    case EvalSetKind::Jsonl: return "jsonl";
+    case EvalSetKind::Ids: return "ids";
+  }
+  return "?";
 }
 
 int layer_group_size(const QuantSpec& spec) {

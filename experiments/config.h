@@ -5,6 +5,7 @@
 // Top-level keys: seed, workload, calib, eval, slices, quant, output (+ include and sweep, which
 // experiments/sweep.h consumes before this parser sees the tree).
 #pragma once
+#include "core/model/text_data.h"
 #include <any>
 #include <cstdint>
 #include <string>
@@ -41,13 +42,19 @@ struct ModelWorkload {
   std::string architecture;  ///< if set, the checkpoint's architecture must equal it
 };
 
+enum class WorkloadKind { Synthetic, Model };
+const char* workload_kind_name(WorkloadKind k);  ///< "synthetic" | "model"
+
 /// `workload:` — what is quantized: `kind: synthetic` (a layer suite) or `kind: model`.
 struct WorkloadConfig {
-  std::string kind = "synthetic";
+  WorkloadKind kind = WorkloadKind::Synthetic;
   SyntheticSpec synthetic;
   ModelWorkload model;
-  bool is_model() const { return kind == "model"; }
+  bool is_model() const { return kind == WorkloadKind::Model; }
 };
+
+/// model: what feeds block b+1 during block-sequential calibration.
+enum class Propagate { Quantized, Fp };
 
 /// `calib:` — calibration data. Synthetic suites use tokens/populations; models use the rest.
 struct CalibConfig {
@@ -58,7 +65,7 @@ struct CalibConfig {
   int n_samples = 128;          ///< model: calibration windows
   int seq_len = 256;            ///< model: tokens per calibration window
   long long seed = 0;           ///< model: seed of the random window rule
-  std::string rule = "random";  ///< model: random | strided (the GPTQ reference's rule)
+  CalibRule rule = CalibRule::Random;  ///< model: random | strided (the GPTQ reference's rule)
   /// model: calibration draw `draw` of `draws` (CalibDraw): strided windows shifted by
   /// draw * (stride / draws), or an independent random set. Sweep `calib.draw` to compare
   /// results as distributions over calibration sets.
@@ -66,7 +73,7 @@ struct CalibConfig {
   int draws = 1;
   /// model: what feeds block b+1 during block-sequential calibration: the outputs of the
   /// already quantized blocks (GPTQ) or of the FP blocks (FlatQuant).
-  std::string propagate = "quantized";
+  Propagate propagate = Propagate::Quantized;
   /// model: quantize q/k/v, then o, then gate/up, then down, re-collecting each stage's input
   /// statistics from the partly quantized block (GPTQ's true-sequential order).
   bool true_sequential = false;
@@ -74,10 +81,15 @@ struct CalibConfig {
 
 /// One evaluation text: a stream (perplexity protocol) or a JSONL file of slice-labelled
 /// documents.
+enum class EvalSetKind { Stream, Jsonl, Ids };
+const char* eval_set_kind_name(EvalSetKind k);  ///< "stream" | "jsonl" | "ids"
+
 struct EvalSet {
   std::string name;
   std::string path;
-  std::string kind = "stream";  ///< stream | jsonl | ids (token-id file, one document per line)
+  /// stream (perplexity protocol) | jsonl (slice-labelled documents) | ids (token-id file,
+  /// one document per line)
+  EvalSetKind kind = EvalSetKind::Stream;
   long long max_windows = 0;    ///< 0 = all windows; otherwise the first max_windows
 };
 

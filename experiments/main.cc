@@ -69,13 +69,13 @@ int cmd_run(const std::vector<std::string>& args, bool plan_only) {
   opts.quiet = p.vm["quiet"].as<bool>();
 
   if (plan_only) {
-    std::map<std::string, std::map<std::string, std::string>> stored;
+    std::map<std::string, std::map<std::string, ql::RunStatus>> stored;
     std::cout << runs.size() << " runs\n";
     for (std::size_t i = 0; i < runs.size(); ++i) {
       const std::string path = opts.output.empty() ? runs[i].output.path : opts.output;
       if (!stored.count(path)) stored[path] = ql::ResultStore(path).run_statuses();
       auto it = stored[path].find(runs[i].run_id);
-      std::string state = it == stored[path].end() ? "new" : it->second == "ok" ? "stored" : "failed";
+      std::string state = it == stored[path].end() ? "new" : it->second == ql::RunStatus::Ok ? "stored" : "failed";
       std::cout << i + 1 << "\t" << runs[i].run_id << "\t" << state << "\t" << runs[i].label
                 << "\t-> " << path << "\n";
     }

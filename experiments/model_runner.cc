@@ -129,14 +129,14 @@ EvalData eval_data(const EvalSet& s, int64_t seq_len, ModelCache::State& st) {
   EvalData d;
   d.set = s;
   std::vector<Window> wins;
-  if (s.kind == "stream") {
+  if (s.kind == EvalSetKind::Stream) {
     wins = stream_windows(st.stream(s.path), seq_len);
     if (s.max_windows > 0 && static_cast<long long>(wins.size()) > s.max_windows)
       wins.resize(static_cast<std::size_t>(s.max_windows));
     // A stream's resampling unit is its window (document boundaries are not tracked).
     for (std::size_t i = 0; i < wins.size(); ++i) d.unit_ids.push_back("w" + std::to_string(i));
   } else {
-    std::vector<Document> docs = s.kind == "ids" ? token_id_documents(s.path, vocab)
+    std::vector<Document> docs = s.kind == EvalSetKind::Ids ? token_id_documents(s.path, vocab)
                                                  : jsonl_documents(s.path, st.tok());
     wins = document_windows(docs, seq_len, &d.skipped_docs);
     if (s.max_windows > 0 && static_cast<long long>(wins.size()) > s.max_windows)
@@ -156,7 +156,7 @@ EvalData eval_data(const EvalSet& s, int64_t seq_len, ModelCache::State& st) {
       }
     }
   }
-  if (s.kind != "stream") {
+  if (s.kind != EvalSetKind::Stream) {
     // Units are the documents that have at least one window (skipped or cut-off documents
     // would otherwise count as empty clusters).
     std::vector<int> remap(d.unit_ids.size(), -1);
@@ -206,11 +206,11 @@ void prepare(const RunConfig& run, ModelCache::State& st, double* seconds) {
 
   const CalibConfig& c = run.calib;
   const std::string calib_key = c.text + "|" + c.ids + "|" + std::to_string(c.n_samples) + "|" +
-                                std::to_string(c.seq_len) + "|" + std::to_string(c.seed) + "|" + c.rule + "|" +
+                                std::to_string(c.seq_len) + "|" + std::to_string(c.seed) + "|" + std::to_string(static_cast<int>(c.rule)) + "|" +
                                 std::to_string(c.draw) + "/" + std::to_string(c.draws);
   if (st.calib_key != calib_key) {
     st.calib_windows = calibration_windows(c.ids.empty() ? st.stream(c.text) : st.id_stream(c.ids), c.n_samples, c.seq_len,
-                                           c.rule == "strided" ? CalibRule::Strided : CalibRule::Random,
+                                           c.rule,
                                            static_cast<uint64_t>(c.seed), CalibDraw{c.draw, c.draws});
     st.calib_key = calib_key;
   }
@@ -227,7 +227,7 @@ void prepare(const RunConfig& run, ModelCache::State& st, double* seconds) {
   }
 
   std::string eval_key = std::to_string(e.seq_len) + "|";
-  for (auto& s : e.sets) eval_key += s.kind + ":" + s.name + ":" + s.path + ":" + std::to_string(s.max_windows) + ";";
+  for (auto& s : e.sets) eval_key += std::string(eval_set_kind_name(s.kind)) + ":" + s.name + ":" + s.path + ":" + std::to_string(s.max_windows) + ";";
   if (st.eval_key != eval_key) {
     st.eval.clear();
     for (const EvalSet& s : e.sets) st.eval.push_back(eval_data(s, e.seq_len, st));
@@ -492,7 +492,7 @@ double calibrate_and_quantize(ModelRun& m, const std::vector<std::vector<int32_t
     record_block_rows(m, b, st, rows);
     quant_seconds += seconds_since(t_q);
 
-    if (m.run.calib.propagate == "quantized" && b + 1 < m.model.num_blocks()) {
+    if (m.run.calib.propagate == Propagate::Quantized && b + 1 < m.model.num_blocks()) {
       const Transformer q_model(m.model.current());
       const ForwardHooks act = m.model.hooks();
       for (std::size_t w = 0; w < h.size(); ++w) next[w] = q_model.block(b, h[w], 0, &act);

@@ -136,7 +136,7 @@ void write_runs_csv(const std::vector<RunRecord>& runs, const fs::path& dir) {
   for (const auto& m : metrics.items()) header.push_back(m);
   CsvFile f(dir / "runs.csv", header);
   for (const auto& r : runs) {
-    std::vector<std::string> row{r.run_id, r.label, r.status, r.message};
+    std::vector<std::string> row{r.run_id, r.label, run_status_name(r.status), r.message};
     for (const auto& k : params.items()) {
       const std::string* v = find_param(r, k);
       row.push_back(v ? *v : "");
@@ -324,7 +324,7 @@ struct KeyResolver {
     for (const auto& p : parts) {
       if (p == "label") v.push_back(r.label);
       else if (p == "run_id") v.push_back(r.run_id);
-      else if (p == "status") v.push_back(r.status);
+      else if (p == "status") v.push_back(run_status_name(r.status));
       else {
         const std::string* x = find_param(r, p);
         v.push_back(x ? *x : "-");
@@ -463,8 +463,8 @@ std::string pivot_table(const std::vector<RunRecord>& runs, const std::string& r
     const size_t i = row_names.add(rows.value(r));
     const size_t j = col_names.add(cols.empty() ? metric : cols.value(r));
     Cell& c = cells[{i, j}];
-    if (r.status != "ok") {
-      if (c.failed.empty()) c.failed = r.status.empty() ? "failed" : r.status;
+    if (r.status != RunStatus::Ok) {
+      if (c.failed.empty()) c.failed = run_status_name(r.status);
       continue;
     }
     const RunRecord* clash = nullptr;

@@ -181,7 +181,7 @@ void write_run(const h5::Group& g, const RunRecord& r, int64_t order) {
   g.set_string_attr("config_hash", r.run_id);
   g.set_string_attr("config_yaml", r.config_yaml);
   g.set_string_attr("code_revision", r.code_revision);
-  g.set_string_attr("status", r.status);
+  g.set_string_attr("status", run_status_name(r.status));
   g.set_string_attr("message", r.message);
   g.set_string_attr("started_at", r.started_at);
   g.set_uint64_attr("seed", r.seed);
@@ -341,7 +341,7 @@ RunRecord read_run_group(const h5::Group& g) {
   r.label = g.string_attr("label");
   r.config_yaml = g.string_attr("config_yaml");
   r.code_revision = g.string_attr("code_revision");
-  r.status = g.string_attr("status");
+  r.status = parse_run_status(g.string_attr("status"));
   r.message = g.string_attr("message");
   r.started_at = g.string_attr("started_at");
   r.seed = g.uint64_attr("seed");
@@ -491,14 +491,22 @@ void ResultStore::append(const RunRecord& run) {
   sync_path(dir.string(), true);
 }
 
-std::map<std::string, std::string> ResultStore::run_statuses() const {
-  std::map<std::string, std::string> out;
+const char* run_status_name(RunStatus s) { return s == RunStatus::Ok ? "ok" : "failed"; }
+
+RunStatus parse_run_status(const std::string& s) {
+  if (s == "ok") return RunStatus::Ok;
+  if (s == "failed") return RunStatus::Failed;
+  throw Error("run status '" + s + "': expected ok or failed");
+}
+
+std::map<std::string, RunStatus> ResultStore::run_statuses() const {
+  std::map<std::string, RunStatus> out;
   if (!exists()) return out;
   h5::File f = open_results(path_, h5::Access::ReadOnly);
   h5::Group root = f.root();
   if (!root.has("runs")) return out;
   h5::Group runs = root.open_group("runs");
-  for (const auto& id : runs.children()) out[id] = runs.open_group(id).string_attr("status");
+  for (const auto& id : runs.children()) out[id] = parse_run_status(runs.open_group(id).string_attr("status"));
   return out;
 }
 

@@ -53,8 +53,8 @@ class ResultStore {
   /// empty or contains '/', ShapeError if run.units is inconsistent (sums rows/ids/attrs sizes).
   void append(const RunRecord& run);
 
-  /// run_id -> status ("ok" | "failed") of every stored run; empty if the file does not exist.
-  std::map<std::string, std::string> run_statuses() const;
+  /// run_id -> status of every stored run; empty if the file does not exist.
+  std::map<std::string, RunStatus> run_statuses() const;
   /// One stored run, every table included. IoError if the file or the run does not exist.
   RunRecord read_run(const std::string& run_id) const;
   /// Every stored run in append order (see `order`); empty if the file does not exist.

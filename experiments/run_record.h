@@ -9,6 +9,12 @@
 
 namespace ql {
 
+/// How a run ended. Stored as "ok" / "failed" (run_status_name).
+enum class RunStatus { Ok, Failed };
+const char* run_status_name(RunStatus s);
+/// Parses a stored status; Error naming the value for anything else.
+RunStatus parse_run_status(const std::string& s);
+
 /// One linear layer after the whole pipeline of a run.
 struct LayerRow {
   std::string layer;      ///< layer name
@@ -52,7 +58,7 @@ struct RunRecord {
   std::string label;          ///< human label, e.g. "rtn bits=4 granularity=group"
   std::string config_yaml;    ///< canonical resolved config (what the hash is of)
   std::string code_revision;  ///< git revision of the binary ("-dirty" if modified)
-  std::string status;         ///< "ok" | "failed"
+  RunStatus status = RunStatus::Failed;
   std::string message;        ///< error message when failed
   std::string started_at;     ///< ISO 8601 UTC
   uint64_t seed = 0;

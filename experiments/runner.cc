@@ -333,9 +333,9 @@ RunRecord execute_run(const RunConfig& run, WorkloadCache& cache, const Algorith
       execute_model_run(run, cache.model(), registry, rec, on_layer);
     else
       execute_synthetic_run(run, cache, registry, rec, on_layer);
-    rec.status = "ok";
+    rec.status = RunStatus::Ok;
   } catch (const std::exception& e) {
-    rec.status = "failed";
+    rec.status = RunStatus::Failed;
     rec.message = e.what();
     rec.layers.clear();
     rec.diagnostics.clear();
@@ -374,7 +374,7 @@ class Progress {
     os_ << "[" << index_ + 1 << "/" << total_ << "] ";
     if (skipped)
       os_ << "stored  " << label_ << "\n";
-    else if (r.status == "ok")
+    else if (r.status == RunStatus::Ok)
       os_ << "ok " << std::fixed << std::setprecision(2) << r.seconds_total << "s  " << label_ << "\n";
     else
       os_ << "FAILED  " << label_ << ": " << r.message << "\n";
@@ -418,7 +418,7 @@ SweepSummary run_sweep(const std::vector<RunConfig>& runs, const RunnerOptions& 
                     sum.total);
 
   std::map<std::string, std::unique_ptr<ResultStore>> stores;
-  std::map<std::string, std::map<std::string, std::string>> statuses;
+  std::map<std::string, std::map<std::string, RunStatus>> statuses;
   WorkloadCache cache;
   // A checkpoint or text that cannot be read fails every run the same way: find out once,
   // before computing anything, and report it as one error.
@@ -437,7 +437,7 @@ SweepSummary run_sweep(const std::vector<RunConfig>& runs, const RunnerOptions& 
     }
     progress.start(i, run.label);
     auto st = statuses[path].find(run.run_id);
-    if (st != statuses[path].end() && st->second == "ok") {
+    if (st != statuses[path].end() && st->second == RunStatus::Ok) {
       ++sum.skipped;
       progress.finish(RunRecord{}, true);
       continue;
@@ -446,7 +446,7 @@ SweepSummary run_sweep(const std::vector<RunConfig>& runs, const RunnerOptions& 
                                 [&](const std::string& layer) { progress.layer(layer); });
     stores[path]->append(rec);
     statuses[path][run.run_id] = rec.status;
-    if (rec.status == "ok") ++sum.ok;
+    if (rec.status == RunStatus::Ok) ++sum.ok;
     else ++sum.failed;
     progress.finish(rec, false);
   }

@@ -19,7 +19,7 @@ namespace fs = std::filesystem;
 RunRecord run_yaml(const std::string& yaml, WorkloadCache& cache) {
   RunConfig rc = parse_run_config(ConfigNode::parse(yaml, "pipe.yaml"), "pipe", "pipe.yaml", default_registry());
   RunRecord r = execute_run(rc, cache, default_registry());
-  EXPECT_EQ(r.status, "ok") << r.message;
+  EXPECT_EQ(r.status, RunStatus::Ok) << r.message;
   return r;
 }
 

@@ -114,7 +114,7 @@ int differing_values(const std::vector<std::map<std::string, RunRecord>>& res, s
       ADD_FAILURE() << "run " << id << " missing in the second environment";
       continue;
     }
-    EXPECT_EQ(a.status, "ok") << a.message;
+    EXPECT_EQ(a.status, RunStatus::Ok) << a.message;
     const auto x = numbers(a), y = numbers(it->second);
     EXPECT_EQ(x.size(), y.size()) << a.label;
     for (size_t i = 0; i < std::min(x.size(), y.size()); ++i)

@@ -88,7 +88,7 @@ RunRecord make_run(const std::string& id, const std::string& algorithm,
   RunRecord r;
   r.run_id = id;
   r.label = algorithm + " bits=" + std::to_string(bits) + " granularity=" + granularity;
-  r.status = "ok";
+  r.status = RunStatus::Ok;
   r.params = {{"seed", "0"},
               {"workload.name", "tiny"},
               {"quant.0.algorithm", algorithm},
@@ -161,7 +161,7 @@ std::vector<RunRecord> handcrafted_runs() {
   RunRecord failed;
   failed.run_id = "0000000000000005";
   failed.label = "gptq bits=3 granularity=group";
-  failed.status = "failed";
+  failed.status = RunStatus::Failed;
   failed.message = "NumericError: \"H\" is singular,\nsee layer blocks.0";
   failed.params = {{"seed", "0"},
                    {"workload.name", "tiny"},
@@ -207,7 +207,7 @@ TEST_F(ReportTest, ExportCsvWritesEveryTable) {
   for (size_t i = 0; i < runs.size(); ++i) {
     EXPECT_EQ(rs[i].at("run_id"), runs[i].run_id);
     EXPECT_EQ(rs[i].at("label"), runs[i].label);
-    EXPECT_EQ(rs[i].at("status"), runs[i].status);
+    EXPECT_EQ(rs[i].at("status"), run_status_name(runs[i].status));
     EXPECT_EQ(rs[i].at("message"), runs[i].message);  // comma, quotes and newline survive
   }
   EXPECT_EQ(num(rs[0].at("out_rel_err")), 0.1 + 0.2);

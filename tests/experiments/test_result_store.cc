@@ -57,7 +57,7 @@ RunRecord full_record(const std::string& run_id, int k) {
   r.label = "smoothquant+gptq α=0.5 run " + std::to_string(k);
   r.config_yaml = "seed: " + std::to_string(k) + "\nquant:\n  - algorithm: gptq\n    note: \"ünïcode ✓\"\n";
   r.code_revision = "0123456789ab-dirty";
-  r.status = "ok";
+  r.status = RunStatus::Ok;
   r.message = "";
   r.started_at = "2024-05-01T12:34:56Z";
   r.seed = 0xFEDCBA9876543210ull + static_cast<uint64_t>(k);
@@ -307,15 +307,15 @@ TEST_F(ResultStoreTest, ReplacesAFailedRunInPlace) {
   RunRecord failed;
   failed.run_id = "aaaaaaaaaaaaaaaa";
   failed.label = "gptq bits=2";
-  failed.status = "failed";
+  failed.status = RunStatus::Failed;
   failed.message = "NumericError: Cholesky failed, \"H\" not positive definite";
   store.append(failed);
   const RunRecord other = full_record("bbbbbbbbbbbbbbbb", 2);
   store.append(other);
 
   auto st = store.run_statuses();
-  EXPECT_EQ(st, (std::map<std::string, std::string>{{"aaaaaaaaaaaaaaaa", "failed"},
-                                                     {"bbbbbbbbbbbbbbbb", "ok"}}));
+  EXPECT_EQ(st, (std::map<std::string, RunStatus>{{"aaaaaaaaaaaaaaaa", RunStatus::Failed},
+                                                   {"bbbbbbbbbbbbbbbb", RunStatus::Ok}}));
   // The failed run's empty tables are still present (0 rows) and read back.
   const RunRecord f0 = store.read_run(failed.run_id);
   expect_equal(failed, f0);
@@ -324,7 +324,7 @@ TEST_F(ResultStoreTest, ReplacesAFailedRunInPlace) {
   store.append(rerun);
   st = store.run_statuses();
   EXPECT_EQ(st.size(), 2u);
-  EXPECT_EQ(st["aaaaaaaaaaaaaaaa"], "ok");
+  EXPECT_EQ(st["aaaaaaaaaaaaaaaa"], RunStatus::Ok);
   const auto all = store.read_all();
   ASSERT_EQ(all.size(), 2u);
   expect_equal(rerun, all[0]);  // keeps the position of the run it replaced

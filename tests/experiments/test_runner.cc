@@ -171,8 +171,8 @@ TEST(Cli, ListDocumentsEveryOption) {
 }
 
 void expect_bitwise_equal(const RunRecord& a, const RunRecord& b) {
-  ASSERT_EQ(a.status, "ok") << a.message;
-  ASSERT_EQ(b.status, "ok") << b.message;
+  ASSERT_EQ(a.status, RunStatus::Ok) << a.message;
+  ASSERT_EQ(b.status, RunStatus::Ok) << b.message;
   ASSERT_EQ(a.layers.size(), b.layers.size());
   for (std::size_t i = 0; i < a.layers.size(); ++i) {
     const LayerRow &x = a.layers[i], &y = b.layers[i];
@@ -223,7 +223,7 @@ TEST(Runner, QuantizationErrorGrowsAsBitsFallAndFpIsExact) {
   std::map<std::string, double> err;
   for (auto& r : runs) {
     RunRecord rec = execute_run(r, cache, default_registry());
-    ASSERT_EQ(rec.status, "ok") << rec.message;
+    ASSERT_EQ(rec.status, RunStatus::Ok) << rec.message;
     for (auto& s : rec.summary)
       if (s.metric == "out_rel_err") err[rec.label] = s.value;
   }
@@ -300,7 +300,7 @@ TEST(Runner, FailedRunIsRecordedAndTheSweepContinues) {
   EXPECT_EQ(s.ok, 2);
   EXPECT_EQ(s.failed, 1);
   RunRecord f = ResultStore(out).read_run(some[1].run_id);
-  EXPECT_EQ(f.status, "failed");
+  EXPECT_EQ(f.status, RunStatus::Failed);
   EXPECT_NE(f.message.find("synthetic failure"), std::string::npos) << f.message;
   // A failed run is retried on resume, not skipped.
   SweepSummary again = run_sweep(some, opts, reg);

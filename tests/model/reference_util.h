@@ -40,7 +40,7 @@ double persuasion_ppl(const std::string& calib_extra, const std::string& quant, 
   RunConfig rc = parse_run_config(ConfigNode::parse(yaml, "reference.yaml"), "reference", "reference.yaml",
                                   default_registry());
   RunRecord r = execute_run(rc, cache, default_registry());
-  EXPECT_EQ(r.status, "ok") << r.message;
+  EXPECT_EQ(r.status, RunStatus::Ok) << r.message;
   for (auto& s : r.summary)
     if (s.metric == "p/ppl") return s.value;
   ADD_FAILURE() << "no p/ppl in the summary";

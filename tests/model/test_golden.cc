@@ -36,7 +36,7 @@ RunRecord run_yaml(const std::string& body, WorkloadCache& cache) {
   ConfigNode root = ConfigNode::parse(yaml, "golden.yaml");
   RunConfig rc = parse_run_config(root, "golden", "golden.yaml", default_registry());
   RunRecord r = execute_run(rc, cache, default_registry());
-  EXPECT_EQ(r.status, "ok") << r.message;
+  EXPECT_EQ(r.status, RunStatus::Ok) << r.message;
   return r;
 }
 
@@ -230,7 +230,7 @@ TEST(ModelRunner, PreTokenizedInputsMatchTextAndNeedNoTokenizer) {
                        "eval: {slices: [{name: j, path: " + (dir / "docs.jsonl").string() + "}],"
                        " token_ids: [{name: t, path: " + (dir / "docs.ids").string() + "}]}\n"
                        "slices: {n_boot: 10}\nquant: [{algorithm: rtn, bits: 3}]\n");
-  ASSERT_EQ(both.status, "ok") << both.message;
+  ASSERT_EQ(both.status, RunStatus::Ok) << both.message;
   // Same windows and logits; the totals are summed in another order (JSONL units are grouped
   // by their slice cells), so equal up to double rounding.
   EXPECT_NEAR(find(both, "j/ppl") / find(both, "t/ppl"), 1.0, 1e-12);
@@ -240,14 +240,14 @@ TEST(ModelRunner, PreTokenizedInputsMatchTextAndNeedNoTokenizer) {
                          "calib: {ids: " + (dir / "docs.ids").string() + ", n_samples: 2, seq_len: 64}\n"
                          "eval: {token_ids: [{name: t, path: " + (dir / "docs.ids").string() + "}]}\n"
                          "slices: {n_boot: 10}\nquant: [{algorithm: rtn, bits: 3}]\n");
-  ASSERT_EQ(no_tok.status, "ok") << no_tok.message;
+  ASSERT_EQ(no_tok.status, RunStatus::Ok) << no_tok.message;
   EXPECT_NEAR(find(no_tok, "t/ppl") / find(both, "t/ppl"), 1.0, 1e-12);
 
   RunRecord text = run("workload: {kind: model, path: " + (dir / "model").string() + "}\n"
                        "calib: {text: " + (kData / "text" / "persuasion.txt").string() + ", n_samples: 2}\n"
                        "eval: {token_ids: [{name: t, path: " + (dir / "docs.ids").string() + "}]}\n"
                        "quant: [{algorithm: fp}]\n");
-  EXPECT_EQ(text.status, "failed");
+  EXPECT_EQ(text.status, RunStatus::Failed);
   EXPECT_NE(text.message.find("tokenizer.json"), std::string::npos) << text.message;
   fs::remove_all(dir);
 }

@@ -170,7 +170,7 @@ TEST(Reference, StaticActivationRangesComeFromCalibrationOnly) {
                              "quant: [{algorithm: rtn, bits: 8, scheme: sym, act: {bits: 8, granularity: tensor, mode: static}}]\n";
     RunRecord r = execute_run(parse_run_config(ConfigNode::parse(yaml, "o3.yaml"), "o3", "o3.yaml", default_registry()),
                               cache, default_registry());
-    EXPECT_EQ(r.status, "ok") << r.message;
+    EXPECT_EQ(r.status, RunStatus::Ok) << r.message;
     std::map<std::string, double> out;
     for (auto& g : r.diagnostics)
       if (g.algorithm == "act") out[g.layer + "/" + g.name] = g.value;

@@ -94,7 +94,7 @@ std::map<std::string, double> kv_run(const std::string& quant, WorkloadCache& ca
                            "/text/persuasion.txt, max_windows: 16}]}\nslices: {n_boot: 0}\nquant: " + quant + "\n";
   RunConfig rc = parse_run_config(ConfigNode::parse(yaml, "kv.yaml"), "kv", "kv.yaml", default_registry());
   RunRecord r = execute_run(rc, cache, default_registry());
-  EXPECT_EQ(r.status, "ok") << r.message;
+  EXPECT_EQ(r.status, RunStatus::Ok) << r.message;
   std::map<std::string, double> m;
   for (auto& s : r.summary) m[s.metric] = s.value;
   return m;
