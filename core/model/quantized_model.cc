@@ -120,7 +120,12 @@ Matrix QuantizedModel::effective_weight(int b, LinearKind kind, const Matrix& W)
 
 ForwardHooks QuantizedModel::hooks() const {
   ForwardHooks h;
-  h.transform_input = [this](int b, LinearKind k, Matrix& X) {
+  // Without transforms or activation quantizers the linears read their inputs unchanged (and
+  // the forward pass need not copy the shared q/k/v and gate/up inputs per linear).
+  bool any_input = has_activation_quant();
+  for (auto& t : transforms_)
+    for (int k = 0; k < kLinearKinds; ++k) any_input = any_input || (input_slot_[k] >= 0 && t.slot[input_slot_[k]]);
+  if (any_input) h.transform_input = [this](int b, LinearKind k, Matrix& X) {
     const int slot = input_slot_[static_cast<int>(k)];
     if (slot >= 0 && transforms_[b].slot[slot]) transforms_[b].slot[slot]->apply(X);
     const ActQuantizer& a = act(b, k);
