@@ -199,12 +199,16 @@ TEST_P(Conformance, RejectsBadOptionWithKeyPath) {
   }
 }
 
+/// The registered plugin `name` of scope `scope`, built with the options a default step parses to.
+std::unique_ptr<Algorithm> plugin_at_defaults(const std::string& name, Scope scope) {
+  const AlgorithmInfo& info = default_registry().get(name);
+  EXPECT_EQ(info.scope, scope) << name;
+  return info.create(parse_text(step_yaml(name)).quant.at(0).options);
+}
+
 TEST_P(KvCacheConformance, Contract) {
   const std::string name = GetParam();
-  const AlgorithmInfo& info = default_registry().get(name);
-  ASSERT_EQ(info.scope, Scope::KvCache);
-  RunConfig rc = parse_text(step_yaml(name));
-  auto algo = info.create(rc.quant.at(0).options);
+  const auto algo = plugin_at_defaults(name, Scope::KvCache);
   const auto& ka = dynamic_cast<const KvCacheAlgorithm&>(*algo);
   // Keys and values of 4 query heads on 2 kv heads of head_dim 16, 256 calibration tokens,
   // with two outlier key channels (the structure KV quantizers are designed around).
@@ -284,10 +288,7 @@ std::shared_ptr<const ModelWeights> one_block_model() {
 
 TEST_P(BlockConformance, Contract) {
   const std::string name = GetParam();
-  const AlgorithmInfo& info = default_registry().get(name);
-  ASSERT_EQ(info.scope, Scope::Block);
-  RunConfig rc = parse_text(step_yaml(name));
-  auto algo = info.create(rc.quant.at(0).options);
+  const auto algo = plugin_at_defaults(name, Scope::Block);
   const auto& ba = dynamic_cast<const BlockAlgorithm&>(*algo);
   const auto fp = one_block_model();
   QuantizedModel qm(fp);
@@ -301,7 +302,9 @@ TEST_P(BlockConformance, Contract) {
   ASSERT_FALSE(a.transforms.empty()) << name << " returned no transform at its defaults";
   for (int sl = 0; sl < kTransformSlots; ++sl) {
     ASSERT_EQ(static_cast<bool>(a.transforms.slot[sl]), static_cast<bool>(b.transforms.slot[sl]));
-    if (a.transforms.slot[sl]) EXPECT_EQ(a.transforms.slot[sl]->matrix(), b.transforms.slot[sl]->matrix()) << "not deterministic";
+    if (a.transforms.slot[sl]) {
+      EXPECT_EQ(a.transforms.slot[sl]->matrix(), b.transforms.slot[sl]->matrix()) << "not deterministic";
+    }
   }
   // Installed, the transforms leave the block's function unchanged (before quantization).
   qm.apply_transforms(0, a.transforms);
