@@ -38,7 +38,8 @@ void check_linear(const Linear& l, Index d_out, Index d_in, const std::string& n
 /// Buffers of one window, reused by every block (no allocation per token or per block once the
 /// first block has sized them).
 struct Transformer::Workspace {
-  Matrix xn;               // normed residual, T x hidden
+  Matrix x;                // RMSNorm of the residual: q/k/v input, then gate/up input
+  Matrix xn;               // normed residual of the head, T x hidden
   Matrix x1, x2, x3;       // per-linear copies of a shared input when transform_input is set
   Matrix q, k, v, attn;    // T x q_dim, T x kv_dim, T x kv_dim, T x q_dim
   Matrix out;              // T x hidden (o_proj / down_proj result)
@@ -159,53 +160,79 @@ void call_kv_hook(const ForwardHooks* hooks, int b, KvStage stage, Matrix& K, Ma
 
 void Transformer::run_block(int b, const DecoderBlock& w, Matrix& h, int64_t pos0, KvCache* cache,
                             const ForwardHooks* hooks, bool parallel, Workspace& ws) const {
+  for (int s = 0; s < kBlockStages; ++s) run_stage(b, s, w, h, pos0, cache, hooks, parallel, ws);
+}
+
+const Matrix& Transformer::stage_input(int stage, const DecoderBlock& w, const Matrix& h, Workspace& ws) const {
+  const float eps = static_cast<float>(w_.config.rms_norm_eps);
+  switch (stage) {
+    case 0: rms_norm_forward(h, w.input_norm, eps, ws.x); return ws.x;
+    case 1: return ws.attn;
+    case 2: rms_norm_forward(h, w.post_attn_norm, eps, ws.x); return ws.x;
+    case 3: return ws.gate;
+    default:
+      throw ShapeError("transformer: block stage " + std::to_string(stage) + " outside [0, " +
+                       std::to_string(kBlockStages) + ")");
+  }
+}
+
+void Transformer::run_stage(int b, int stage, const DecoderBlock& w, Matrix& h, int64_t pos0, KvCache* cache,
+                            const ForwardHooks* hooks, bool parallel, Workspace& ws) const {
   const ModelConfig& c = w_.config;
-  const Index T = h.rows();
-  const float eps = static_cast<float>(c.rms_norm_eps);
-
-  // Attention: x = RMSNorm(h); q, k, v projections.
-  rms_norm_forward(h, w.input_norm, eps, ws.xn);
-  const Matrix* xq = hooked_input(hooks, b, LinearKind::Q, ws.xn, true, ws.x1);
-  const Matrix* xk = hooked_input(hooks, b, LinearKind::K, ws.xn, true, ws.x2);
-  const Matrix* xv = hooked_input(hooks, b, LinearKind::V, ws.xn, true, ws.x3);
-  const LinearJob qkv[3] = {
-      {xq, &w.q.W, &w.q.b, &ws.q}, {xk, &w.k.W, &w.k.b, &ws.k}, {xv, &w.v.W, &w.v.b, &ws.v}};
-  linear_forward(qkv, 3, parallel);
-
-  call_kv_hook(hooks, b, KvStage::PreRope, ws.k, ws.v);
-  const KvQuantizer* kvq = hooks && hooks->kv_quantizer ? hooks->kv_quantizer(b) : nullptr;
-  if (kvq && kvq->key_stage() == KvStage::PreRope) {
-    if (hooks->transform_qk)
-      throw ShapeError("transformer: block " + std::to_string(b) +
-                       " has a post-RoPE key transform and a pre-RoPE KV quantizer; quantize keys after RoPE");
-    if (ws.k_pre.size() <= static_cast<std::size_t>(b)) ws.k_pre.resize(static_cast<std::size_t>(b) + 1);
-    ws.k_pre[b] = ws.k;
+  stage_input(stage, w, h, ws);  // the RMSNorm of stages 0 and 2, with the weights as they are now
+  switch (stage) {
+    case 0: {  // q, k, v projections of x = RMSNorm(h); RoPE; attention -> attn
+      const Index T = ws.x.rows();
+      const Matrix* xq = hooked_input(hooks, b, LinearKind::Q, ws.x, true, ws.x1);
+      const Matrix* xk = hooked_input(hooks, b, LinearKind::K, ws.x, true, ws.x2);
+      const Matrix* xv = hooked_input(hooks, b, LinearKind::V, ws.x, true, ws.x3);
+      const LinearJob qkv[3] = {
+          {xq, &w.q.W, &w.q.b, &ws.q}, {xk, &w.k.W, &w.k.b, &ws.k}, {xv, &w.v.W, &w.v.b, &ws.v}};
+      linear_forward(qkv, 3, parallel);
+      call_kv_hook(hooks, b, KvStage::PreRope, ws.k, ws.v);
+      const KvQuantizer* kvq = hooks && hooks->kv_quantizer ? hooks->kv_quantizer(b) : nullptr;
+      if (kvq && kvq->key_stage() == KvStage::PreRope) {
+        if (hooks->transform_qk)
+          throw ShapeError("transformer: block " + std::to_string(b) +
+                           " has a post-RoPE key transform and a pre-RoPE KV quantizer; quantize keys after RoPE");
+        if (ws.k_pre.size() <= static_cast<std::size_t>(b)) ws.k_pre.resize(static_cast<std::size_t>(b) + 1);
+        ws.k_pre[b] = ws.k;
+      }
+      if (ws.rope.pos0 != pos0 || ws.rope.rows != T) rope_tables(pos0, T, c.head_dim, c.rope_theta, ws.rope);
+      rope_forward(ws.q, c.num_heads, c.head_dim, ws.rope);
+      rope_forward(ws.k, c.num_kv_heads, c.head_dim, ws.rope);
+      if (hooks && hooks->transform_qk) {
+        hooks->transform_qk(b, ws.q, ws.k);
+        if (ws.q.rows() != T || ws.k.rows() != T || ws.k.cols() != ws.v.cols())
+          throw ShapeError("transformer: transform_qk hook of block " + std::to_string(b) + " changed Q/K shapes");
+      }
+      call_kv_hook(hooks, b, KvStage::PostRope, ws.k, ws.v);
+      run_attention(b, pos0, cache, kvq, parallel, ws);
+      break;
+    }
+    case 1: {  // h += o_proj(attn)
+      const Matrix* xo = hooked_input(hooks, b, LinearKind::O, ws.attn, false, ws.x1);
+      const LinearJob o = {xo, &w.o.W, &w.o.b, &ws.out};
+      linear_forward(&o, 1, parallel);
+      h += ws.out;
+      break;
+    }
+    case 2: {  // gate = silu(gate(x)) ⊙ up(x), x = RMSNorm(h)
+      const Matrix* xg = hooked_input(hooks, b, LinearKind::Gate, ws.x, true, ws.x1);
+      const Matrix* xu = hooked_input(hooks, b, LinearKind::Up, ws.x, true, ws.x2);
+      swiglu_forward({xg, &w.gate.W, &w.gate.b, &ws.gate}, {xu, &w.up.W, &w.up.b, &ws.up}, parallel);
+      break;
+    }
+    case 3: {  // h += down_proj(gate)
+      const Matrix* xd = hooked_input(hooks, b, LinearKind::Down, ws.gate, false, ws.x1);
+      const LinearJob down = {xd, &w.down.W, &w.down.b, &ws.out};
+      linear_forward(&down, 1, parallel);
+      h += ws.out;
+      break;
+    }
+    default:
+      break;  // stage_input threw
   }
-  if (ws.rope.pos0 != pos0 || ws.rope.rows != T) rope_tables(pos0, T, c.head_dim, c.rope_theta, ws.rope);
-  rope_forward(ws.q, c.num_heads, c.head_dim, ws.rope);
-  rope_forward(ws.k, c.num_kv_heads, c.head_dim, ws.rope);
-  if (hooks && hooks->transform_qk) {
-    hooks->transform_qk(b, ws.q, ws.k);
-    if (ws.q.rows() != T || ws.k.rows() != T || ws.k.cols() != ws.v.cols())
-      throw ShapeError("transformer: transform_qk hook of block " + std::to_string(b) + " changed Q/K shapes");
-  }
-  call_kv_hook(hooks, b, KvStage::PostRope, ws.k, ws.v);
-  run_attention(b, pos0, cache, kvq, parallel, ws);
-
-  const Matrix* xo = hooked_input(hooks, b, LinearKind::O, ws.attn, false, ws.x1);
-  const LinearJob o = {xo, &w.o.W, &w.o.b, &ws.out};
-  linear_forward(&o, 1, parallel);
-  h += ws.out;
-
-  // MLP: h += down(silu(gate(x)) ⊙ up(x)), x = RMSNorm(h).
-  rms_norm_forward(h, w.post_attn_norm, eps, ws.xn);
-  const Matrix* xg = hooked_input(hooks, b, LinearKind::Gate, ws.xn, true, ws.x1);
-  const Matrix* xu = hooked_input(hooks, b, LinearKind::Up, ws.xn, true, ws.x2);
-  swiglu_forward({xg, &w.gate.W, &w.gate.b, &ws.gate}, {xu, &w.up.W, &w.up.b, &ws.up}, parallel);
-  const Matrix* xd = hooked_input(hooks, b, LinearKind::Down, ws.gate, false, ws.x1);
-  const LinearJob down = {xd, &w.down.W, &w.down.b, &ws.out};
-  linear_forward(&down, 1, parallel);
-  h += ws.out;
 }
 
 namespace {
@@ -361,6 +388,105 @@ Matrix Transformer::block(int b, const Matrix& h, int64_t pos0, const ForwardHoo
   run_block(b, override_weights ? *override_weights : w_.blocks[b], out, pos0, nullptr, hooks,
             h.rows() >= kMinParallelRows, ws);
   return out;
+}
+
+void Transformer::for_windows(long n, const std::function<void(long, bool, Workspace&)>& f) const {
+  if (n < num_threads()) {
+    Workspace ws;
+    for (long i = 0; i < n; ++i) f(i, true, ws);
+    return;
+  }
+  ParallelErrors errs;
+#pragma omp parallel
+  {
+    Workspace ws;  // one per thread, reused across its windows
+#pragma omp for schedule(dynamic, 1)
+    for (long i = 0; i < n; ++i) errs.run(i, [&] { f(i, false, ws); });
+  }
+  errs.rethrow();
+}
+
+const DecoderBlock& Transformer::checked_block(int b, const DecoderBlock* override_weights, std::size_t n_windows,
+                                               std::size_t n_hooks) const {
+  if (n_hooks != n_windows)
+    throw ShapeError("transformer: got " + std::to_string(n_hooks) + " hook sets for " + std::to_string(n_windows) +
+                     " windows");
+  if (b < 0 || b >= w_.config.num_layers)
+    throw ShapeError("transformer: block " + std::to_string(b) + " out of range [0, " +
+                     std::to_string(w_.config.num_layers) + ")");
+  if (override_weights) check_block(*override_weights, "override of model.layers." + std::to_string(b));
+  return override_weights ? *override_weights : w_.blocks[b];
+}
+
+void Transformer::block_batch(int b, std::vector<Matrix*>& h, const std::vector<ForwardHooks>& per_window,
+                              const DecoderBlock* override_weights) const {
+  const DecoderBlock& w = checked_block(b, override_weights, h.size(), per_window.size());
+  for (std::size_t i = 0; i < h.size(); ++i)
+    check_matrix(*h[i], h[i]->rows(), w_.config.hidden_size,
+                 "block " + std::to_string(b) + " input of window " + std::to_string(i));
+  for_windows(static_cast<long>(h.size()), [&](long i, bool may_parallel, Workspace& ws) {
+    run_block(b, w, *h[i], 0, nullptr, &per_window[i], may_parallel && h[i]->rows() >= kMinParallelRows, ws);
+  });
+}
+
+void Transformer::block_stage_begin(int b, const Matrix& h, BlockStageState& state) const {
+  checked_block(b, nullptr, 1, 1);
+  check_matrix(h, h.rows(), w_.config.hidden_size, "block " + std::to_string(b) + " input");
+  state.h = h;
+  state.x.resize(0, 0);
+  state.stage = 0;
+}
+
+namespace {
+
+void check_stage(int b, int stage, const std::vector<BlockStageState*>& windows) {
+  if (stage < 0 || stage >= kBlockStages)
+    throw ShapeError("transformer: block stage " + std::to_string(stage) + " outside [0, " +
+                     std::to_string(kBlockStages) + ")");
+  for (std::size_t i = 0; i < windows.size(); ++i)
+    if (windows[i]->stage != stage)
+      throw ShapeError("transformer: window " + std::to_string(i) + " of block " + std::to_string(b) + " is at stage " +
+                       std::to_string(windows[i]->stage) + ", not " + std::to_string(stage));
+}
+
+}  // namespace
+
+void Transformer::block_stage(int b, int stage, std::vector<BlockStageState*>& windows,
+                              const std::vector<ForwardHooks>& per_window, const DecoderBlock* override_weights) const {
+  const DecoderBlock& w = checked_block(b, override_weights, windows.size(), per_window.size());
+  check_stage(b, stage, windows);
+  // Stages 1 and 3 read the previous stage's output (attention's, SwiGLU's), kept in x
+  // between calls; stages 0 and 2 normalise h themselves.
+  for_windows(static_cast<long>(windows.size()), [&](long i, bool may_parallel, Workspace& ws) {
+    BlockStageState& st = *windows[i];
+    if (stage == 1) ws.attn.swap(st.x);
+    if (stage == 3) ws.gate.swap(st.x);
+    run_stage(b, stage, w, st.h, 0, nullptr, &per_window[i], may_parallel && st.h.rows() >= kMinParallelRows, ws);
+    if (stage == 0)
+      st.x.swap(ws.attn);
+    else if (stage == 2)
+      st.x.swap(ws.gate);
+    else
+      st.x.resize(0, 0);
+    st.stage = stage + 1;
+  });
+}
+
+void Transformer::block_stage_inputs(int b, int stage, const std::vector<BlockStageState*>& windows,
+                                     const std::vector<ForwardHooks>& per_window,
+                                     const DecoderBlock* override_weights) const {
+  const DecoderBlock& w = checked_block(b, override_weights, windows.size(), per_window.size());
+  check_stage(b, stage, windows);
+  constexpr LinearKind first[kBlockStages] = {LinearKind::Q, LinearKind::O, LinearKind::Gate, LinearKind::Down};
+  for_windows(static_cast<long>(windows.size()), [&](long i, bool, Workspace& ws) {
+    BlockStageState& st = *windows[i];
+    Matrix* x = &st.x;
+    if (stage == 0 || stage == 2) {
+      stage_input(stage, w, st.h, ws);
+      x = &ws.x;
+    }
+    hooked_input(&per_window[i], b, first[stage], *x, true, ws.x1);
+  });
 }
 
 Matrix Transformer::head(const Matrix& h) const {

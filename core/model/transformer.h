@@ -43,6 +43,16 @@
 
 namespace ql {
 
+/// Stages of a decoder block (Transformer::block_stage): one per input group of linears.
+constexpr int kBlockStages = 4;
+
+/// One window between the stages of a block (Transformer::block_stage).
+struct BlockStageState {
+  Matrix h;       ///< residual stream: the block's input, updated by stages 1 and 3
+  Matrix x;       ///< attention's output before stage 1, SwiGLU's before stage 3 (else empty)
+  int stage = 0;  ///< the next stage to run (kBlockStages: done, h is the block's output)
+};
+
 /// Optional callbacks into the forward pass. Unset members cost nothing.
 ///
 /// Order at each linear (Q, K, V, O, Gate, Up, Down of block b):
@@ -146,6 +156,32 @@ class Transformer {
   /// when given, replaces block b's weights (same shapes; e.g. a block being quantized).
   Matrix block(int b, const Matrix& h, int64_t pos0 = 0, const ForwardHooks* hooks = nullptr,
                const DecoderBlock* override_weights = nullptr) const;
+  /// block() of many windows (each at pos0 = 0; lengths may differ), in place: h[i] becomes
+  /// block(b, h[i], 0, &per_window[i], override_weights) bitwise. Windows are spread over the
+  /// threads when there are at least as many as threads, otherwise each window's tiles are
+  /// (the same bits either way). per_window[i]'s callbacks are only called by the thread
+  /// running window i. Calibration passes use this: all windows of a block in one call.
+  void block_batch(int b, std::vector<Matrix*>& h, const std::vector<ForwardHooks>& per_window,
+                   const DecoderBlock* override_weights = nullptr) const;
+  /// A decoder block in kBlockStages stages, for calibration that changes a block between
+  /// its groups of linears (GPTQ's true-sequential order) without recomputing earlier stages:
+  /// stage s computes the input of group s of the architecture table (q/k/v, o, gate/up, down)
+  /// and runs that group's linears: 0 = RMSNorm, q/k/v, RoPE, attention; 1 = o_proj and the
+  /// residual; 2 = RMSNorm, gate/up, SwiGLU; 3 = down_proj and the residual. The RMSNorms
+  /// belong to the stage they feed, so a norm folded by a step between stages is used.
+  /// block_stage_begin starts a window at its block input h; after the last stage h is the
+  /// block's output. Stages 0..3 in order equal block(b, h, 0, hooks, weights) bitwise when
+  /// every stage gets the same weights and hooks; a caller may change the weights or hooks of
+  /// later groups between stages. Windows are spread as in block_batch.
+  void block_stage_begin(int b, const Matrix& h, BlockStageState& state) const;
+  void block_stage(int b, int stage, std::vector<BlockStageState*>& windows,
+                   const std::vector<ForwardHooks>& per_window, const DecoderBlock* override_weights = nullptr) const;
+  /// The input hooks of stage `stage`'s first linear (Q, O, Gate, Down) on each window's x,
+  /// without running the stage: transform_input on a copy, then capture_input, which sees
+  /// what block_stage would multiply (e.g. to fit the group's quantization before running it).
+  void block_stage_inputs(int b, int stage, const std::vector<BlockStageState*>& windows,
+                          const std::vector<ForwardHooks>& per_window,
+                          const DecoderBlock* override_weights = nullptr) const;
   /// Final RMSNorm + lm_head: T x hidden -> T x vocab.
   Matrix head(const Matrix& h) const;
 
@@ -173,6 +209,16 @@ class Transformer {
   void embed_into(const std::vector<int32_t>& tokens, Matrix& h) const;
   void run_block(int b, const DecoderBlock& w, Matrix& h, int64_t pos0, KvCache* cache,
                  const ForwardHooks* hooks, bool parallel, Workspace& ws) const;
+  void run_stage(int b, int stage, const DecoderBlock& w, Matrix& h, int64_t pos0, KvCache* cache,
+                 const ForwardHooks* hooks, bool parallel, Workspace& ws) const;
+  /// f(i, may_parallel, ws) for windows 0..n-1: serially with tile-parallel products when
+  /// n < threads, else windows over the threads (one Workspace each, serial products).
+  /// Stage `stage`'s input in ws: RMSNorm(h) with w's norm for stages 0 and 2 (in ws.x), the
+  /// previous stage's output (ws.attn, ws.gate) for 1 and 3.
+  const Matrix& stage_input(int stage, const DecoderBlock& w, const Matrix& h, Workspace& ws) const;
+  void for_windows(long n, const std::function<void(long, bool, Workspace&)>& f) const;
+  const DecoderBlock& checked_block(int b, const DecoderBlock* override_weights, std::size_t n_windows,
+                                    std::size_t n_hooks) const;
   void run_attention(int b, int64_t pos0, KvCache* cache, const KvQuantizer* kvq, bool parallel,
                      Workspace& ws) const;
   void encode_cache(KvCache& cache, const ForwardHooks* hooks, int64_t n,
