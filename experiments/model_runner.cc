@@ -262,29 +262,109 @@ struct ModelRun {
   RunRecord& rec;
 };
 
-/// Phase 1, capture: statistics of the inputs of block b's linears over every calibration
-/// window, for the groups `want` selects (the first member of a group is its capture point:
-/// shared inputs are counted once). Runs block b with `weights` and `hooks` (activation
-/// quantization); returns the block's outputs when `outputs` is set.
-void capture_block(const ModelRun& m, const Transformer& tf, int b, const std::vector<Matrix>& h,
-                   const DecoderBlock& weights, const ForwardHooks* hooks, const std::vector<bool>& want,
-                   BlockStats& st, std::vector<Matrix>* outputs) {
+/// Rows of calibration inputs stacked per statistics update: windows are taken whole until
+/// a chunk holds at least this many rows, so each group's Hessian gets one SYRK per chunk
+/// (tiles over many windows, not one window's 256 rows) and the chunk boundaries, hence the
+/// bits, depend only on the window lengths, never on the thread count.
+constexpr Index kCaptureRows = 4096;
+
+/// The windows of one statistics update: [w0, w1), each starting at offset[w - w0] of the
+/// chunk's rows.
+struct CaptureChunk {
+  std::size_t w0 = 0, w1 = 0;
+  std::vector<Index> offset;
+  Index rows = 0;
+};
+
+/// Windows taken whole, in order, until a chunk holds at least kCaptureRows rows.
+std::vector<CaptureChunk> capture_chunks(const std::vector<Index>& window_rows) {
+  std::vector<CaptureChunk> chunks;
+  for (std::size_t w = 0; w < window_rows.size(); ++w) {
+    if (chunks.empty() || chunks.back().rows >= kCaptureRows) chunks.push_back({w, w, {}, 0});
+    CaptureChunk& c = chunks.back();
+    c.offset.push_back(c.rows);
+    c.rows += window_rows[w];
+    c.w1 = w + 1;
+  }
+  return chunks;
+}
+
+/// Per-window hooks for windows [c.w0, c.w1) that copy the input of each wanted group's first
+/// linear into rows [offset, offset + T) of X[g] (disjoint rows: no locks).
+std::vector<ForwardHooks> chunk_capture_hooks(const ModelRun& m, const ForwardHooks* base, const CaptureChunk& c,
+                                              const std::vector<bool>& want, std::vector<Matrix>& X) {
   const auto& groups = m.arch.input_groups();
-  for (std::size_t g = 0; g < groups.size(); ++g)
+  std::vector<ForwardHooks> per(c.w1 - c.w0, base ? *base : ForwardHooks{});
+  for (std::size_t i = 0; i < per.size(); ++i)
+    per[i].capture_input = [&m, &groups, &want, &X, off = c.offset[i]](int, LinearKind k, const Matrix& Xk) {
+      const int g = m.arch.group_of(k);
+      if (want[g] && groups[g].members.front() == k) X[g].middleRows(off, Xk.rows()) = Xk;
+    };
+  return per;
+}
+
+/// Resets the statistics of the wanted groups.
+void reset_stats(const ModelRun& m, const std::vector<bool>& want, BlockStats& st) {
+  for (std::size_t g = 0; g < want.size(); ++g)
     if (want[g]) {
       st.H[g] = HessianAccumulator(m.arch.input_width(static_cast<int>(g)));
       st.S[g] = ChannelStats(m.arch.input_width(static_cast<int>(g)));
     }
-  ForwardHooks capture = hooks ? *hooks : ForwardHooks{};
-  capture.capture_input = [&](int, LinearKind k, const Matrix& X) {
-    const int g = m.arch.group_of(k);
-    if (!want[g] || groups[g].members.front() != k) return;
-    st.H[g].add(X);
-    st.S[g].add(X);
-  };
-  for (std::size_t w = 0; w < h.size(); ++w) {
-    Matrix out = tf.block(b, h[w], 0, &capture, &weights);
-    if (outputs) (*outputs)[w] = std::move(out);
+}
+
+/// Phase 1, capture: statistics of the inputs of block b's linears over every calibration
+/// window, for the groups `want` selects (the first member of a group is its capture point:
+/// shared inputs are counted once). Runs block b with `weights` and `hooks` (activation
+/// quantization) over the windows of each chunk at once (Transformer::block_batch); returns
+/// the block's outputs in `outputs` when set. Memory: one chunk of captured inputs.
+void capture_block(const ModelRun& m, const Transformer& tf, int b, const std::vector<Matrix>& h,
+                   const DecoderBlock& weights, const ForwardHooks* hooks, const std::vector<bool>& want,
+                   BlockStats& st, std::vector<Matrix>* outputs) {
+  const int G = static_cast<int>(want.size());
+  reset_stats(m, want, st);
+  std::vector<Matrix> scratch;  // the chunk's outputs when the caller does not want them
+  if (outputs) outputs->resize(h.size());
+  std::vector<Index> rows;
+  for (const Matrix& x : h) rows.push_back(x.rows());
+  std::vector<Matrix> X(G);
+  for (const CaptureChunk& c : capture_chunks(rows)) {
+    for (int g = 0; g < G; ++g)
+      if (want[g]) X[g].resize(c.rows, m.arch.input_width(g));
+    const std::vector<ForwardHooks> per = chunk_capture_hooks(m, hooks, c, want, X);
+    scratch.resize(outputs ? 0 : c.w1 - c.w0);
+    std::vector<Matrix*> io;
+    for (std::size_t w = c.w0; w < c.w1; ++w) {
+      io.push_back(outputs ? &(*outputs)[w] : &scratch[w - c.w0]);
+      *io.back() = h[w];
+    }
+    tf.block_batch(b, io, per, &weights);
+    for (int g = 0; g < G; ++g)
+      if (want[g]) {
+        st.H[g].add(X[g]);
+        st.S[g].add(X[g]);
+      }
+  }
+}
+
+/// Statistics of stage g's input in every window's staged state (what group g's first linear
+/// would multiply after its input hooks), chunk by chunk as capture_block.
+void capture_stage(const ModelRun& m, const Transformer& tf, int b, int g, std::vector<BlockStageState>& state,
+                   BlockStats& st) {
+  std::vector<bool> want(m.arch.input_groups().size(), false);
+  want[g] = true;
+  reset_stats(m, want, st);
+  std::vector<Index> rows;
+  for (const BlockStageState& s : state) rows.push_back(s.h.rows());
+  std::vector<Matrix> X(want.size());
+  const ForwardHooks hooks = m.model.hooks();
+  for (const CaptureChunk& c : capture_chunks(rows)) {
+    X[g].resize(c.rows, m.arch.input_width(g));
+    const std::vector<ForwardHooks> per = chunk_capture_hooks(m, &hooks, c, want, X);
+    std::vector<BlockStageState*> ws;
+    for (std::size_t w = c.w0; w < c.w1; ++w) ws.push_back(&state[w]);
+    tf.block_stage_inputs(b, g, ws, per);
+    st.H[g].add(X[g]);
+    st.S[g].add(X[g]);
   }
 }
 
@@ -300,6 +380,7 @@ InputGroupState group_state(ModelRun& m, int b, int g, BlockStats& st, std::arra
     s.weights.push_back(&blk.linear(k).W);
     s.rows.push_back(&rows[ki]);
     s.act.push_back(&m.model.act(b, k).spec);
+    s.codes.push_back(&m.model.codes(b, k));
     s.seed_streams.push_back(static_cast<uint64_t>(b) * 64 + static_cast<uint64_t>(ki) * 8);
   }
   s.H = &st.H[g];
@@ -345,42 +426,64 @@ void apply_block_steps(ModelRun& m, int b, const std::vector<Matrix>& h, BlockSt
                 nullptr);
 }
 
-/// Phase 2, apply: the pipeline on block b, whole (one stage) or, with calib.true_sequential,
-/// group by group (q/k/v, o, gate/up, down), re-capturing each stage's inputs from the block
-/// with its earlier stages already quantized (the GPTQ reference's --true-sequential). Static
-/// activation ranges are fixed from each stage's calibration inputs after its transforms.
-void apply_block(ModelRun& m, int b, const std::vector<Matrix>& h, BlockStats& st,
-                 std::array<LayerRow, kLinearKinds>& rows) {
-  const int G = static_cast<int>(m.arch.input_groups().size());
-  const int n_stages = m.run.calib.true_sequential ? G : 1;
-  for (int stage = 0; stage < n_stages; ++stage) {
-    auto in_stage = [&](int g) { return n_stages == 1 || g == stage; };
-    if (stage > 0) {
-      std::vector<bool> want(G, false);
-      want[stage] = true;
-      const Transformer partial(m.model.current());
-      const ForwardHooks act = m.model.hooks();
-      capture_block(m, partial, b, h, m.model.block(b), &act, want, st, nullptr);
-    }
-    for (std::size_t si = 0; si < m.pipeline.steps().size(); ++si)
-      for (int g = 0; g < G; ++g)
-        if (in_stage(g)) {
-          InputGroupState gs = group_state(m, b, g, st, rows);
-          apply_step(m.pipeline, si, gs, m.rec);
-        }
-    for (int k = 0; k < kLinearKinds; ++k) {
-      const int g = m.arch.group_of(static_cast<LinearKind>(k));
-      if (!in_stage(g)) continue;
-      ActQuantizer& a = m.model.act(b, static_cast<LinearKind>(k));
-      a.range = ActRange{st.S[g].min(), st.S[g].max()};
-      if (a.active() && a.spec->mode == ActRangeMode::Static) {
-        // Recorded so a reader can check the evaluation used exactly these ranges.
-        const std::string name = linear_name(b, static_cast<LinearKind>(k));
-        m.rec.diagnostics.push_back({name, -1, "act", "static_range_lo", a.range.lo});
-        m.rec.diagnostics.push_back({name, -1, "act", "static_range_hi", a.range.hi});
-      }
+/// Static activation ranges of group g's linears from its calibration inputs (after its
+/// transforms), recorded so a reader can check the evaluation used exactly these ranges.
+void set_static_ranges(ModelRun& m, int b, int g, const BlockStats& st) {
+  for (LinearKind k : m.arch.input_groups()[g].members) {
+    ActQuantizer& a = m.model.act(b, k);
+    a.range = ActRange{st.S[g].min(), st.S[g].max()};
+    if (a.active() && a.spec->mode == ActRangeMode::Static) {
+      const std::string name = linear_name(b, k);
+      m.rec.diagnostics.push_back({name, -1, "act", "static_range_lo", a.range.lo});
+      m.rec.diagnostics.push_back({name, -1, "act", "static_range_hi", a.range.hi});
     }
   }
+}
+
+void apply_group(ModelRun& m, int b, int g, BlockStats& st, std::array<LayerRow, kLinearKinds>& rows) {
+  for (std::size_t si = 0; si < m.pipeline.steps().size(); ++si) {
+    InputGroupState gs = group_state(m, b, g, st, rows);
+    apply_step(m.pipeline, si, gs, m.rec);
+  }
+  set_static_ranges(m, b, g, st);
+}
+
+/// Phase 2, apply: the pipeline on block b, whole, or with calib.true_sequential group by
+/// group (q/k/v, o, gate/up, down) in one staged pass over the calibration windows
+/// (Transformer::block_stage): each group's inputs are captured from the block with its
+/// earlier groups already quantized (GPTQ's --true-sequential), then the group is quantized and
+/// its stage run, so no stage is computed twice. The staged pass leaves the block's outputs
+/// with every group quantized in `staged` (empty on the whole-block path).
+void apply_block(ModelRun& m, int b, const std::vector<Matrix>& h, BlockStats& st,
+                 std::array<LayerRow, kLinearKinds>& rows, std::vector<Matrix>& staged) {
+  const int G = static_cast<int>(m.arch.input_groups().size());
+  staged.clear();
+  if (!m.run.calib.true_sequential) {
+    for (std::size_t si = 0; si < m.pipeline.steps().size(); ++si)
+      for (int g = 0; g < G; ++g) {
+        InputGroupState gs = group_state(m, b, g, st, rows);
+        apply_step(m.pipeline, si, gs, m.rec);
+      }
+    for (int g = 0; g < G; ++g) set_static_ranges(m, b, g, st);
+    return;
+  }
+  if (G != kBlockStages)
+    throw Error("true-sequential calibration needs one block stage per input group (" + std::to_string(G) +
+                " groups, " + std::to_string(kBlockStages) + " stages)");
+  const Transformer tf(m.model.current());  // reads block b's weights as each stage runs
+  std::vector<BlockStageState> state(h.size());
+  std::vector<BlockStageState*> all;
+  for (std::size_t w = 0; w < h.size(); ++w) {
+    tf.block_stage_begin(b, h[w], state[w]);
+    all.push_back(&state[w]);
+  }
+  for (int g = 0; g < G; ++g) {
+    // Group 0's inputs do not depend on the block's weights: the capture phase has them.
+    if (g > 0) capture_stage(m, tf, b, g, state, st);
+    apply_group(m, b, g, st, rows);
+    tf.block_stage(b, g, all, std::vector<ForwardHooks>(h.size(), m.model.hooks()));
+  }
+  for (BlockStageState& s : state) staged.push_back(std::move(s.h));
 }
 
 /// Calibration keys (pre- and post-RoPE) and values of block b with its current weights and
@@ -390,19 +493,21 @@ struct KvCapture {
 };
 KvCapture capture_kv(const ModelRun& m, int b, const std::vector<Matrix>& h) {
   const Transformer tf(m.model.current());
-  std::vector<Matrix> kp(h.size()), ko(h.size()), vs(h.size());
+  std::vector<Matrix> kp(h.size()), ko(h.size()), vs(h.size()), out(h);
   ForwardHooks hooks = m.model.hooks();
   hooks.kv_quantizer = nullptr;  // the exact K/V the block produces
-  std::size_t w = 0;
-  hooks.kv = [&](int, KvStage stage, Matrix& K, Matrix& V) {
-    (stage == KvStage::PreRope ? kp[w] : ko[w]) = K;
-    vs[w] = V;
-  };
+  std::vector<ForwardHooks> per(h.size(), hooks);
+  std::vector<Matrix*> io;
   Index rows = 0;
-  for (w = 0; w < h.size(); ++w) {
-    tf.block(b, h[w], 0, &hooks);
-    rows += kp[w].rows();
+  for (std::size_t w = 0; w < h.size(); ++w) {
+    per[w].kv = [&, w](int, KvStage stage, Matrix& K, Matrix& V) {
+      (stage == KvStage::PreRope ? kp[w] : ko[w]) = K;
+      vs[w] = V;
+    };
+    io.push_back(&out[w]);
+    rows += h[w].rows();
   }
+  tf.block_batch(b, io, per);
   KvCapture c{Matrix(rows, m.arch.heads().kv_dim()), Matrix(rows, m.arch.heads().kv_dim()),
               Matrix(rows, m.arch.heads().kv_dim())};
   for (std::size_t i = 0, r = 0; i < h.size(); r += kp[i].rows(), ++i) {
@@ -487,15 +592,20 @@ double calibrate_and_quantize(ModelRun& m, const std::vector<std::vector<int32_t
     std::array<LayerRow, kLinearKinds> rows;
     for (int k = 0; k < kLinearKinds; ++k) rows[k] = initial_layer_row(m.run, linear_name(b, static_cast<LinearKind>(k)));
     apply_block_steps(m, b, h, st);
-    apply_block(m, b, h, st, rows);
+    std::vector<Matrix> staged;
+    apply_block(m, b, h, st, rows, staged);
     apply_kv_steps(m, b, h);
     record_block_rows(m, b, st, rows);
     quant_seconds += seconds_since(t_q);
 
-    if (m.run.calib.propagate == Propagate::Quantized && b + 1 < m.model.num_blocks()) {
+    // The staged pass already ran the quantized block, unless a KV-cache quantizer (fitted
+    // after it) changes what attention reads.
+    if (m.run.calib.propagate == Propagate::Quantized && !staged.empty() && !m.model.kv_quantizer(b)) {
+      next = std::move(staged);
+    } else if (m.run.calib.propagate == Propagate::Quantized && b + 1 < m.model.num_blocks()) {
       const Transformer q_model(m.model.current());
       const ForwardHooks act = m.model.hooks();
-      for (std::size_t w = 0; w < h.size(); ++w) next[w] = q_model.block(b, h[w], 0, &act);
+      capture_block(m, q_model, b, h, m.model.block(b), &act, std::vector<bool>(G, false), st, &next);
     }
     h.swap(next);
   }
@@ -596,7 +706,8 @@ void summarize(const ModelRun& m, const TokenBuckets& buckets) {
 }  // namespace
 
 void execute_model_run(const RunConfig& run, ModelCache& cache, const AlgorithmRegistry& registry,
-                       RunRecord& rec, const std::function<void(const std::string&)>& on_layer) {
+                       RunRecord& rec, const std::function<void(const std::string&)>& on_layer,
+                       const std::function<void(const QuantizedModel&)>& on_quantized) {
   ModelCache::State& st = cache.state();
   double prep_seconds = 0;
   prepare(run, st, &prep_seconds);
@@ -606,6 +717,7 @@ void execute_model_run(const RunConfig& run, ModelCache& cache, const AlgorithmR
   const auto t_cal = std::chrono::steady_clock::now();
   rec.seconds_quant = calibrate_and_quantize(m, st.calib_windows, on_layer);
   rec.seconds_calib = prep_seconds + seconds_since(t_cal) - rec.seconds_quant;
+  if (on_quantized) on_quantized(m.model);
 
   const auto t_eval = std::chrono::steady_clock::now();
   UnitTable all_units;

@@ -48,9 +48,14 @@ class ModelCache {
 /// any run, with one error.
 void preload_model_workload(const RunConfig& run, ModelCache& cache);
 
+class QuantizedModel;
+
 /// Fill `rec` (layers, diagnostics, summary, slices, disparity, units, timings) for one run of
-/// a model workload. Throws on failure; the caller records it.
+/// a model workload. Throws on failure; the caller records it. `on_quantized`, when set, sees
+/// the quantized-model object after calibration, before evaluation (weights, codes and grids,
+/// transforms, quantizers: e.g. to export it or check its invariants).
 void execute_model_run(const RunConfig& run, ModelCache& cache, const AlgorithmRegistry& registry,
-                       RunRecord& rec, const std::function<void(const std::string&)>& on_layer);
+                       RunRecord& rec, const std::function<void(const std::string&)>& on_layer,
+                       const std::function<void(const QuantizedModel&)>& on_quantized = {});
 
 }  // namespace ql

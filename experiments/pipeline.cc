@@ -43,6 +43,7 @@ void apply_layer_step(const Pipeline& p, std::size_t si, const LayerAlgorithm& a
       row.group_size = layer_group_size(step.weight);
       row.bpw = r.metrics.bits_per_weight;
     }
+    *g.codes[m] = std::move(r.output.quantized);
     for (auto& [name, value] : r.output.diagnostics)
       rec.diagnostics.push_back({g.names[m], static_cast<int>(si), step.algorithm, name, value});
   }
@@ -64,6 +65,7 @@ void apply_norm_step(const Pipeline& p, std::size_t si, const NormConsumerAlgori
   // Fold exactly once (core/model/fold.h): W_i' = W_i diag(s), norm' = norm / s, so the
   // statistics of x' = x / s are the calibration statistics rescaled.
   fold_channel_scales(g.norm, g.weights, tr.scales);
+  for (auto* c : g.codes) c->reset();  // the folded weights are off their grids
   const VectorD inv = tr.scales.cwiseInverse();
   g.H->scale_channels(inv);
   g.S->scale_channels(inv);

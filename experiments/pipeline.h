@@ -11,6 +11,7 @@
 #pragma once
 #include <functional>
 #include <memory>
+#include <optional>
 #include <regex>
 #include <string>
 #include <vector>
@@ -73,6 +74,9 @@ struct InputGroupState {
   std::vector<Matrix*> weights;               ///< consumers' current weights (d_out x d_in)
   std::vector<LayerRow*> rows;                ///< their layer rows (bits, bpw, seconds)
   std::vector<const ActQuantSpec**> act;      ///< their activation quantizer (set by steps)
+  /// Their codes and grids: set by a layer step that returns them, cleared by a step that
+  /// changes the weights without them (so dequantize(codes) == weights whenever set).
+  std::vector<std::optional<QuantizedTensor>*> codes;
   /// Per consumer: the random stream of its plugin calls is mix_stream(run seed, this + step
   /// index), so plugins that draw numbers are reproducible per layer and step.
   std::vector<uint64_t> seed_streams;

@@ -156,6 +156,7 @@ struct SyntheticLayerState {
   ChannelStats stats;
   LayerRow row;
   const ActQuantSpec* act = nullptr;
+  std::optional<QuantizedTensor> codes;  ///< when W lies on the last layer step's grid
 };
 
 /// The pipeline on layer li. The layer's input has no producer in the suite: evaluation
@@ -170,6 +171,7 @@ SyntheticLayerState quantize_synthetic_layer(const Pipeline& pipeline, const Wor
   g.weights = {&ls.W};
   g.rows = {&ls.row};
   g.act = {&ls.act};
+  g.codes = {&ls.codes};
   g.seed_streams = {static_cast<uint64_t>(li) * 131};
   g.H = &ls.H;
   g.S = &ls.stats;

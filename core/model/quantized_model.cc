@@ -61,6 +61,7 @@ QuantizedModel::QuantizedModel(std::shared_ptr<const ModelWeights> fp)
       if (s.input_group == arch_.group_of(static_cast<LinearKind>(k))) input_slot_[k] = static_cast<int>(s.slot);
   }
   act_.resize(static_cast<std::size_t>(fp_->config.num_layers));
+  codes_.resize(static_cast<std::size_t>(fp_->config.num_layers));
   kv_.resize(static_cast<std::size_t>(fp_->config.num_layers));
 }
 
@@ -105,6 +106,9 @@ void QuantizedModel::apply_transforms(int b, const BlockTransforms& t) {
   if (auto& p = t[TransformSlot::OInputAcrossHeads]) merge_input_transform(blk.o.W, *p);
   for (int s = 0; s < kTransformSlots; ++s)
     if (t.slot[s]) have.slot[s] = t.slot[s];
+  // Merged weights are off any earlier grid.
+  if (!t.empty())
+    for (auto& c : codes_.at(b)) c.reset();
 }
 
 Matrix QuantizedModel::effective_weight(int b, LinearKind kind, const Matrix& W) const {

@@ -13,6 +13,7 @@
 #pragma once
 #include <array>
 #include <memory>
+#include <optional>
 #include <vector>
 
 #include "core/model/architecture.h"
@@ -57,7 +58,7 @@ class QuantizedModel {
   /// absorbing P_v⁻ᵀ on every query head), the online ones kept for evaluation. A slot that
   /// already holds a transform is a ShapeError (compose transforms in one step), as is a
   /// transform whose width does not fit its slot. The block's function is unchanged up to
-  /// rounding.
+  /// rounding; the block's codes() are cleared.
   void apply_transforms(int b, const BlockTransforms& t);
   const BlockTransforms& transforms(int b) const { return transforms_.at(b); }
   /// A weight W' of linear `kind` in block b's transformed space mapped back into the FP
@@ -74,6 +75,15 @@ class QuantizedModel {
   const DecoderBlock& fp_block(int b) const { return fp_->blocks.at(b); }
   /// The current weights as a whole model, for a Transformer over them.
   const ModelWeights& current() const { return current_; }
+
+  /// Codes and grids of linear `kind` of block b when its current weights lie on a grid:
+  /// then dequantize(*codes(b, kind)) == block(b).linear(kind).W bitwise. Whoever changes the
+  /// weights sets or clears this (the pipeline: a layer step's codes, cleared by a step that
+  /// changes the weights without them, e.g. a channel-scale fold after quantization).
+  std::optional<QuantizedTensor>& codes(int b, LinearKind k) { return codes_.at(b)[static_cast<int>(k)]; }
+  const std::optional<QuantizedTensor>& codes(int b, LinearKind k) const {
+    return codes_.at(b)[static_cast<int>(k)];
+  }
 
   ActQuantizer& act(int b, LinearKind k) { return act_.at(b)[static_cast<int>(k)]; }
   const ActQuantizer& act(int b, LinearKind k) const { return act_.at(b)[static_cast<int>(k)]; }
@@ -98,6 +108,7 @@ class QuantizedModel {
   std::vector<BlockTransforms> transforms_;
   std::array<int, kLinearKinds> input_slot_{};  // slot acting on each linear's input, or -1
   std::vector<std::array<ActQuantizer, kLinearKinds>> act_;
+  std::vector<std::array<std::optional<QuantizedTensor>, kLinearKinds>> codes_;
   std::vector<std::shared_ptr<const KvQuantizer>> kv_;
 };
 

@@ -561,6 +561,101 @@ TEST(Transformer, PerWindowHooksInBatch) {
   EXPECT_EQ(rows, 20 + 30 + 40 + 50);
 }
 
+TEST(Transformer, BlockBatchEqualsBlockPerWindowForAnyThreadCount) {
+  ThreadGuard guard;
+  const ModelWeights w = tiny_model(TinySpec{});
+  ModelWeights w2 = w;
+  w2.blocks[1].up.W *= 0.75f;
+  const Transformer model(w);
+  std::vector<Matrix> h;
+  for (int i = 0; i < 5; ++i) h.push_back(model.embed(random_tokens(std::vector<size_t>{40, 17, 64, 1, 33}[i], 300, 300 + i)));
+  for (int threads : {1, 2}) {
+    set_num_threads(threads);
+    for (size_t n : {size_t{1}, size_t{5}}) {  // 1 < threads: tile-parallel; 5: windows spread
+      std::vector<Matrix> out(h.begin(), h.begin() + static_cast<long>(n));
+      std::vector<Matrix*> io;
+      for (auto& m : out) io.push_back(&m);
+      std::vector<Matrix> captured(n);
+      std::vector<ForwardHooks> hooks(n);
+      for (size_t i = 0; i < n; ++i)
+        hooks[i].capture_input = [&captured, i](int, LinearKind k, const Matrix& X) {
+          if (k == LinearKind::Down) captured[i] = X;
+        };
+      model.block_batch(1, io, hooks, &w2.blocks[1]);
+      for (size_t i = 0; i < n; ++i) {
+        Matrix single;
+        ForwardHooks one;
+        one.capture_input = [&](int, LinearKind k, const Matrix& X) {
+          if (k == LinearKind::Down) single = X;
+        };
+        EXPECT_TRUE(bitwise_equal(out[i], model.block(1, h[i], 0, &one, &w2.blocks[1]))) << threads << " " << i;
+        EXPECT_TRUE(bitwise_equal(captured[i], single)) << threads << " " << i;
+      }
+    }
+  }
+  std::vector<Matrix*> io{&h[0]};
+  EXPECT_THROW(model.block_batch(0, io, {}), ShapeError);
+}
+
+TEST(Transformer, StagedBlockEqualsBlockAndSeesEachGroupsWeightsAsTheyAreWhenItRuns) {
+  ThreadGuard guard;
+  const ModelWeights w = tiny_model(TinySpec{});
+  ModelWeights w2 = w;  // every group changed, as true-sequential quantization changes them;
+  // the norms too, as a smoothing step folds scales into them just before their group
+  w2.blocks[1].input_norm *= 0.8f;
+  w2.blocks[1].post_attn_norm *= 1.5f;
+  w2.blocks[1].q.W *= 0.5f;
+  w2.blocks[1].o.W *= -0.75f;
+  w2.blocks[1].up.W *= 1.25f;
+  w2.blocks[1].down.W.col(2).setZero();
+  const Transformer model(w), model2(w2);
+  std::vector<Matrix> h;
+  for (int i = 0; i < 3; ++i) h.push_back(model.embed(random_tokens(std::vector<size_t>{40, 9, 70}[i], 300, 400 + i)));
+  // An input transform (scales one channel of every linear's input) and a capture per window.
+  auto hooks_for = [](std::map<int, Matrix>& seen) {
+    ForwardHooks f;
+    f.transform_input = [](int, LinearKind k, Matrix& X) { X.col(1) *= 1.0f + static_cast<float>(k); };
+    f.capture_input = [&seen](int, LinearKind k, const Matrix& X) { seen[static_cast<int>(k)] = X; };
+    return f;
+  };
+  for (int threads : {1, 2}) {
+    set_num_threads(threads);
+    ModelWeights staged_w = w;  // group g takes w2's weights just before stage g runs
+    const Transformer staged_model(staged_w);
+    std::vector<BlockStageState> st(h.size());
+    std::vector<BlockStageState*> ptr;
+    std::vector<std::map<int, Matrix>> seen(h.size()), seen_inputs(h.size());
+    std::vector<ForwardHooks> hooks, input_hooks;
+    for (size_t i = 0; i < h.size(); ++i) {
+      staged_model.block_stage_begin(1, h[i], st[i]);
+      ptr.push_back(&st[i]);
+      hooks.push_back(hooks_for(seen[i]));
+      input_hooks.push_back(hooks_for(seen_inputs[i]));
+    }
+    const LinearKind first[4] = {LinearKind::Q, LinearKind::O, LinearKind::Gate, LinearKind::Down};
+    const std::vector<std::vector<LinearKind>> members = {
+        {LinearKind::Q, LinearKind::K, LinearKind::V}, {LinearKind::O}, {LinearKind::Gate, LinearKind::Up}, {LinearKind::Down}};
+    for (int g = 0; g < kBlockStages; ++g) {
+      for (LinearKind k : members[g]) staged_w.blocks[1].linear(k).W = w2.blocks[1].linear(k).W;
+      if (g == 0) staged_w.blocks[1].input_norm = w2.blocks[1].input_norm;
+      if (g == 2) staged_w.blocks[1].post_attn_norm = w2.blocks[1].post_attn_norm;
+      staged_model.block_stage_inputs(1, g, ptr, input_hooks);
+      staged_model.block_stage(1, g, ptr, hooks);
+      for (size_t i = 0; i < h.size(); ++i)  // what the stage's first linear multiplied
+        EXPECT_TRUE(bitwise_equal(seen_inputs[i].at(static_cast<int>(first[g])), seen[i].at(static_cast<int>(first[g]))));
+    }
+    for (size_t i = 0; i < h.size(); ++i) {
+      std::map<int, Matrix> ref_seen;
+      const ForwardHooks ref = hooks_for(ref_seen);
+      EXPECT_TRUE(bitwise_equal(st[i].h, model2.block(1, h[i], 0, &ref))) << threads << " " << i;
+      EXPECT_EQ(st[i].stage, kBlockStages);
+      for (auto& [k, X] : ref_seen) EXPECT_TRUE(bitwise_equal(seen[i].at(k), X)) << "linear " << k;
+    }
+    // Stages run out of order are refused.
+    EXPECT_THROW(staged_model.block_stage(1, 0, ptr, hooks), ShapeError);
+  }
+}
+
 TEST(Transformer, ErrorsAreClear) {
   const ModelWeights w = tiny_model(TinySpec{});
   const Transformer model(w);
