@@ -45,32 +45,53 @@ def rotate_half(x):
     return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
 
 
-def forward(cfg, w, ids):
-    B, T = ids.shape
-    H, KV = cfg["num_attention_heads"], cfg.get("num_key_value_heads", cfg["num_attention_heads"])
-    D = cfg["hidden_size"] // H
-    eps = cfg["rms_norm_eps"]
+def rope(cfg, T):
+    """cos/sin tables (T x head_dim, rotate-half layout) and the causal mask of T positions."""
+    D = cfg.get("head_dim", cfg["hidden_size"] // cfg["num_attention_heads"])
     inv = 1.0 / (cfg.get("rope_theta", 10000.0) ** (torch.arange(0, D, 2, dtype=torch.float32) / D))
     ang = torch.outer(torch.arange(T, dtype=torch.float32), inv)
-    cos, sin = torch.cat((ang, ang), -1).cos(), torch.cat((ang, ang), -1).sin()
     mask = torch.full((T, T), float("-inf")).triu(1)
+    return torch.cat((ang, ang), -1).cos(), torch.cat((ang, ang), -1).sin(), mask
+
+
+def block(cfg, w, l, x, tables, capture=None):
+    """Decoder block l on x (B x T x hidden). capture(name, input), when given, sees the input
+    of each group of linears that share it: "qkv", "o", "gate_up", "down"."""
+    B, T, _ = x.shape
+    H, KV = cfg["num_attention_heads"], cfg.get("num_key_value_heads", cfg["num_attention_heads"])
+    D = cfg.get("head_dim", cfg["hidden_size"] // H)
+    eps = cfg["rms_norm_eps"]
+    cos, sin, mask = tables
+    p = f"model.layers.{l}."
+    h = rms(x, w[p + "input_layernorm.weight"], eps)
+    if capture:
+        capture("qkv", h)
+    q = (h @ w[p + "self_attn.q_proj.weight"].T).view(B, T, H, D).transpose(1, 2)
+    k = (h @ w[p + "self_attn.k_proj.weight"].T).view(B, T, KV, D).transpose(1, 2)
+    v = (h @ w[p + "self_attn.v_proj.weight"].T).view(B, T, KV, D).transpose(1, 2)
+    q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+    k = k.repeat_interleave(H // KV, dim=1)
+    v = v.repeat_interleave(H // KV, dim=1)
+    att = torch.softmax(q @ k.transpose(-1, -2) / D ** 0.5 + mask, dim=-1)
+    o = (att @ v).transpose(1, 2).reshape(B, T, H * D)
+    if capture:
+        capture("o", o)
+    x = x + o @ w[p + "self_attn.o_proj.weight"].T
+    h = rms(x, w[p + "post_attention_layernorm.weight"], eps)
+    if capture:
+        capture("gate_up", h)
+    a = torch.nn.functional.silu(h @ w[p + "mlp.gate_proj.weight"].T) * (h @ w[p + "mlp.up_proj.weight"].T)
+    if capture:
+        capture("down", a)
+    return x + a @ w[p + "mlp.down_proj.weight"].T
+
+
+def forward(cfg, w, ids):
+    tables = rope(cfg, ids.shape[1])
     x = w["model.embed_tokens.weight"][ids]
     for l in range(cfg["num_hidden_layers"]):
-        p = f"model.layers.{l}."
-        h = rms(x, w[p + "input_layernorm.weight"], eps)
-        q = (h @ w[p + "self_attn.q_proj.weight"].T).view(B, T, H, D).transpose(1, 2)
-        k = (h @ w[p + "self_attn.k_proj.weight"].T).view(B, T, KV, D).transpose(1, 2)
-        v = (h @ w[p + "self_attn.v_proj.weight"].T).view(B, T, KV, D).transpose(1, 2)
-        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
-        k = k.repeat_interleave(H // KV, dim=1)
-        v = v.repeat_interleave(H // KV, dim=1)
-        att = torch.softmax(q @ k.transpose(-1, -2) / D ** 0.5 + mask, dim=-1)
-        o = (att @ v).transpose(1, 2).reshape(B, T, H * D)
-        x = x + o @ w[p + "self_attn.o_proj.weight"].T
-        h = rms(x, w[p + "post_attention_layernorm.weight"], eps)
-        g = torch.nn.functional.silu(h @ w[p + "mlp.gate_proj.weight"].T)
-        x = x + (g * (h @ w[p + "mlp.up_proj.weight"].T)) @ w[p + "mlp.down_proj.weight"].T
-    x = rms(x, w["model.norm.weight"], eps)
+        x = block(cfg, w, l, x, tables)
+    x = rms(x, w["model.norm.weight"], cfg["rms_norm_eps"])
     head = w.get("lm_head.weight", w["model.embed_tokens.weight"])
     return x @ head.T
 

@@ -4,16 +4,18 @@
 //
 //   load (cached across runs) -> calibration windows -> for each block b:
 //     capture    statistics (Hessian + channel statistics per shared input of the architecture
-//                table) of block b's linear inputs over every calibration window; the FP block's
-//                outputs come from the same pass
+//                table) of block b's linear inputs over every calibration window, all windows
+//                in one Transformer::block_batch call per chunk of 4096 rows (one SYRK per
+//                chunk); the FP block's outputs come from the same pass
 //     block      block-scope steps: transforms merged into the weights and installed online in
 //                the quantized model; inputs re-captured in the transformed space
 //     apply      norm->consumer transforms folded into the RMSNorm weights and the consumers,
-//                layer-scope quantization per linear (whole block, or stage by stage with
-//                calib.true_sequential); static activation ranges fixed
+//                layer-scope quantization per linear (whole block, or with calib.
+//                true_sequential group by group in one staged pass, Transformer::block_stage);
+//                static activation ranges fixed; codes and grids kept in the quantized model
 //     kv         KV-cache steps: a quantizer per block (K/V captured only if a plugin needs them)
 //     propagate  block b+1 reads the quantized block's outputs (or the FP block's, calib.
-//                propagate: fp)
+//                propagate: fp): a second pass of the block, or the staged pass's outputs
 //   -> evaluate the FP model and the quantized-model object window by window in the same
 //   process -> LM metrics per unit -> slices; layer rows, bpw and kv_bits summaries.
 //
