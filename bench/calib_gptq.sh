@@ -53,7 +53,7 @@ print(f"quantlab gptq_seconds={total:.3f} calib_seconds={total - solve:.3f} solv
 EOF
 )
 eval=$(OMP_NUM_THREADS=$threads build/bench_model "$ckpt" 64 "$seq")
-theirs=$(/usr/bin/python3 bench/torch_gptq.py "$ckpt" "$tmp/ids.txt" "$n" "$seq" "$threads")
+theirs=$(/usr/bin/python3 bench/torch_gptq.py "$ckpt" "$tmp/ids.txt" "$n" "$seq" "$threads" 4 8 "$true_seq")
 echo "true_sequential=$true_seq"
 echo "$ours"
 echo "$theirs"

@@ -8,9 +8,11 @@ down), GPTQ on the block's seven linears (lazy batch updates of `blocksize` colu
 percdamp * mean diag H, the upper Cholesky factor of H⁻¹; per-output-channel asymmetric min-max
 grid), then a forward pass of the quantized block, whose outputs are the next block's inputs.
 Windows run `batch` at a time (GPTQ's reference runs one; batching is faster in PyTorch, so
-this is the stronger baseline).
+this is the stronger baseline). With TRUE_SEQUENTIAL=1, GPTQ's --true-sequential as its
+llama.py does it: per group (q/k/v, o, gate/up, down) a pass of the block with the earlier
+groups already quantized captures that group's Hessian, then the group is quantized.
 
-  torch_gptq.py CHECKPOINT_DIR IDS_FILE N SEQ THREADS [BITS=4] [BATCH=8]
+  torch_gptq.py CHECKPOINT_DIR IDS_FILE N SEQ THREADS [BITS=4] [BATCH=8] [TRUE_SEQUENTIAL=0]
 
 IDS_FILE: one window of whitespace-separated token ids per line; the first N are used.
 Prints one line: `torch gptq_seconds=<total> calib_seconds=<forward passes + Hessians>
@@ -70,6 +72,8 @@ def main():
     dir_, ids_path, n, seq, threads = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
     bits = int(sys.argv[6]) if len(sys.argv) > 6 else 4
     batch = int(sys.argv[7]) if len(sys.argv) > 7 else 8
+    true_sequential = len(sys.argv) > 8 and sys.argv[8] in ("1", "true")
+    groups = [["qkv", "o", "gate_up", "down"]] if not true_sequential else [["qkv"], ["o"], ["gate_up"], ["down"]]
     torch.set_num_threads(threads)
     cfg, w = load(dir_)
     with open(ids_path) as f:
@@ -80,26 +84,31 @@ def main():
         tables = rope(cfg, seq)
         x = w["model.embed_tokens.weight"][ids]
         for l in range(cfg["num_hidden_layers"]):
-            H, rows = {}, {}
+            for stage in groups:
+                H, rows = {}, {}
 
-            def capture(name, inp):
-                X = inp.reshape(-1, inp.shape[-1])
-                if name not in H:
-                    H[name], rows[name] = torch.zeros(X.shape[1], X.shape[1]), 0
-                H[name] += X.T @ X
-                rows[name] += X.shape[0]
+                def capture(name, inp):
+                    if name not in stage:
+                        return
+                    X = inp.reshape(-1, inp.shape[-1])
+                    if name not in H:
+                        H[name], rows[name] = torch.zeros(X.shape[1], X.shape[1]), 0
+                    H[name] += X.T @ X
+                    rows[name] += X.shape[0]
 
-            for b in range(0, n, batch):
-                block(cfg, w, l, x[b:b + batch], tables, capture)
-            ts = time.perf_counter()
-            for name, group in LINEARS:
-                key = f"model.layers.{l}.{name}.weight"
-                w[key] = gptq(w[key], H[group] * (2.0 / rows[group]), bits)
-            solve += time.perf_counter() - ts
+                for b in range(0, n, batch):
+                    block(cfg, w, l, x[b:b + batch], tables, capture)
+                ts = time.perf_counter()
+                for name, group in LINEARS:
+                    if group in stage:
+                        key = f"model.layers.{l}.{name}.weight"
+                        w[key] = gptq(w[key], H[group] * (2.0 / rows[group]), bits)
+                solve += time.perf_counter() - ts
             x = torch.cat([block(cfg, w, l, x[b:b + batch], tables) for b in range(0, n, batch)])
     total = time.perf_counter() - t0
     print(f"torch gptq_seconds={total:.3f} calib_seconds={total - solve:.3f} solve_seconds={solve:.3f} "
-          f"tokens={n * seq} calib_tokens_per_s={n * seq / (total - solve):.0f} threads={threads} batch={batch}")
+          f"tokens={n * seq} calib_tokens_per_s={n * seq / (total - solve):.0f} threads={threads} batch={batch} "
+          f"true_sequential={int(true_sequential)}")
 
 
 if __name__ == "__main__":
