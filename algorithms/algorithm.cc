@@ -2,6 +2,7 @@
 
 #include <chrono>
 #include <cmath>
+#include <cstring>
 #include <limits>
 
 #include "core/error.h"
@@ -151,6 +152,35 @@ BlockResult BlockAlgorithm::run(const BlockInput& in) const {
       throw NumericError("'" + in.name + "': the inverse of the " + slot + " transform is off by " + std::to_string(e));
     r.diagnostics.emplace_back(slot + "_inverse_error", e);
   }
+  return r;
+}
+
+ModelResult ModelAlgorithm::run(ModelInput& in) const {
+  if (!in.model) throw ShapeError("'" + in.name + "': model input without a model");
+  if (!in.windows || in.windows->empty()) throw ShapeError("'" + in.name + "': no calibration windows");
+  const int vocab = in.model->config().vocab_size;
+  for (std::size_t w = 0; w < in.windows->size(); ++w)
+    for (int32_t id : (*in.windows)[w])
+      if (id < 0 || id >= vocab)
+        throw ShapeError("'" + in.name + "': calibration window " + std::to_string(w) + " holds token id " +
+                         std::to_string(id) + ", outside the vocabulary of " + std::to_string(vocab));
+  const auto t0 = std::chrono::steady_clock::now();
+  ModelResult r;
+  process_model(in, r.diagnostics);
+  r.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  for (int b = 0; b < in.model->num_blocks(); ++b)
+    for (int k = 0; k < kLinearKinds; ++k) {
+      const LinearKind kind = static_cast<LinearKind>(k);
+      const Matrix& W = in.model->block(b).linear(kind).W;
+      if (!W.allFinite()) throw NumericError("'" + in.name + "': " + linear_name(b, kind) + " weights are not finite");
+      const auto& codes = in.model->codes(b, kind);
+      if (!codes) continue;
+      const Matrix deq = dequantize(*codes);
+      if (deq.rows() != W.rows() || deq.cols() != W.cols() ||
+          std::memcmp(deq.data(), W.data(), sizeof(float) * static_cast<std::size_t>(W.size())) != 0)
+        throw NumericError("'" + in.name + "': the codes of " + linear_name(b, kind) +
+                           " no longer reproduce its weights (set or clear them with the weights)");
+    }
   return r;
 }
 

@@ -203,14 +203,37 @@ class BlockAlgorithm : public Algorithm {
 };
 
 // ------------------------------------------------------------------------------------------
-// Model scope (ZeroQAT) comes with its plugin.
+// Model scope (ZeroQAT): one call on the whole quantized model, after every block-sequential
+// step (the runner refuses a model step followed by another kind), before evaluation.
 // ------------------------------------------------------------------------------------------
-class ModelContext;   // the whole fake-quantized model with a loss on a data stream
+
+struct ModelInput {
+  std::string name = "model";
+  /// The pipeline's result so far. The plugin may change current weights (setting or clearing
+  /// their codes so that dequantize(codes) == weights still holds), activation and KV-cache
+  /// quantizers; the FP weights are never changed.
+  QuantizedModel* model = nullptr;
+  /// Calibration windows (token ids inside the vocabulary), as the block steps saw them.
+  const std::vector<std::vector<int32_t>>* windows = nullptr;
+  uint64_t seed = 0;
+};
+
+struct ModelResult {
+  Diagnostics diagnostics;
+  double seconds = 0;
+};
 
 class ModelAlgorithm : public Algorithm {
  public:
   Scope scope() const final { return Scope::Model; }
-  virtual Diagnostics process_model(ModelContext& model, const std::any& options) const = 0;
+  /// Checks the input (a model; at least one window; ids inside the vocabulary), times
+  /// process_model, then checks the model it leaves: every current weight finite, and where a
+  /// linear has codes, dequantize(codes) equal to its weights bitwise. Throws ShapeError /
+  /// NumericError naming the linear.
+  ModelResult run(ModelInput& in) const;
+
+ private:
+  virtual void process_model(ModelInput& in, Diagnostics& diagnostics) const = 0;
 };
 
 // ------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@
 
 #include "core/calib_stats.h"
 #include "core/error.h"
+#include "core/hash.h"
 #include "core/metrics.h"
 #include "core/parallel.h"
 #include "core/model/checkpoint.h"
@@ -260,6 +261,9 @@ struct ModelRun {
   const Pipeline pipeline;
   QuantizedModel model;
   RunRecord& rec;
+  /// Per block and input group: the cumulative channel scale s folded into the consumers
+  /// (x' = x / s), kept for re-measuring layer rows after model-scope steps.
+  std::vector<std::vector<VectorD>> input_scale = {};
 };
 
 /// Rows of calibration inputs stacked per statistics update: windows are taken whole until
@@ -546,23 +550,69 @@ void apply_kv_steps(ModelRun& m, int b, const std::vector<Matrix>& h) {
 /// Layer rows of block b: errors of the effective weights W' diag(1/s) in the original input
 /// space, under the FP block's calibration Hessians. Output errors on evaluation inputs are
 /// measured end to end (slices), not per linear.
-void record_block_rows(ModelRun& m, int b, const BlockStats& st, std::array<LayerRow, kLinearKinds>& rows) {
+/// The weight-space metrics of linear `kind` of block b into row (rel_err_h under H when given,
+/// else NaN): errors of the effective weights W' diag(1/s) mapped back through the block's
+/// transforms, against the FP weights.
+void measure_row(const ModelRun& m, int b, LinearKind kind, const VectorD& scale, const Matrix* H, LayerRow& row) {
   const double nan = std::numeric_limits<double>::quiet_NaN();
+  const Matrix& W0 = m.model.fp_block(b).linear(kind).W;
+  // Channel scales act in the transformed space (block transforms come first in a pipeline).
+  const Matrix W_eff =
+      m.model.effective_weight(b, kind, m.model.block(b).linear(kind).W * scale.cwiseInverse().cast<float>().asDiagonal());
+  row.weight_mse = weight_mse(W0, W_eff);
+  row.rel_err_h = H ? relative_output_error(W0, W_eff, *H) : nan;
+  row.rel_err_eval = row.out_mse = row.max_abs = nan;
+  row.sqnr_db = sqnr_db(W0, W_eff);
+  row.cosine = cosine_similarity(W0, W_eff);
+}
+
+/// Layer rows of block b under the FP block's calibration Hessians. Output errors on
+/// evaluation inputs are measured end to end (slices), not per linear.
+void record_block_rows(ModelRun& m, int b, const BlockStats& st, std::array<LayerRow, kLinearKinds>& rows) {
   for (int k = 0; k < kLinearKinds; ++k) {
     const LinearKind kind = static_cast<LinearKind>(k);
     const int g = m.arch.group_of(kind);
-    const Matrix& W0 = m.model.fp_block(b).linear(kind).W;
-    // Channel scales act in the transformed space (block transforms come first in a pipeline).
-    const Matrix W_eff = m.model.effective_weight(
-        b, kind, m.model.block(b).linear(kind).W * st.scale[g].cwiseInverse().cast<float>().asDiagonal());
-    LayerRow& row = rows[k];
-    row.weight_mse = weight_mse(W0, W_eff);
-    row.rel_err_h = relative_output_error(W0, W_eff, st.H_fp[g].hessian());
-    row.rel_err_eval = row.out_mse = row.max_abs = nan;
-    row.sqnr_db = sqnr_db(W0, W_eff);
-    row.cosine = cosine_similarity(W0, W_eff);
-    m.rec.layers.push_back(row);
+    const Matrix H = st.H_fp[g].hessian();
+    measure_row(m, b, kind, st.scale[g], &H, rows[k]);
+    m.rec.layers.push_back(rows[k]);
   }
+  m.input_scale.push_back(st.scale);
+}
+
+/// Phase 3b, model: the model-scope steps on the whole quantized model, after every block.
+/// Rows of linears whose weights they changed are measured again in weight space; their
+/// rel_err_h becomes NaN (the blocks' calibration Hessians are gone) and their grid is what
+/// the codes left by the step say. Returns the seconds spent in the plugins.
+double apply_model_steps(ModelRun& m, const std::vector<std::vector<int32_t>>& windows) {
+  bool any = false;
+  for (const PipelineStep& ps : m.pipeline.steps()) any = any || ps.scope() == Scope::Model;
+  if (!any) return 0.0;
+  auto fingerprint = [&](int b, LinearKind k) {
+    const Matrix& W = m.model.block(b).linear(k).W;
+    return fnv1a64(std::string(reinterpret_cast<const char*>(W.data()), sizeof(float) * static_cast<std::size_t>(W.size())));
+  };
+  std::vector<uint64_t> before;
+  for (int b = 0; b < m.model.num_blocks(); ++b)
+    for (int k = 0; k < kLinearKinds; ++k) before.push_back(fingerprint(b, static_cast<LinearKind>(k)));
+  ModelInput in;
+  in.model = &m.model;
+  in.windows = &windows;
+  double seconds = 0;
+  for (std::size_t si = 0; si < m.pipeline.steps().size(); ++si) seconds += apply_model_step(m.pipeline, si, in, m.rec).seconds;
+  for (int b = 0; b < m.model.num_blocks(); ++b)
+    for (int k = 0; k < kLinearKinds; ++k) {
+      const LinearKind kind = static_cast<LinearKind>(k);
+      const std::size_t i = static_cast<std::size_t>(b) * kLinearKinds + static_cast<std::size_t>(k);
+      if (fingerprint(b, kind) == before[i]) continue;
+      LayerRow& row = m.rec.layers.at(i);
+      measure_row(m, b, kind, m.input_scale.at(b).at(m.arch.group_of(kind)), nullptr, row);
+      const auto& codes = m.model.codes(b, kind);
+      row.bits = codes ? codes->spec.bits : 16;
+      row.scheme = codes ? scheme_name(codes->spec.scheme) : "none";
+      row.group_size = codes ? layer_group_size(codes->spec) : 0;
+      row.bpw = codes ? bits_per_weight(*codes) : 16.0;
+    }
+  return seconds;
 }
 
 /// Phases 1-3 over all blocks: capture -> apply -> propagate (block b+1 reads the quantized
@@ -716,6 +766,7 @@ void execute_model_run(const RunConfig& run, ModelCache& cache, const AlgorithmR
 
   const auto t_cal = std::chrono::steady_clock::now();
   rec.seconds_quant = calibrate_and_quantize(m, st.calib_windows, on_layer);
+  rec.seconds_quant += apply_model_steps(m, st.calib_windows);
   rec.seconds_calib = prep_seconds + seconds_since(t_cal) - rec.seconds_quant;
   if (on_quantized) on_quantized(m.model);
 

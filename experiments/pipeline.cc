@@ -89,12 +89,13 @@ bool PipelineStep::applies_to(const std::string& layer) const {
 void validate_pipeline(const RunConfig& run, const AlgorithmRegistry& registry) {
   const bool model = run.workload.is_model();
   std::string weight_step;  // the first layer or norm->consumers step so far
+  std::string model_step;   // the first model-scope step so far
   for (std::size_t i = 0; i < run.quant.size(); ++i) {
     const QuantStep& step = run.quant[i];
     const std::string path = "quant." + std::to_string(i) + ".algorithm";
     const Scope scope = registry.get(step.algorithm).scope;
     const bool driven = scope == Scope::Layer || scope == Scope::NormConsumers ||
-                        (model && (scope == Scope::Block || scope == Scope::KvCache));
+                        (model && (scope == Scope::Block || scope == Scope::KvCache || scope == Scope::Model));
     if (!driven)
       throw ConfigError(step.loc, path,
                         "algorithm '" + step.algorithm + "' acts at " + scope_name(scope) + " scope, which the " +
@@ -107,7 +108,15 @@ void validate_pipeline(const RunConfig& run, const AlgorithmRegistry& registry) 
                         "block-scope step '" + step.algorithm + "' must come before the weight steps ('" + weight_step +
                             "' is earlier): its transforms define the space the weights are quantized in",
                         run.label);
+    // A model step acts on the finished block-sequential result: nothing block-sequential after it.
+    if (scope != Scope::Model && !model_step.empty())
+      throw ConfigError(step.loc, path,
+                        scope_name(scope) + std::string("-scope step '") + step.algorithm +
+                            "' must come before the model-scope step '" + model_step +
+                            "', which acts on the whole model after the block-sequential steps",
+                        run.label);
     if (weight_step.empty() && (scope == Scope::Layer || scope == Scope::NormConsumers)) weight_step = step.algorithm;
+    if (model_step.empty() && scope == Scope::Model) model_step = step.algorithm;
   }
 }
 
@@ -132,9 +141,8 @@ void apply_step(const Pipeline& pipeline, std::size_t si, InputGroupState& g, Ru
       break;
     case Scope::KvCache:  // acts on a block's cache (apply_kv_step), not on linear inputs
     case Scope::Block:    // acts on a whole block before its weight steps (the model runner)
+    case Scope::Model:    // acts on the whole model after every block (apply_model_step)
       break;
-    case Scope::Model:
-      throw Error("apply_step: " + std::string(scope_name(ps.scope())) + " scope is not driven per input group");
   }
   if (ps.config().act.quantized())
     for (std::size_t m = 0; m < g.names.size(); ++m)
@@ -153,6 +161,18 @@ void apply_kv_step(const Pipeline& pipeline, std::size_t si, const KvCacheInput&
   rec.diagnostics.push_back({in.name, static_cast<int>(si), alg, "kv_bits",
                              slot ? slot->kv_bits(eval_len, in.heads.kv_dim()) : 16.0});
   rec.diagnostics.push_back({in.name, static_cast<int>(si), alg, "seconds", r.seconds});
+}
+
+ModelResult apply_model_step(const Pipeline& pipeline, std::size_t si, ModelInput& in, RunRecord& rec) {
+  const PipelineStep& ps = pipeline.steps()[si];
+  ModelResult r;
+  if (ps.scope() != Scope::Model || !ps.applies_to(in.name)) return r;
+  in.seed = mix_stream(pipeline.seed(), (uint64_t{1} << 40) + si);
+  r = dynamic_cast<const ModelAlgorithm&>(ps.plugin()).run(in);
+  const std::string& alg = ps.config().algorithm;
+  for (auto& [name, value] : r.diagnostics) rec.diagnostics.push_back({in.name, static_cast<int>(si), alg, name, value});
+  rec.diagnostics.push_back({in.name, static_cast<int>(si), alg, "seconds", r.seconds});
+  return r;
 }
 
 LayerRow initial_layer_row(const RunConfig& run, const std::string& name) {

@@ -104,6 +104,10 @@ void apply_step(const Pipeline& pipeline, std::size_t si, InputGroupState& g, Ru
 void apply_kv_step(const Pipeline& pipeline, std::size_t si, const KvCacheInput& in, int64_t eval_len,
                    std::shared_ptr<const KvQuantizer>& slot, RunRecord& rec);
 
+/// Runs model-scope step `si` on the whole model when it applies to in.name ("model"), with
+/// the step's random stream in in.seed; diagnostics go to rec. Other scopes: nothing.
+ModelResult apply_model_step(const Pipeline& pipeline, std::size_t si, ModelInput& in, RunRecord& rec);
+
 /// A fresh layer row for a linear: the run's pipeline name, no grid (16 bits) until a step
 /// quantizes it.
 LayerRow initial_layer_row(const RunConfig& run, const std::string& name);

@@ -29,8 +29,8 @@ std::string step_yaml(const std::string& name, const std::string& extra = "") {
   const AlgorithmInfo& info = default_registry().get(name);
   std::string s = "quant:\n  - algorithm: " + name + "\n";
   if (info.uses_weight_spec) s += "    bits: 4\n    granularity: group\n    group_size: 32\n";
-  // Block and KV-cache steps need a model workload (after the step, so line numbers stay).
-  const bool model = info.scope == Scope::Block || info.scope == Scope::KvCache;
+  // Block, KV-cache and model steps need a model workload (after the step, so line numbers stay).
+  const bool model = info.scope == Scope::Block || info.scope == Scope::KvCache || info.scope == Scope::Model;
   return s + extra +
          (model ? "workload: {kind: model, path: /m}\ncalib: {text: /t.txt}\neval: {streams: [{name: p, path: /p.txt}]}\n"
                 : "");
@@ -321,6 +321,48 @@ TEST_P(BlockConformance, Contract) {
   EXPECT_THROW(ba.run(in), NumericError);
 }
 
+class ModelConformance : public ::testing::TestWithParam<std::string> {};
+GTEST_ALLOW_UNINSTANTIATED_PARAMETERIZED_TEST(ModelConformance);  // until a model-scope plugin exists
+
+// A model-scope plugin at its defaults, on a one-block model quantized to W4 with codes: the
+// same seed gives the same weights bitwise; the FP weights stay; run() has checked that codes
+// and weights agree.
+TEST_P(ModelConformance, Contract) {
+  const std::string name = GetParam();
+  const auto algo = plugin_at_defaults(name, Scope::Model);
+  const auto& ma = dynamic_cast<const ModelAlgorithm&>(*algo);
+  const auto fp = one_block_model();
+  const ModelWeights fp_copy = *fp;
+  std::vector<std::vector<int32_t>> windows(4, std::vector<int32_t>(16));
+  for (int w = 0; w < 4; ++w)
+    for (int t = 0; t < 16; ++t) windows[w][t] = (11 * w + 7 * t + 3) % 50;
+  QuantSpec spec;
+  spec.bits = 4;
+  auto run_once = [&] {
+    auto qm = std::make_unique<QuantizedModel>(fp);
+    for (int k = 0; k < kLinearKinds; ++k) {
+      QuantizedTensor q = quantize(qm->block(0).linear(static_cast<LinearKind>(k)).W, spec);
+      qm->block(0).linear(static_cast<LinearKind>(k)).W = dequantize(q);
+      qm->codes(0, static_cast<LinearKind>(k)) = std::move(q);
+    }
+    ModelInput in;
+    in.model = qm.get();
+    in.windows = &windows;
+    in.seed = 5;
+    ma.run(in);
+    return qm;
+  };
+  const auto a = run_once(), b = run_once();
+  for (int k = 0; k < kLinearKinds; ++k) {
+    const LinearKind kind = static_cast<LinearKind>(k);
+    EXPECT_EQ(a->block(0).linear(kind).W, b->block(0).linear(kind).W) << "not deterministic";
+    EXPECT_EQ(fp->blocks[0].linear(kind).W, fp_copy.blocks[0].linear(kind).W) << "FP weights changed";
+  }
+  ModelInput empty;
+  empty.model = nullptr;
+  EXPECT_THROW(ma.run(empty), ShapeError);
+}
+
 auto param_name = [](const ::testing::TestParamInfo<std::string>& p) { return p.param; };
 INSTANTIATE_TEST_SUITE_P(AllRegistered, Conformance, ::testing::ValuesIn(default_registry().names()), param_name);
 INSTANTIATE_TEST_SUITE_P(AllRegistered, LayerConformance, ::testing::ValuesIn(plugins_of(Scope::Layer)), param_name);
@@ -329,6 +371,7 @@ INSTANTIATE_TEST_SUITE_P(AllRegistered, NormConsumersConformance,
 INSTANTIATE_TEST_SUITE_P(AllRegistered, BlockConformance, ::testing::ValuesIn(plugins_of(Scope::Block)), param_name);
 INSTANTIATE_TEST_SUITE_P(AllRegistered, KvCacheConformance, ::testing::ValuesIn(plugins_of(Scope::KvCache)),
                          param_name);
+INSTANTIATE_TEST_SUITE_P(AllRegistered, ModelConformance, ::testing::ValuesIn(plugins_of(Scope::Model)), param_name);
 
 }  // namespace
 }  // namespace ql

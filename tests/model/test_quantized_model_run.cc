@@ -3,12 +3,15 @@
 // a later step moved the weights off the grid.
 #include <gtest/gtest.h>
 
+#include <cmath>
 #include <cstring>
 #include <filesystem>
 #include <functional>
 #include <string>
 
+#include "core/error.h"
 #include "core/model/quantized_model.h"
+#include "core/quantize.h"
 #include "experiments/model_runner.h"
 #include "experiments/runner.h"
 
@@ -91,6 +94,128 @@ TEST_F(QuantizedModelRun, WeightsMovedOffTheGridHoldNoCodes) {
   with_quantized_model("[{algorithm: rtn, bits: 4}, {algorithm: smoothquant}]", [](const QuantizedModel& m) {
     expect_codes(m, [](LinearKind k) { return k == LinearKind::O || k == LinearKind::Down; }, 4);
   });
+}
+
+// ---- model scope: the runner drives a model-scope step after every block-sequential one ----
+
+struct NoOptions {};
+
+/// A model-scope step for these tests: re-quantizes q_proj of block 0 to 2 bits per channel
+/// (RTN), and sets its codes; with `stale`, changes the weights but leaves the old codes,
+/// which ModelAlgorithm::run must refuse.
+class RequantizeQ0 final : public ModelAlgorithm {
+ public:
+  explicit RequantizeQ0(bool stale) : stale_(stale) {}
+
+ private:
+  void process_model(ModelInput& in, Diagnostics& diagnostics) const override {
+    QuantSpec spec;
+    spec.bits = 2;
+    spec.granularity = Granularity::PerChannel;
+    Matrix& W = in.model->block(0).q.W;
+    QuantizedTensor q = quantize(W, spec);
+    W = dequantize(q);
+    if (!stale_) in.model->codes(0, LinearKind::Q) = std::move(q);
+    diagnostics.emplace_back("windows", static_cast<double>(in.windows->size()));
+  }
+  bool stale_;
+};
+
+const AlgorithmRegistry& model_scope_registry() {
+  static const AlgorithmRegistry reg = [] {
+    AlgorithmRegistry r;
+    register_all(r);
+    for (bool stale : {false, true}) {
+      AlgorithmInfo info;
+      info.name = stale ? "requantize_q0_stale" : "requantize_q0";
+      info.scope = Scope::Model;
+      info.summary = "test: q_proj of block 0 to 2 bits";
+      info.uses_weight_spec = false;
+      info.options = std::make_shared<OptionSchema<NoOptions>>();
+      info.make = [stale](const std::any&) { return std::make_unique<RequantizeQ0>(stale); };
+      r.add(std::move(info));
+    }
+    return r;
+  }();
+  return reg;
+}
+
+RunRecord run_with(const std::string& quant, const std::function<void(const QuantizedModel&)>& check = {}) {
+  const std::string d = kData.string();
+  const std::string yaml = "workload: {kind: model, path: " + d + "/austen-llama-7m}\n" +
+                           "calib: {text: " + d + "/text/persuasion.txt, n_samples: 4, seq_len: 128}\n" +
+                           "eval: {seq_len: 128, streams: [{name: p, path: " + d +
+                           "/text/persuasion.txt, max_windows: 4}]}\nslices: {n_boot: 0}\nquant: " + quant + "\n";
+  const RunConfig rc = parse_run_config(ConfigNode::parse(yaml, "model_scope.yaml"), "ms", "model_scope.yaml",
+                                        model_scope_registry());
+  static ModelCache cache;
+  RunRecord rec;
+  execute_model_run(rc, cache, model_scope_registry(), rec, {}, check);
+  return rec;
+}
+
+double summary_of(const RunRecord& r, const std::string& metric) {
+  for (auto& s : r.summary)
+    if (s.metric == metric) return s.value;
+  ADD_FAILURE() << "no summary metric " << metric;
+  return NAN;
+}
+
+TEST_F(QuantizedModelRun, AModelStepRunsAfterEveryBlockAndItsChangesAreEvaluatedAndRecorded) {
+  const RunRecord base = run_with("[{algorithm: rtn, bits: 4}]");
+  const RunRecord with = run_with("[{algorithm: rtn, bits: 4}, {algorithm: requantize_q0}]", [](const QuantizedModel& m) {
+    ASSERT_TRUE(m.codes(0, LinearKind::Q).has_value());
+    EXPECT_EQ(m.codes(0, LinearKind::Q)->spec.bits, 2);
+    EXPECT_EQ(m.codes(1, LinearKind::Q)->spec.bits, 4);
+  });
+  // Evaluated: 2-bit q_proj in block 0 costs perplexity.
+  EXPECT_GT(summary_of(with, "p/ppl"), summary_of(base, "p/ppl"));
+  // The row of the changed linear is re-measured (2 bits, larger error, no Hessian error);
+  // every other row is as before.
+  ASSERT_EQ(with.layers.size(), base.layers.size());
+  for (std::size_t i = 0; i < with.layers.size(); ++i) {
+    if (i == 0) {
+      EXPECT_EQ(with.layers[i].layer, "model.layers.0.self_attn.q_proj");
+      EXPECT_EQ(with.layers[i].bits, 2);
+      EXPECT_GT(with.layers[i].weight_mse, base.layers[i].weight_mse);
+      EXPECT_TRUE(std::isnan(with.layers[i].rel_err_h));
+    } else {
+      EXPECT_EQ(with.layers[i].weight_mse, base.layers[i].weight_mse) << with.layers[i].layer;
+      EXPECT_EQ(with.layers[i].rel_err_h, base.layers[i].rel_err_h) << with.layers[i].layer;
+    }
+  }
+  bool seen = false;
+  for (auto& d : with.diagnostics)
+    if (d.layer == "model" && d.algorithm == "requantize_q0" && d.name == "windows") seen = d.value == 4.0;
+  EXPECT_TRUE(seen);
+}
+
+TEST_F(QuantizedModelRun, AModelStepThatLeavesStaleCodesIsRefusedByName) {
+  try {
+    run_with("[{algorithm: rtn, bits: 4}, {algorithm: requantize_q0_stale}]");
+    FAIL() << "expected a NumericError";
+  } catch (const NumericError& e) {
+    EXPECT_NE(std::string(e.what()).find("model.layers.0.self_attn.q_proj"), std::string::npos) << e.what();
+  }
+}
+
+TEST(ModelScope, BlockSequentialStepsAfterAModelStepFailAtTheirLine) {
+  const std::string yaml =
+      "workload: {kind: model, path: /m}\ncalib: {text: /t.txt}\neval: {streams: [{name: p, path: /p.txt}]}\n"
+      "quant:\n  - {algorithm: requantize_q0}\n  - {algorithm: rtn, bits: 4}\n";
+  try {
+    parse_run_config(ConfigNode::parse(yaml, "ms.yaml"), "ms", "ms.yaml", model_scope_registry());
+    FAIL() << "expected a ConfigError";
+  } catch (const ConfigError& e) {
+    const std::string msg = e.what();
+    EXPECT_NE(msg.find("ms.yaml:6"), std::string::npos) << msg;
+    EXPECT_NE(msg.find("quant.1.algorithm"), std::string::npos) << msg;
+    EXPECT_NE(msg.find("model-scope step 'requantize_q0'"), std::string::npos) << msg;
+  }
+  // A synthetic workload has no model to hand over.
+  const std::string syn = "workload: {kind: synthetic, layers: [{name: l, d_in: 8, d_out: 8}]}\n"
+                          "quant: [{algorithm: requantize_q0}]\n";
+  EXPECT_THROW(parse_run_config(ConfigNode::parse(syn, "s.yaml"), "s", "s.yaml", model_scope_registry()), ConfigError);
 }
 
 }  // namespace
