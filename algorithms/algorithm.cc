@@ -155,6 +155,22 @@ BlockResult BlockAlgorithm::run(const BlockInput& in) const {
   return r;
 }
 
+std::shared_ptr<const InputTransform> BlockAlgorithm::standalone_transform(Index, uint64_t) const {
+  throw Error("this block-scope plugin transforms only the slots of a transformer block");
+}
+
+std::shared_ptr<const InputTransform> BlockAlgorithm::run_standalone(const std::string& name, Index width,
+                                                                     uint64_t stream) const {
+  if (width < 1) throw ShapeError("'" + name + "': an input of " + std::to_string(width) + " channels");
+  auto t = standalone_transform(width, stream);
+  if (!t) return t;
+  if (t->width() != width)
+    throw ShapeError("'" + name + "': a " + t->describe() + " for an input of width " + std::to_string(width));
+  const double e = t->inverse_error();
+  if (!(e < 1e-6)) throw NumericError("'" + name + "': the inverse of the input transform is off by " + std::to_string(e));
+  return t;
+}
+
 ModelResult ModelAlgorithm::run(ModelInput& in) const {
   if (!in.model) throw ShapeError("'" + in.name + "': model input without a model");
   if (!in.windows || in.windows->empty()) throw ShapeError("'" + in.name + "': no calibration windows");

@@ -197,9 +197,15 @@ class BlockAlgorithm : public Algorithm {
   /// transform: the width of its slot, and a stored inverse exact to 1e-6 (max |P P⁻¹ - I|).
   /// Throws ShapeError / NumericError naming the block and slot.
   BlockResult run(const BlockInput& in) const;
+  /// For plugins whose info declares standalone_inputs: the transform of the input of a
+  /// standalone linear with `width` input channels (the synthetic suite's layers, which have no
+  /// block), drawn from random stream `stream`; checked as run() checks a slot (width, inverse
+  /// error < 1e-6). The caller merges its inverse into the weights and applies it online.
+  std::shared_ptr<const InputTransform> run_standalone(const std::string& name, Index width, uint64_t stream) const;
 
  private:
   virtual BlockTransforms compute_transforms(const BlockInput& in, Diagnostics& diagnostics) const = 0;
+  virtual std::shared_ptr<const InputTransform> standalone_transform(Index width, uint64_t stream) const;
 };
 
 // ------------------------------------------------------------------------------------------
@@ -257,6 +263,9 @@ struct AlgorithmInfo {
   /// The plugin leaves every weight as it is (`fp`): a pipeline of such steps without
   /// activation quantization is the FP model, which the runner need not evaluate twice.
   bool identity = false;
+  /// Block scope: the plugin also transforms the input of a standalone linear
+  /// (BlockAlgorithm::run_standalone), so the synthetic layer suite can drive it.
+  bool standalone_inputs = false;
   CalibNeeds needs;
   /// The plugin's own options (typed struct behind std::any).
   std::shared_ptr<const AnyOptionSchema> options;

@@ -93,9 +93,13 @@ void validate_pipeline(const RunConfig& run, const AlgorithmRegistry& registry) 
   for (std::size_t i = 0; i < run.quant.size(); ++i) {
     const QuantStep& step = run.quant[i];
     const std::string path = "quant." + std::to_string(i) + ".algorithm";
-    const Scope scope = registry.get(step.algorithm).scope;
+    const AlgorithmInfo& info = registry.get(step.algorithm);
+    const Scope scope = info.scope;
+    // The synthetic suite's layers have no block; a block plugin that transforms a standalone
+    // linear's input runs there on each layer's input.
     const bool driven = scope == Scope::Layer || scope == Scope::NormConsumers ||
-                        (model && (scope == Scope::Block || scope == Scope::KvCache || scope == Scope::Model));
+                        (model && (scope == Scope::Block || scope == Scope::KvCache || scope == Scope::Model)) ||
+                        (!model && scope == Scope::Block && info.standalone_inputs);
     if (!driven)
       throw ConfigError(step.loc, path,
                         "algorithm '" + step.algorithm + "' acts at " + scope_name(scope) + " scope, which the " +

@@ -297,6 +297,18 @@ std::optional<double> lookup(const RunRecord& r, const MetricSpec& s) {
   throw Error(msg);
 }
 
+/// A stored number as a reader writes it: the shortest round-trip form stores 20 as "2e+01";
+/// whole numbers below 1e15 print as integers. Other values unchanged.
+std::string readable_value(const std::string& s) {
+  if (s.find_first_of("eE") == std::string::npos) return s;
+  char* end = nullptr;
+  const double v = std::strtod(s.c_str(), &end);
+  if (end == s.c_str() || *end != '\0' || !(std::fabs(v) < 1e15) || v != std::floor(v)) return s;
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%.0f", v);
+  return buf;
+}
+
 struct KeyResolver {
   std::vector<std::string> parts;
 
@@ -327,7 +339,7 @@ struct KeyResolver {
       else if (p == "status") v.push_back(run_status_name(r.status));
       else {
         const std::string* x = find_param(r, p);
-        v.push_back(x ? *x : "-");
+        v.push_back(x ? readable_value(*x) : "-");
       }
     }
     return join(v, "/");

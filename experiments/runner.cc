@@ -17,6 +17,7 @@
 #include "core/linalg.h"
 #include "core/rng.h"
 #include "core/metrics.h"
+#include "core/model/transforms.h"
 #include "core/parallel.h"
 #include "core/synthetic.h"
 #include "experiments/model_runner.h"
@@ -54,6 +55,7 @@ struct WorkloadCache::Prepared {
     Matrix W;
     HessianAccumulator H;   // of the calibration inputs
     ChannelStats stats;     // of the calibration inputs
+    Matrix X_calib;         // the calibration inputs (statistics of transformed inputs)
     Matrix X_eval;          // evaluation tokens, unit-major
     Matrix Y_ref;           // FP outputs on X_eval
     VectorD sig;            // ‖y_t‖² per evaluation token, double
@@ -95,6 +97,7 @@ std::shared_ptr<WorkloadCache::Prepared> prepare(const RunConfig& run) {
     L.sig = row_squared_norms(L.Y_ref);
     L.W = std::move(l.W);
     L.X_eval = std::move(l.X_eval);
+    L.X_calib = std::move(l.X_calib);
     p->layers.push_back(std::move(L));
   }
   return p;
@@ -157,7 +160,36 @@ struct SyntheticLayerState {
   LayerRow row;
   const ActQuantSpec* act = nullptr;
   std::optional<QuantizedTensor> codes;  ///< when W lies on the last layer step's grid
+  /// Online transform of the input (x' = x P, before the channel scale), from a block-scope
+  /// step that transforms standalone inputs; null when none.
+  std::shared_ptr<const InputTransform> transform;
 };
+
+/// Block-scope step `si` on a standalone layer (validate_pipeline admits only plugins with
+/// info.standalone_inputs): the input transform P merged into W (W P⁻ᵀ, in double), applied
+/// online at evaluation, and the calibration statistics recomputed from X P.
+void apply_standalone_transform(const Pipeline& pipeline, std::size_t si, const WorkloadCache::Prepared::Layer& layer,
+                                Index li, SyntheticLayerState& ls, RunRecord& rec) {
+  const PipelineStep& ps = pipeline.steps()[si];
+  if (ps.scope() != Scope::Block || !ps.applies_to(layer.name)) return;
+  if (ls.transform)
+    throw ShapeError("'" + layer.name + "': a second block-scope transform of its input (compose them in one step)");
+  const auto t0 = std::chrono::steady_clock::now();
+  ls.transform = dynamic_cast<const BlockAlgorithm&>(ps.plugin())
+                     .run_standalone(layer.name, layer.W.cols(), mix_stream(pipeline.seed(), static_cast<uint64_t>(li) * 131 + si));
+  if (!ls.transform) return;
+  merge_input_transform(ls.W, *ls.transform);
+  Matrix X = layer.X_calib;
+  ls.transform->apply(X);
+  ls.H = HessianAccumulator(X.cols());
+  ls.H.add(X);
+  ls.stats = ChannelStats(X.cols());
+  ls.stats.add(X);
+  const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  ls.row.seconds += dt;
+  rec.params.push_back({layer.name + ".transform.input", ls.transform->describe()});
+  rec.diagnostics.push_back({layer.name, static_cast<int>(si), ps.config().algorithm, "seconds", dt});
+}
 
 /// The pipeline on layer li. The layer's input has no producer in the suite: evaluation
 /// divides it by s.
@@ -177,7 +209,10 @@ SyntheticLayerState quantize_synthetic_layer(const Pipeline& pipeline, const Wor
   g.S = &ls.stats;
   g.scale = &ls.s;
   g.absorbs_scale = true;
-  for (std::size_t si = 0; si < pipeline.steps().size(); ++si) apply_step(pipeline, si, g, rec);
+  for (std::size_t si = 0; si < pipeline.steps().size(); ++si) {
+    apply_standalone_transform(pipeline, si, layer, li, ls, rec);
+    apply_step(pipeline, si, g, rec);
+  }
   return ls;
 }
 
@@ -192,6 +227,7 @@ void evaluate_synthetic_layer(const WorkloadCache::Prepared& wl, const WorkloadC
   const ChannelStats& stats = ls.stats;
   LayerRow& row = ls.row;
   Matrix Xq = layer.X_eval;
+  if (ls.transform) ls.transform->apply(Xq);
   if (s != VectorD::Ones(s.size())) Xq = Xq * s.cast<float>().cwiseInverse().asDiagonal();
   if (act) {
     ActRange range;
@@ -209,7 +245,9 @@ void evaluate_synthetic_layer(const WorkloadCache::Prepared& wl, const WorkloadC
     units.sums(u, 1 + 2 * li) = err.segment(u * T, T).sum();
     units.sums(u, 2 + 2 * li) = layer.sig.segment(u * T, T).sum();
   }
-  const Matrix W_eff = W * s.cast<float>().cwiseInverse().asDiagonal();
+  // The weights the FP input meets: W diag(1/s) Pᵀ (x ↦ (x P) / s).
+  Matrix W_eff = W * s.cast<float>().cwiseInverse().asDiagonal();
+  if (ls.transform) W_eff = matmul_nn(W_eff.cast<double>().eval(), MatrixD(ls.transform->matrix().transpose())).cast<float>();
   const double sum_err = err.sum(), sum_sig = layer.sig.sum();
   row.weight_mse = weight_mse(layer.W, W_eff);
   row.rel_err_h = relative_output_error(layer.W, W_eff, layer.H.hessian());

@@ -26,7 +26,10 @@ class Rotation final : public BlockAlgorithm {
   /// Factor f of slot s in block b: its own counter stream, so every draw is independent of
   /// which other slots are drawn.
   TransformFactor factor(Index n, int block, TransformSlot s, int f) const {
-    const uint64_t stream = mix_stream(static_cast<uint64_t>(block), static_cast<uint64_t>(s) * 4 + f);
+    return draw(n, mix_stream(static_cast<uint64_t>(block), static_cast<uint64_t>(s) * 4 + f));
+  }
+  /// One n x n orthogonal factor from counter stream `stream` of the plugin's seed.
+  TransformFactor draw(Index n, uint64_t stream) const {
     const uint64_t seed = static_cast<uint64_t>(opt_.seed);
     const bool pow2 = n > 0 && (n & (n - 1)) == 0;
     return TransformFactor::orthogonal(opt_.matrix == MatrixKind::Hadamard && pow2 ? random_hadamard(n, seed, stream)
@@ -37,6 +40,19 @@ class Rotation final : public BlockAlgorithm {
     const auto [n1, n2] = kronecker_factor_sizes(width);
     return std::make_shared<const InputTransform>(
         InputTransform::kronecker(factor(n1, block, s, 0), factor(n2, block, s, 1)));
+  }
+
+  /// A standalone linear's input: the q/k/v input's structure (Kronecker or dense) at `width`,
+  /// each linear its own stream.
+  std::shared_ptr<const InputTransform> standalone_transform(Index width, uint64_t stream) const override {
+    if (!opt_.kronecker)
+      return std::make_shared<const InputTransform>(InputTransform::dense(standalone_factor(width, stream, 0)));
+    const auto [n1, n2] = kronecker_factor_sizes(width);
+    return std::make_shared<const InputTransform>(
+        InputTransform::kronecker(standalone_factor(n1, stream, 0), standalone_factor(n2, stream, 1)));
+  }
+  TransformFactor standalone_factor(Index n, uint64_t stream, int f) const {
+    return draw(n, mix_stream(stream, static_cast<uint64_t>(f)));
   }
 
   BlockTransforms compute_transforms(const BlockInput& in, Diagnostics& diag) const override {
@@ -84,9 +100,11 @@ void register_rotation(AlgorithmRegistry& registry) {
   info.scope = Scope::Block;
   info.summary =
       "fixed random orthogonal transforms in FlatQuant's slots (q/k/v, gate/up, down inputs online; "
-      "v per head and o across heads merged/online; keys after RoPE with a quantized KV cache)";
+      "v per head and o across heads merged/online; keys after RoPE with a quantized KV cache); on the "
+      "synthetic suite one transform per layer input";
   info.paper = "QuaRot: Outlier-Free 4-Bit Inference in Rotated LLMs, arXiv 2404.00456 (without fused kernels)";
   info.uses_weight_spec = false;
+  info.standalone_inputs = true;  // the synthetic suite: one transform per linear's input
   info.options = make_schema();
   info.make = [](const std::any& o) { return std::make_unique<Rotation>(std::any_cast<const RotationOptions&>(o)); };
   registry.add(std::move(info));

@@ -417,6 +417,19 @@ TEST_F(ReportTest, OverAggregatesRepeatedRunsAsMeanSdAndN) {
   EXPECT_THROW(pivot_table(runs, "quant.0.algorithm", "quant.0.bits", "ppl", "md", "calib.drw"), Error);
 }
 
+TEST_F(ReportTest, WholeNumbersStoredInExponentFormPrintAsIntegers) {
+  // The canonical config stores 20.0 as "2e+01" (shortest round trip); a table shows 20.
+  std::vector<RunRecord> runs;
+  for (const char* m : {"2e+01", "60", "1.5e-05"}) {
+    RunRecord r = make_run(std::string("m") + m, "rtn", "channel", 4, 0.1, 10.0, 0.1, 0.1);
+    r.params.push_back({"workload.outlier_magnitude", m});
+    runs.push_back(r);
+  }
+  const auto t = parse_csv(pivot_table(runs, "quant.0.algorithm", "workload.outlier_magnitude", "ppl", "csv"));
+  ASSERT_EQ(t.size(), 2u);
+  EXPECT_EQ(t[0], (std::vector<std::string>{"quant.0.algorithm \\ workload.outlier_magnitude", "20", "60", "1.5e-05"}));
+}
+
 TEST_F(ReportTest, UnknownMetricListsTheAvailableOnes) {
   try {
     pivot_table(handcrafted_runs(), "label", "", "perplexity", "md");
