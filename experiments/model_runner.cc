@@ -345,7 +345,7 @@ void capture_block(const ModelRun& m, const Transformer& tf, int b, const std::v
     for (int g = 0; g < G; ++g)
       if (want[g]) {
         st.H[g].add(X[g]);
-        st.S[g].add(X[g]);
+        if (m.pipeline.needs_channel_stats()) st.S[g].add(X[g]);
       }
   }
 }
@@ -368,7 +368,7 @@ void capture_stage(const ModelRun& m, const Transformer& tf, int b, int g, std::
     for (std::size_t w = c.w0; w < c.w1; ++w) ws.push_back(&state[w]);
     tf.block_stage_inputs(b, g, ws, per);
     st.H[g].add(X[g]);
-    st.S[g].add(X[g]);
+    if (m.pipeline.needs_channel_stats()) st.S[g].add(X[g]);
   }
 }
 

@@ -130,6 +130,8 @@ Pipeline::Pipeline(const RunConfig& run, const AlgorithmRegistry& registry)
   for (const QuantStep& step : run.quant) {
     const AlgorithmInfo& info = registry.get(step.algorithm);
     identity_ = identity_ && info.identity && !step.act.quantized();
+    channel_stats_ = channel_stats_ || info.needs.channel_stats ||
+                     (step.act.quantized() && step.act.mode == ActRangeMode::Static);
     steps_.emplace_back(step, info);
   }
 }

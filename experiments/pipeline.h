@@ -42,9 +42,10 @@ class PipelineStep {
   std::vector<std::regex> targets_, ignore_;
 };
 
-/// Checks that every step of `run` acts at a scope its workload drives (synthetic suite: layer
-/// and norm->consumers; model: also block and KV cache) and that block-scope steps come before
-/// the weight steps. ConfigError at the step's line otherwise. parse_run_config calls it, so a
+/// Checks that every step of `run` acts at a scope its workload drives (synthetic suite: layer,
+/// norm->consumers, and block plugins that transform standalone inputs; model: also block, KV
+/// cache and model) and that block-scope steps come before the weight steps and model steps
+/// after everything else. ConfigError at the step's line otherwise. parse_run_config calls it, so a
 /// bad pipeline fails before any compute.
 void validate_pipeline(const RunConfig& run, const AlgorithmRegistry& registry);
 
@@ -57,12 +58,17 @@ class Pipeline {
   bool is_identity() const { return identity_; }
   uint64_t seed() const { return seed_; }
   const RunConfig& run() const { return *run_; }
+  /// Whether any step reads channel statistics: a plugin that declares them, or static
+  /// activation ranges (fixed from the calibration inputs' min/max). The runner captures them
+  /// only then.
+  bool needs_channel_stats() const { return channel_stats_; }
 
  private:
   const RunConfig* run_;
   uint64_t seed_;
   std::vector<PipelineStep> steps_;
   bool identity_ = true;
+  bool channel_stats_ = false;
 };
 
 /// One shared input and the linears reading it, at one point of a run. Pointers refer to the

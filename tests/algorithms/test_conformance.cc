@@ -319,6 +319,17 @@ TEST_P(BlockConformance, Contract) {
   bad.up.W(0, 0) = std::numeric_limits<float>::quiet_NaN();
   in.weights = &bad;
   EXPECT_THROW(ba.run(in), NumericError);
+  // The synthetic suite's standalone inputs: a deterministic transform of the asked width when
+  // the plugin declares them, an error naming the limitation otherwise.
+  if (default_registry().get(name).standalone_inputs) {
+    const auto s1 = ba.run_standalone("conf", 48, 3), s2 = ba.run_standalone("conf", 48, 3);
+    ASSERT_TRUE(s1 && s2);
+    EXPECT_EQ(s1->width(), 48);
+    EXPECT_EQ(s1->matrix(), s2->matrix()) << "not deterministic";
+    EXPECT_NE(s1->matrix(), ba.run_standalone("conf", 48, 4)->matrix()) << "streams must differ";
+  } else {
+    EXPECT_THROW(ba.run_standalone("conf", 48, 3), Error);
+  }
 }
 
 class ModelConformance : public ::testing::TestWithParam<std::string> {};

@@ -12,6 +12,7 @@
 
 #include "core/error.h"
 #include "core/parallel.h"
+#include "experiments/pipeline.h"
 #include "experiments/result_store.h"
 #include "experiments/runner.h"
 
@@ -141,6 +142,18 @@ TEST(Plan, StepsAtScopesTheWorkloadCannotDriveFailAtTheirLine) {
   EXPECT_NO_THROW(parse("workload: {kind: model, path: /m}\ncalib: {text: /t.txt}\neval: {streams: [{name: p, path: /p.txt}]}\n"
                         "quant: [{algorithm: rotation}, "
                         "{algorithm: rtn, bits: 4}, {algorithm: kv_rtn}]\n"));
+}
+
+TEST(Plan, ChannelStatisticsAreCapturedOnlyForStepsThatReadThem) {
+  auto needs = [](const std::string& quant) {
+    const RunConfig rc = parse_run_config(ConfigNode::parse("quant: " + quant + "\n", "n.yaml"), "r", "n.yaml",
+                                          default_registry());
+    return Pipeline(rc, default_registry()).needs_channel_stats();
+  };
+  EXPECT_FALSE(needs("[{algorithm: gptq, bits: 4}]"));
+  EXPECT_FALSE(needs("[{algorithm: rtn, bits: 4, act: {bits: 8, mode: dynamic}}]"));
+  EXPECT_TRUE(needs("[{algorithm: smoothquant}, {algorithm: rtn, bits: 8}]"));      // a plugin reads them
+  EXPECT_TRUE(needs("[{algorithm: rtn, bits: 8, act: {bits: 8, granularity: tensor, mode: static}}]"));  // static ranges
 }
 
 TEST(Cli, ListDocumentsEveryOption) {
