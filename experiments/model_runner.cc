@@ -424,7 +424,7 @@ void apply_block_steps(ModelRun& m, int b, const std::vector<Matrix>& h, BlockSt
     changed = changed || !r.transforms.empty();
   }
   if (!changed) return;
-  const Transformer tf(m.model.current());
+  const Transformer tf = m.model.transformer();
   const ForwardHooks hooks = m.model.hooks();
   capture_block(m, tf, b, h, m.model.block(b), &hooks, std::vector<bool>(m.arch.input_groups().size(), true), st,
                 nullptr);
@@ -474,7 +474,7 @@ void apply_block(ModelRun& m, int b, const std::vector<Matrix>& h, BlockStats& s
   if (G != kBlockStages)
     throw Error("true-sequential calibration needs one block stage per input group (" + std::to_string(G) +
                 " groups, " + std::to_string(kBlockStages) + " stages)");
-  const Transformer tf(m.model.current());  // reads block b's weights as each stage runs
+  const Transformer tf = m.model.transformer();  // reads block b's weights as each stage runs
   std::vector<BlockStageState> state(h.size());
   std::vector<BlockStageState*> all;
   for (std::size_t w = 0; w < h.size(); ++w) {
@@ -496,7 +496,7 @@ struct KvCapture {
   Matrix k_pre, k_post, v;
 };
 KvCapture capture_kv(const ModelRun& m, int b, const std::vector<Matrix>& h) {
-  const Transformer tf(m.model.current());
+  const Transformer tf = m.model.transformer();
   std::vector<Matrix> kp(h.size()), ko(h.size()), vs(h.size()), out(h);
   ForwardHooks hooks = m.model.hooks();
   hooks.kv_quantizer = nullptr;  // the exact K/V the block produces
@@ -620,7 +620,7 @@ double apply_model_steps(ModelRun& m, const std::vector<std::vector<int32_t>>& w
 /// activations for all calibration windows. Returns the seconds spent in phase 2.
 double calibrate_and_quantize(ModelRun& m, const std::vector<std::vector<int32_t>>& windows,
                               const std::function<void(const std::string&)>& on_layer) {
-  const Transformer fp_model(m.model.fp());
+  const Transformer fp_model = m.model.fp_transformer();
   const int G = static_cast<int>(m.arch.input_groups().size());
   std::vector<Matrix> h;  // the residual stream entering the current block, per window
   h.reserve(windows.size());
@@ -653,7 +653,7 @@ double calibrate_and_quantize(ModelRun& m, const std::vector<std::vector<int32_t
     if (m.run.calib.propagate == Propagate::Quantized && !staged.empty() && !m.model.kv_quantizer(b)) {
       next = std::move(staged);
     } else if (m.run.calib.propagate == Propagate::Quantized && b + 1 < m.model.num_blocks()) {
-      const Transformer q_model(m.model.current());
+      const Transformer q_model = m.model.transformer();
       const ForwardHooks act = m.model.hooks();
       capture_block(m, q_model, b, h, m.model.block(b), &act, std::vector<bool>(G, false), st, &next);
     }
@@ -669,7 +669,7 @@ UnitTable evaluate_set(const ModelRun& m, const EvalData& d, const TokenBuckets&
   const RunConfig& run = m.run;
   RunRecord& rec = m.rec;
   const bool identity = m.pipeline.is_identity();
-  const Transformer fp_model(m.model.fp()), q_model(m.model.current());
+  const Transformer fp_model = m.model.fp_transformer(), q_model = m.model.transformer();
   const ForwardHooks act = m.model.hooks();
   const double nan = std::numeric_limits<double>::quiet_NaN();
   constexpr std::size_t kBatch = 16;  // windows whose logits are held at once (per model)

@@ -75,6 +75,11 @@ class QuantizedModel {
   const DecoderBlock& fp_block(int b) const { return fp_->blocks.at(b); }
   /// The current weights as a whole model, for a Transformer over them.
   const ModelWeights& current() const { return current_; }
+  /// Forward passes over the current / FP weights (evaluate current() with hooks()). Callers
+  /// outside core/model use these rather than the weight containers, so that how blocks are
+  /// held (all resident today; one at a time, memory-mapped, later) stays inside core/model.
+  Transformer transformer() const { return Transformer(current_); }
+  Transformer fp_transformer() const { return Transformer(*fp_); }
 
   /// Codes and grids of linear `kind` of block b when its current weights lie on a grid:
   /// then dequantize(*codes(b, kind)) == block(b).linear(kind).W bitwise. Whoever changes the
