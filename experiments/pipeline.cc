@@ -4,6 +4,7 @@
 
 #include "core/error.h"
 #include "core/model/fold.h"
+#include "core/model/transforms.h"
 #include "core/rng.h"
 
 namespace ql {
@@ -72,6 +73,32 @@ void apply_norm_step(const Pipeline& p, std::size_t si, const NormConsumerAlgori
   *g.scale = g.scale->cwiseProduct(tr.scales);
   for (auto& [name, value] : tr.diagnostics)
     rec.diagnostics.push_back({in.name, static_cast<int>(si), ps.config().algorithm, name, value});
+}
+
+/// Block-scope step on a standalone input (validate_pipeline admits only plugins with
+/// info.standalone_inputs there): P merged into the consumer, applied online by the workload.
+void apply_standalone_step(const Pipeline& p, std::size_t si, const BlockAlgorithm& algo, InputGroupState& g,
+                           RunRecord& rec) {
+  const PipelineStep& ps = p.steps()[si];
+  const std::string& name = g.names.front();
+  if (!ps.applies_to(name)) return;
+  if (*g.transform)
+    throw ShapeError("'" + name + "': a second block-scope transform of its input (compose them in one step)");
+  const auto t0 = std::chrono::steady_clock::now();
+  auto t = algo.run_standalone(name, g.weights.front()->cols(), mix_stream(p.seed(), g.seed_streams.front() + si));
+  if (!t) return;
+  for (Matrix* W : g.weights) merge_input_transform(*W, *t);
+  Matrix X = *g.X_calib;
+  t->apply(X);
+  *g.H = HessianAccumulator(X.cols());
+  g.H->add(X);
+  *g.S = ChannelStats(X.cols());
+  g.S->add(X);
+  *g.transform = std::move(t);
+  const double dt = seconds_since(t0);
+  for (LayerRow* row : g.rows) row->seconds += dt / static_cast<double>(g.rows.size());
+  rec.params.push_back({name + ".transform.input", (*g.transform)->describe()});
+  rec.diagnostics.push_back({name, static_cast<int>(si), ps.config().algorithm, "seconds", dt});
 }
 
 }  // namespace
@@ -145,8 +172,10 @@ void apply_step(const Pipeline& pipeline, std::size_t si, InputGroupState& g, Ru
     case Scope::NormConsumers:
       apply_norm_step(pipeline, si, dynamic_cast<const NormConsumerAlgorithm&>(ps.plugin()), g, rec);
       break;
+    case Scope::Block:  // a model's blocks: the model runner, before the weight steps
+      if (g.transform) apply_standalone_step(pipeline, si, dynamic_cast<const BlockAlgorithm&>(ps.plugin()), g, rec);
+      break;
     case Scope::KvCache:  // acts on a block's cache (apply_kv_step), not on linear inputs
-    case Scope::Block:    // acts on a whole block before its weight steps (the model runner)
     case Scope::Model:    // acts on the whole model after every block (apply_model_step)
       break;
   }

@@ -94,13 +94,20 @@ struct InputGroupState {
   /// the workload dividing the input by `scale` itself. False for inputs no producer can
   /// absorb exactly (a model's o_proj and down_proj inputs): norm->consumers steps skip them.
   bool absorbs_scale = false;
+  /// A standalone linear's input (the synthetic suite, one consumer): where a block-scope
+  /// step's input transform goes, and the calibration inputs its statistics are recomputed
+  /// from. Null for a model's groups, whose block steps act per block (the model runner).
+  std::shared_ptr<const InputTransform>* transform = nullptr;
+  const Matrix* X_calib = nullptr;
 };
 
 /// Runs step `si` on group g: a layer-scope step quantizes every consumer it applies to; a
 /// norm->consumers step (when it applies to the first consumer) computes s, folds it into the
-/// consumers (and 1/s into the norm), and rescales H, S and the cumulative scale; a step with
-/// activation quantization sets the consumers' act spec; a KV-cache step does nothing here
-/// (apply_kv_step runs it per block). Diagnostics go to rec.
+/// consumers (and 1/s into the norm), and rescales H, S and the cumulative scale; a block-scope
+/// step on a standalone input (g.transform set) draws its transform P, merges P⁻ᵀ into the
+/// weights (double) and recomputes H and S from X_calib P; a step with activation quantization
+/// sets the consumers' act spec; KV-cache, model and per-block steps do nothing here (their
+/// runners call them). Diagnostics go to rec.
 void apply_step(const Pipeline& pipeline, std::size_t si, InputGroupState& g, RunRecord& rec);
 
 /// Runs KV-cache step `si` on one block: the plugin fits a quantizer from `in` (whose captures

@@ -165,32 +165,6 @@ struct SyntheticLayerState {
   std::shared_ptr<const InputTransform> transform;
 };
 
-/// Block-scope step `si` on a standalone layer (validate_pipeline admits only plugins with
-/// info.standalone_inputs): the input transform P merged into W (W P⁻ᵀ, in double), applied
-/// online at evaluation, and the calibration statistics recomputed from X P.
-void apply_standalone_transform(const Pipeline& pipeline, std::size_t si, const WorkloadCache::Prepared::Layer& layer,
-                                Index li, SyntheticLayerState& ls, RunRecord& rec) {
-  const PipelineStep& ps = pipeline.steps()[si];
-  if (ps.scope() != Scope::Block || !ps.applies_to(layer.name)) return;
-  if (ls.transform)
-    throw ShapeError("'" + layer.name + "': a second block-scope transform of its input (compose them in one step)");
-  const auto t0 = std::chrono::steady_clock::now();
-  ls.transform = dynamic_cast<const BlockAlgorithm&>(ps.plugin())
-                     .run_standalone(layer.name, layer.W.cols(), mix_stream(pipeline.seed(), static_cast<uint64_t>(li) * 131 + si));
-  if (!ls.transform) return;
-  merge_input_transform(ls.W, *ls.transform);
-  Matrix X = layer.X_calib;
-  ls.transform->apply(X);
-  ls.H = HessianAccumulator(X.cols());
-  ls.H.add(X);
-  ls.stats = ChannelStats(X.cols());
-  ls.stats.add(X);
-  const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  ls.row.seconds += dt;
-  rec.params.push_back({layer.name + ".transform.input", ls.transform->describe()});
-  rec.diagnostics.push_back({layer.name, static_cast<int>(si), ps.config().algorithm, "seconds", dt});
-}
-
 /// The pipeline on layer li. The layer's input has no producer in the suite: evaluation
 /// divides it by s.
 SyntheticLayerState quantize_synthetic_layer(const Pipeline& pipeline, const WorkloadCache::Prepared::Layer& layer, Index li,
@@ -209,10 +183,9 @@ SyntheticLayerState quantize_synthetic_layer(const Pipeline& pipeline, const Wor
   g.S = &ls.stats;
   g.scale = &ls.s;
   g.absorbs_scale = true;
-  for (std::size_t si = 0; si < pipeline.steps().size(); ++si) {
-    apply_standalone_transform(pipeline, si, layer, li, ls, rec);
-    apply_step(pipeline, si, g, rec);
-  }
+  g.transform = &ls.transform;
+  g.X_calib = &layer.X_calib;
+  for (std::size_t si = 0; si < pipeline.steps().size(); ++si) apply_step(pipeline, si, g, rec);
   return ls;
 }
 
