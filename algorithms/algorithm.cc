@@ -135,6 +135,16 @@ BlockResult BlockAlgorithm::run(const BlockInput& in) const {
   for (int k = 0; k < kLinearKinds; ++k)
     if (!in.weights->linear(static_cast<LinearKind>(k)).W.allFinite())
       throw NumericError("'" + in.name + "': " + linear_suffix(static_cast<LinearKind>(k)) + " weights are not finite");
+  if (static_cast<bool>(in.inputs) != static_cast<bool>(in.targets) ||
+      (in.inputs && in.inputs->size() != in.targets->size()))
+    throw ShapeError("'" + in.name + "': block inputs and targets must come together, one per window");
+  for (std::size_t w = 0; in.inputs && w < in.inputs->size(); ++w) {
+    const Matrix &x = (*in.inputs)[w], &y = (*in.targets)[w];
+    if (x.cols() != in.config->hidden_size || y.rows() != x.rows() || y.cols() != x.cols())
+      throw ShapeError("'" + in.name + "': window " + std::to_string(w) + " has inputs " + std::to_string(x.rows()) +
+                       "x" + std::to_string(x.cols()) + " and targets " + std::to_string(y.rows()) + "x" +
+                       std::to_string(y.cols()) + ", expected T x " + std::to_string(in.config->hidden_size) + " both");
+  }
   const auto t0 = std::chrono::steady_clock::now();
   BlockResult r;
   r.transforms = compute_transforms(in, r.diagnostics);

@@ -182,6 +182,11 @@ struct BlockInput {
   const DecoderBlock* weights = nullptr;    ///< the block's current weights
   bool kv_quantized = false;                ///< a KV-cache step follows in the pipeline
   uint64_t seed = 0;
+  /// With needs.block_io: the block's calibration inputs (one T x hidden residual stream per
+  /// window, as quantized upstream under calib.propagate: quantized) and the FP block's outputs
+  /// on exactly those inputs (what a block-local objective reconstructs); null otherwise.
+  const std::vector<Matrix>* inputs = nullptr;
+  const std::vector<Matrix>* targets = nullptr;
 };
 
 struct BlockResult {
@@ -251,6 +256,7 @@ struct CalibNeeds {
   bool hessian = false;        ///< H = XᵀX/n of each linear's input
   bool channel_stats = false;  ///< per-input-channel absmax / mean|x| / mean x² / min / max
   bool kv = false;             ///< each block's calibration keys (pre/post RoPE) and values
+  bool block_io = false;       ///< each block's calibration inputs and FP outputs (BlockInput)
 };
 
 struct AlgorithmInfo {

@@ -395,10 +395,12 @@ InputGroupState group_state(ModelRun& m, int b, int g, BlockStats& st, std::arra
   return s;
 }
 
-/// Phase 2a: the block-scope steps of block b (transforms merged and installed). When any
+/// Phase 2a: the block-scope steps of block b (transforms merged and installed), given the
+/// block's inputs h and the FP block's outputs on them when a plugin needs them. When any
 /// applied, the statistics of every input are captured again, now of the transformed inputs
 /// the later steps quantize for (the FP Hessians of the layer rows stay in the original space).
-void apply_block_steps(ModelRun& m, int b, const std::vector<Matrix>& h, BlockStats& st) {
+void apply_block_steps(ModelRun& m, int b, const std::vector<Matrix>& h, const std::vector<Matrix>& fp_out,
+                       BlockStats& st) {
   bool kv_quantized = false;
   for (const PipelineStep& ps : m.pipeline.steps()) kv_quantized = kv_quantized || ps.scope() == Scope::KvCache;
   bool changed = false;
@@ -413,6 +415,10 @@ void apply_block_steps(ModelRun& m, int b, const std::vector<Matrix>& h, BlockSt
     in.weights = &m.model.block(b);
     in.kv_quantized = kv_quantized;
     in.seed = mix_stream(m.pipeline.seed(), static_cast<uint64_t>(b) * 64 + 62);
+    if (ps.needs().block_io) {
+      in.inputs = &h;
+      in.targets = &fp_out;
+    }
     BlockResult r = dynamic_cast<const BlockAlgorithm&>(ps.plugin()).run(in);
     m.model.apply_transforms(b, r.transforms);
     for (int s = 0; s < kTransformSlots; ++s)
@@ -641,7 +647,7 @@ double calibrate_and_quantize(ModelRun& m, const std::vector<std::vector<int32_t
     const auto t_q = std::chrono::steady_clock::now();
     std::array<LayerRow, kLinearKinds> rows;
     for (int k = 0; k < kLinearKinds; ++k) rows[k] = initial_layer_row(m.run, linear_name(b, static_cast<LinearKind>(k)));
-    apply_block_steps(m, b, h, st);
+    apply_block_steps(m, b, h, next, st);
     std::vector<Matrix> staged;
     apply_block(m, b, h, st, rows, staged);
     apply_kv_steps(m, b, h);

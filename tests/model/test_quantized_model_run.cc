@@ -7,10 +7,13 @@
 #include <cstring>
 #include <filesystem>
 #include <functional>
+#include <map>
 #include <string>
 
 #include "core/error.h"
+#include "core/model/checkpoint.h"
 #include "core/model/quantized_model.h"
+#include "core/model/transformer.h"
 #include "core/quantize.h"
 #include "experiments/model_runner.h"
 #include "experiments/runner.h"
@@ -121,10 +124,32 @@ class RequantizeQ0 final : public ModelAlgorithm {
   bool stale_;
 };
 
+/// A block-scope step for these tests that declares needs.block_io and keeps what it was
+/// given (per block: inputs and targets), installing no transform.
+std::map<int, std::pair<std::vector<Matrix>, std::vector<Matrix>>>& seen_block_io() {
+  static std::map<int, std::pair<std::vector<Matrix>, std::vector<Matrix>>> seen;
+  return seen;
+}
+class RecordBlockIo final : public BlockAlgorithm {
+  BlockTransforms compute_transforms(const BlockInput& in, Diagnostics&) const override {
+    if (in.inputs) seen_block_io()[in.block] = {*in.inputs, *in.targets};
+    return {};
+  }
+};
+
 const AlgorithmRegistry& model_scope_registry() {
   static const AlgorithmRegistry reg = [] {
     AlgorithmRegistry r;
     register_all(r);
+    AlgorithmInfo io;
+    io.name = "record_block_io";
+    io.scope = Scope::Block;
+    io.summary = "test: records the block inputs and FP targets it is given";
+    io.uses_weight_spec = false;
+    io.needs.block_io = true;
+    io.options = std::make_shared<OptionSchema<NoOptions>>();
+    io.make = [](const std::any&) { return std::make_unique<RecordBlockIo>(); };
+    r.add(std::move(io));
     for (bool stale : {false, true}) {
       AlgorithmInfo info;
       info.name = stale ? "requantize_q0_stale" : "requantize_q0";
@@ -216,6 +241,28 @@ TEST(ModelScope, BlockSequentialStepsAfterAModelStepFailAtTheirLine) {
   const std::string syn = "workload: {kind: synthetic, layers: [{name: l, d_in: 8, d_out: 8}]}\n"
                           "quant: [{algorithm: requantize_q0}]\n";
   EXPECT_THROW(parse_run_config(ConfigNode::parse(syn, "s.yaml"), "s", "s.yaml", model_scope_registry()), ConfigError);
+}
+
+TEST_F(QuantizedModelRun, ABlockStepThatNeedsBlockIoGetsTheBlockInputsAndTheFpOutputsOnThem) {
+  seen_block_io().clear();
+  run_with("[{algorithm: record_block_io}, {algorithm: rtn, bits: 3}]");  // throws on failure
+  ASSERT_EQ(seen_block_io().size(), 6u);
+  const ModelWeights fp = load_checkpoint((kData / "austen-llama-7m").string());
+  const Transformer model(fp);
+  for (int b : {0, 1, 5}) {
+    const auto& [inputs, targets] = seen_block_io().at(b);
+    ASSERT_EQ(inputs.size(), 4u);  // the calibration windows
+    for (std::size_t w = 0; w < inputs.size(); ++w) {
+      // Targets: the FP block on exactly these inputs, bitwise.
+      const Matrix y = model.block(b, inputs[w]);
+      EXPECT_EQ(std::memcmp(y.data(), targets[w].data(), sizeof(float) * y.size()), 0) << b << " " << w;
+    }
+  }
+  // Block 1's inputs come from the quantized block 0 (calib.propagate: quantized): not the FP
+  // block 0's outputs on its inputs.
+  const auto& b0 = seen_block_io().at(0);
+  const auto& b1 = seen_block_io().at(1);
+  EXPECT_NE(std::memcmp(b0.second[0].data(), b1.first[0].data(), sizeof(float) * b0.second[0].size()), 0);
 }
 
 }  // namespace
