@@ -553,9 +553,6 @@ void apply_kv_steps(ModelRun& m, int b, const std::vector<Matrix>& h) {
   }
 }
 
-/// Layer rows of block b: errors of the effective weights W' diag(1/s) in the original input
-/// space, under the FP block's calibration Hessians. Output errors on evaluation inputs are
-/// measured end to end (slices), not per linear.
 /// The weight-space metrics of linear `kind` of block b into row (rel_err_h under H when given,
 /// else NaN): errors of the effective weights W' diag(1/s) mapped back through the block's
 /// transforms, against the FP weights.
