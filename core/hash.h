@@ -4,10 +4,11 @@
 #pragma once
 #include <cstdint>
 #include <string>
+#include <string_view>
 
 namespace ql {
 
-inline uint64_t fnv1a64(const std::string& bytes) {
+inline uint64_t fnv1a64(std::string_view bytes) {
   uint64_t h = 0xcbf29ce484222325ull;
   for (unsigned char c : bytes) {
     h ^= c;

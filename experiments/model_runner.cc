@@ -572,11 +572,12 @@ void measure_row(const ModelRun& m, int b, LinearKind kind, const VectorD& scale
 /// Layer rows of block b under the FP block's calibration Hessians. Output errors on
 /// evaluation inputs are measured end to end (slices), not per linear.
 void record_block_rows(ModelRun& m, int b, const BlockStats& st, std::array<LayerRow, kLinearKinds>& rows) {
+  std::vector<Matrix> H;  // one symmetric copy per input group, shared by its members
+  for (const HessianAccumulator& acc : st.H_fp) H.push_back(acc.hessian());
   for (int k = 0; k < kLinearKinds; ++k) {
     const LinearKind kind = static_cast<LinearKind>(k);
     const int g = m.arch.group_of(kind);
-    const Matrix H = st.H_fp[g].hessian();
-    measure_row(m, b, kind, st.scale[g], &H, rows[k]);
+    measure_row(m, b, kind, st.scale[g], &H[g], rows[k]);
     m.rec.layers.push_back(rows[k]);
   }
   m.input_scale.push_back(st.scale);
@@ -592,7 +593,7 @@ double apply_model_steps(ModelRun& m, const std::vector<std::vector<int32_t>>& w
   if (!any) return 0.0;
   auto fingerprint = [&](int b, LinearKind k) {
     const Matrix& W = m.model.block(b).linear(k).W;
-    return fnv1a64(std::string(reinterpret_cast<const char*>(W.data()), sizeof(float) * static_cast<std::size_t>(W.size())));
+    return fnv1a64(std::string_view(reinterpret_cast<const char*>(W.data()), sizeof(float) * static_cast<std::size_t>(W.size())));
   };
   std::vector<uint64_t> before;
   for (int b = 0; b < m.model.num_blocks(); ++b)

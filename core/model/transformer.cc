@@ -180,6 +180,14 @@ void Transformer::run_stage(int b, int stage, const DecoderBlock& w, Matrix& h, 
                             const ForwardHooks* hooks, bool parallel, Workspace& ws) const {
   const ModelConfig& c = w_.config;
   stage_input(stage, w, h, ws);  // the RMSNorm of stages 0 and 2, with the weights as they are now
+  // Stages 1 and 3: h += X Wᵀ (+ b) for o_proj on attention's output, down_proj on SwiGLU's.
+  auto residual_linear = [&](LinearKind kind, Matrix& X) {
+    const Linear& L = w.linear(kind);
+    const Matrix* x = hooked_input(hooks, b, kind, X, false, ws.x1);
+    const LinearJob job = {x, &L.W, &L.b, &ws.out};
+    linear_forward(&job, 1, parallel);
+    h += ws.out;
+  };
   switch (stage) {
     case 0: {  // q, k, v projections of x = RMSNorm(h); RoPE; attention -> attn
       const Index T = ws.x.rows();
@@ -210,26 +218,18 @@ void Transformer::run_stage(int b, int stage, const DecoderBlock& w, Matrix& h, 
       run_attention(b, pos0, cache, kvq, parallel, ws);
       break;
     }
-    case 1: {  // h += o_proj(attn)
-      const Matrix* xo = hooked_input(hooks, b, LinearKind::O, ws.attn, false, ws.x1);
-      const LinearJob o = {xo, &w.o.W, &w.o.b, &ws.out};
-      linear_forward(&o, 1, parallel);
-      h += ws.out;
+    case 1:  // h += o_proj(attn)
+      residual_linear(LinearKind::O, ws.attn);
       break;
-    }
     case 2: {  // gate = silu(gate(x)) ⊙ up(x), x = RMSNorm(h)
       const Matrix* xg = hooked_input(hooks, b, LinearKind::Gate, ws.x, true, ws.x1);
       const Matrix* xu = hooked_input(hooks, b, LinearKind::Up, ws.x, true, ws.x2);
       swiglu_forward({xg, &w.gate.W, &w.gate.b, &ws.gate}, {xu, &w.up.W, &w.up.b, &ws.up}, parallel);
       break;
     }
-    case 3: {  // h += down_proj(gate)
-      const Matrix* xd = hooked_input(hooks, b, LinearKind::Down, ws.gate, false, ws.x1);
-      const LinearJob down = {xd, &w.down.W, &w.down.b, &ws.out};
-      linear_forward(&down, 1, parallel);
-      h += ws.out;
+    case 3:  // h += down_proj(gate)
+      residual_linear(LinearKind::Down, ws.gate);
       break;
-    }
     default:
       break;  // stage_input threw
   }
