@@ -102,6 +102,14 @@ ChannelScaleTransform NormConsumerAlgorithm::run(const NormConsumerInput& in) co
   return t;
 }
 
+std::size_t kv_heldout_window(std::size_t n) { return n > 1 ? n - std::max<std::size_t>(1, n / 4) : 0; }
+
+Index kv_window_rows(const std::vector<Index>& window_rows, std::size_t windows) {
+  Index r = 0;
+  for (std::size_t w = 0; w < windows && w < window_rows.size(); ++w) r += window_rows[w];
+  return r;
+}
+
 KvCacheResult KvCacheAlgorithm::run(const KvCacheInput& in) const {
   const Index kvd = in.heads.kv_dim();
   if (kvd <= 0) throw ShapeError("'" + in.name + "': empty KV width");
@@ -127,6 +135,16 @@ KvCacheResult KvCacheAlgorithm::run(const KvCacheInput& in) const {
   }
   r.diagnostics.emplace_back("kv_bits_per_element_k", q.bits_per_element(KvKind::Key, kvd));
   r.diagnostics.emplace_back("kv_bits_per_element_v", q.bits_per_element(KvKind::Value, kvd));
+  if (in.keys_pre_rope && in.keys_post_rope && in.values && in.queries && !in.window_rows.empty()) {
+    const HeadLayout& hl = in.heads;
+    const KvErrorStats e = measure_kv_error(q, hl.num_heads, hl.num_kv_heads, hl.head_dim, in.rope.theta,
+                                            *in.keys_pre_rope, *in.keys_post_rope, *in.values, *in.queries,
+                                            in.window_rows, kv_heldout_window(in.window_rows.size()), 8);
+    r.diagnostics.emplace_back("key_rel_mse", e.key_rel_mse);
+    r.diagnostics.emplace_back("value_rel_mse", e.value_rel_mse);
+    r.diagnostics.emplace_back("attn_score_rel_err", e.attn_score_rel_err);
+    r.diagnostics.emplace_back("attn_top8_agreement", e.attn_topk_agreement);
+  }
   return r;
 }
 

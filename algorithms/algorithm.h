@@ -142,6 +142,10 @@ struct KvCacheInput {
   const Matrix* keys_pre_rope = nullptr;
   const Matrix* keys_post_rope = nullptr;
   const Matrix* values = nullptr;
+  /// With the captures: the post-RoPE queries (tokens x q_dim, rows as above; for attention
+  /// diagnostics) and the row count of each stacked window (window w starts at position 0).
+  const Matrix* queries = nullptr;
+  std::vector<Index> window_rows;
   uint64_t seed = 0;
 };
 
@@ -152,14 +156,27 @@ struct KvCacheResult {
   double seconds = 0;
 };
 
+/// With captures of n calibration windows: a plugin that fits on them uses windows
+/// [0, kv_heldout_window(n)) and the diagnostics are measured on [kv_heldout_window(n), n): the
+/// last quarter (at least one window) held out, or the one window itself when n == 1.
+std::size_t kv_heldout_window(std::size_t n_windows);
+/// Rows of the first `windows` windows.
+Index kv_window_rows(const std::vector<Index>& window_rows, std::size_t windows);
+
 class KvCacheAlgorithm : public Algorithm {
  public:
   Scope scope() const final { return Scope::KvCache; }
   /// Checks the captures' widths against the head layout, times fit_quantizer, and checks the
   /// quantizer: chunks >= 1, residual >= 0, and one chunk of keys and of values of the block's
   /// width encodes and decodes to finite values of that shape. Throws ShapeError / NumericError
-  /// naming the block.
+  /// naming the block. With captures (needs.kv), adds the held-out measure_kv_error of
+  /// core/model/kv_cache_quant.h as diagnostics key_rel_mse, value_rel_mse,
+  /// attn_score_rel_err, attn_top8_agreement.
   KvCacheResult run(const KvCacheInput& in) const;
+  /// Checks the options against the model's heads before any compute (a group that would
+  /// split a head, a bit width no stage count reaches, ...): throws ConfigError whose key path
+  /// is the option's key (the runner prefixes the step's path and line). Default: nothing.
+  virtual void check_heads(const HeadLayout& heads) const { (void)heads; }
 
  private:
   virtual std::shared_ptr<const KvQuantizer> fit_quantizer(const KvCacheInput& in,
@@ -273,6 +290,10 @@ struct AlgorithmInfo {
   /// (BlockAlgorithm::run_standalone), so the synthetic layer suite can drive it.
   bool standalone_inputs = false;
   CalibNeeds needs;
+  /// Option entries ("k: v, ...") under which the plugin applies to the conformance tests'
+  /// tiny model (KV width 4, head_dim 4), when its defaults cannot (e.g. a codebook stage wider
+  /// than the bit budget of 4 channels); empty = the defaults apply.
+  std::string tiny_model_options;
   /// The plugin's own options (typed struct behind std::any).
   std::shared_ptr<const AnyOptionSchema> options;
   /// Builds the plugin with its parsed options (the struct options->defaults() holds); a

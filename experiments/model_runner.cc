@@ -499,11 +499,12 @@ void apply_block(ModelRun& m, int b, const std::vector<Matrix>& h, BlockStats& s
 /// Calibration keys (pre- and post-RoPE) and values of block b with its current weights and
 /// activation quantizers, every window stacked.
 struct KvCapture {
-  Matrix k_pre, k_post, v;
+  Matrix k_pre, k_post, v, q;
+  std::vector<Index> window_rows;
 };
 KvCapture capture_kv(const ModelRun& m, int b, const std::vector<Matrix>& h) {
   const Transformer tf = m.model.transformer();
-  std::vector<Matrix> kp(h.size()), ko(h.size()), vs(h.size()), out(h);
+  std::vector<Matrix> kp(h.size()), ko(h.size()), vs(h.size()), qs(h.size()), out(h);
   ForwardHooks hooks = m.model.hooks();
   hooks.kv_quantizer = nullptr;  // the exact K/V the block produces
   std::vector<ForwardHooks> per(h.size(), hooks);
@@ -514,16 +515,23 @@ KvCapture capture_kv(const ModelRun& m, int b, const std::vector<Matrix>& h) {
       (stage == KvStage::PreRope ? kp[w] : ko[w]) = K;
       vs[w] = V;
     };
+    // The queries as attention uses them (after RoPE and any online q/k transform).
+    per[w].transform_qk = [&, w, base = hooks.transform_qk](int blk, Matrix& Q, Matrix& K) {
+      if (base) base(blk, Q, K);
+      qs[w] = Q;
+    };
     io.push_back(&out[w]);
     rows += h[w].rows();
   }
   tf.block_batch(b, io, per);
   KvCapture c{Matrix(rows, m.arch.heads().kv_dim()), Matrix(rows, m.arch.heads().kv_dim()),
-              Matrix(rows, m.arch.heads().kv_dim())};
+              Matrix(rows, m.arch.heads().kv_dim()), Matrix(rows, m.arch.heads().q_dim()), {}};
   for (std::size_t i = 0, r = 0; i < h.size(); r += kp[i].rows(), ++i) {
     c.k_pre.middleRows(r, kp[i].rows()) = kp[i];
     c.k_post.middleRows(r, ko[i].rows()) = ko[i];
     c.v.middleRows(r, vs[i].rows()) = vs[i];
+    c.q.middleRows(r, qs[i].rows()) = qs[i];
+    c.window_rows.push_back(kp[i].rows());
   }
   return c;
 }
@@ -548,6 +556,8 @@ void apply_kv_steps(ModelRun& m, int b, const std::vector<Matrix>& h) {
       in.keys_pre_rope = &cap.k_pre;
       in.keys_post_rope = &cap.k_post;
       in.values = &cap.v;
+      in.queries = &cap.q;
+      in.window_rows = cap.window_rows;
     }
     apply_kv_step(m.pipeline, si, in, m.run.eval.seq_len, m.model.kv_slot(b), m.rec);
   }
@@ -732,6 +742,22 @@ UnitTable evaluate_set(const ModelRun& m, const EvalData& d, const TokenBuckets&
   return units;
 }
 
+/// The KV-cache steps' held-out error diagnostics (KvCacheAlgorithm::run) averaged over the
+/// blocks that have them, as summary metrics kv_<name> (absent when no KV step measured them).
+void summarize_kv_errors(RunRecord& rec) {
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  for (const char* name : {"key_rel_mse", "value_rel_mse", "attn_score_rel_err", "attn_top8_agreement"}) {
+    double sum = 0;
+    int n = 0;
+    for (const auto& d : rec.diagnostics)
+      if (d.name == name && d.layer.find("self_attn") != std::string::npos) {
+        sum += d.value;
+        ++n;
+      }
+    if (n > 0) rec.summary.push_back({std::string("kv_") + name, sum / n, nan, nan, nan});
+  }
+}
+
 /// Whole-model weight summary over the layer rows, and the evaluation protocol.
 void summarize(const ModelRun& m, const TokenBuckets& buckets) {
   RunRecord& rec = m.rec;
@@ -749,6 +775,7 @@ void summarize(const ModelRun& m, const TokenBuckets& buckets) {
   // KV-cache storage at the evaluation window length (16 = exact cache).
   const double kvb = m.model.kv_bits(m.run.eval.seq_len);
   rec.summary.push_back({"kv_bits", kvb, nan, nan, kvb - 16.0});
+  summarize_kv_errors(rec);
   rec.params.push_back({"protocol",
                         "windows of eval.seq_len tokens, non-overlapping from 0; positions 1..len-1 scored from "
                         "their prefix; streams: BOS + documents joined by a blank line, last partial window "
@@ -767,6 +794,7 @@ void execute_model_run(const RunConfig& run, ModelCache& cache, const AlgorithmR
   prepare(run, st, &prep_seconds);
   ModelRun m{run, Architecture::of(st.fp->config),
              Pipeline(run, registry), QuantizedModel(st.fp), rec};
+  m.pipeline.check_heads(m.arch.heads());
 
   const auto t_cal = std::chrono::steady_clock::now();
   rec.seconds_quant = calibrate_and_quantize(m, st.calib_windows, on_layer);

@@ -184,6 +184,18 @@ void apply_step(const Pipeline& pipeline, std::size_t si, InputGroupState& g, Ru
       if (ps.applies_to(g.names[m])) *g.act[m] = &ps.config().act;
 }
 
+void Pipeline::check_heads(const HeadLayout& heads) const {
+  for (std::size_t i = 0; i < steps_.size(); ++i) {
+    if (steps_[i].scope() != Scope::KvCache) continue;
+    try {
+      dynamic_cast<const KvCacheAlgorithm&>(steps_[i].plugin()).check_heads(heads);
+    } catch (const ConfigError& e) {
+      throw ConfigError(steps_[i].config().loc, "quant." + std::to_string(i) + "." + e.key_path(),
+                        e.detail(), run_->label);
+    }
+  }
+}
+
 void apply_kv_step(const Pipeline& pipeline, std::size_t si, const KvCacheInput& in, int64_t eval_len,
                    std::shared_ptr<const KvQuantizer>& slot, RunRecord& rec) {
   const PipelineStep& ps = pipeline.steps()[si];

@@ -62,6 +62,9 @@ class Pipeline {
   /// activation ranges (fixed from the calibration inputs' min/max). The runner captures them
   /// only then.
   bool needs_channel_stats() const { return channel_stats_; }
+  /// The model-dependent option checks of the KV-cache steps (KvCacheAlgorithm::check_heads),
+  /// before any compute: ConfigError at the step's line with the path quant.<i>.<key>.
+  void check_heads(const HeadLayout& heads) const;
 
  private:
   const RunConfig* run_;

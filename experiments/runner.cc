@@ -170,7 +170,7 @@ struct SyntheticLayerState {
 SyntheticLayerState quantize_synthetic_layer(const Pipeline& pipeline, const WorkloadCache::Prepared::Layer& layer, Index li,
                                              RunRecord& rec) {
   SyntheticLayerState ls{layer.W, VectorD::Ones(layer.W.cols()), layer.H, layer.stats,
-                         initial_layer_row(pipeline.run(), layer.name), nullptr};
+                         initial_layer_row(pipeline.run(), layer.name), nullptr, std::nullopt, nullptr};
   InputGroupState g;
   g.input_name = layer.name + ".input";
   g.names = {layer.name};

@@ -78,6 +78,7 @@ void register_kv_rtn(AlgorithmRegistry& registry) {
       "per-channel keys over token groups (KIVI), R exact recent tokens, pre- or post-RoPE keys";
   info.paper = "KIVI: A Tuning-Free Asymmetric 2bit Quantization for KV Cache, arXiv 2402.02750 (layout)";
   info.uses_weight_spec = false;
+  info.needs.kv = true;  // only for the held-out error diagnostics; the grids use no calibration
   info.options = make_schema();
   info.make = [](const std::any& o) { return std::make_unique<KvRtn>(std::any_cast<const KvRtnOptions&>(o)); };
   registry.add(std::move(info));

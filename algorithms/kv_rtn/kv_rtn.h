@@ -10,7 +10,8 @@
 //  - keys quantized after RoPE (KIVI, FlatQuant) or before it (key_stage: pre_rope, KVQuant).
 // FlatQuant's setting (its repository: K and V per token, one group per head, 4 bits, R = 0)
 // is the default layout with k_bits = v_bits = 4.
-// No calibration data are used. Attention reads the quantized cache in evaluation windows and
+// No calibration data are used by the grids; the calibration K/V are captured for the KV-cache
+// scope's held-out error diagnostics (key/value MSE, attention-score error, top-8 agreement). Attention reads the quantized cache in evaluation windows and
 // in incremental decoding (the cache then holds codes). kv_bits (summary) counts code bits,
 // fp16 scales and zero-points and the exact tokens, at the evaluation window length.
 //

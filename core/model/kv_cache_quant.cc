@@ -1,15 +1,34 @@
 #include "core/model/kv_cache_quant.h"
 
 #include <algorithm>
+#include <cmath>
+#include <numeric>
 
 #include "core/error.h"
+#include "core/model/ops.h"
 #include "core/quantize.h"
 
 namespace ql {
 
 int64_t KvChunkCodes::bytes() const {
-  const int64_t n = static_cast<int64_t>(rows) * cols;
+  const int64_t n = static_cast<int64_t>(codes.size());
   return (n * bits + 7) / 8 + 2 * static_cast<int64_t>(scales.size()) + 2 * static_cast<int64_t>(zeros.size());
+}
+
+KvChunkCodes concat_rows(const std::vector<const KvChunkCodes*>& chunks) {
+  KvChunkCodes out;
+  if (chunks.empty()) return out;
+  out.kind = chunks[0]->kind;
+  out.cols = chunks[0]->cols;
+  out.bits = chunks[0]->bits;
+  for (const KvChunkCodes* c : chunks) {
+    if (c->kind != out.kind || c->cols != out.cols || c->bits != out.bits || !c->zeros.empty())
+      throw ShapeError("concat_rows: chunks of different kinds, widths or bit widths");
+    out.rows += c->rows;
+    out.codes.insert(out.codes.end(), c->codes.begin(), c->codes.end());
+    out.scales.insert(out.scales.end(), c->scales.begin(), c->scales.end());
+  }
+  return out;
 }
 
 int64_t kv_exact_from(int64_t t, int chunk, int residual) {
@@ -164,6 +183,82 @@ class ScalarKvQuantizer final : public KvQuantizer {
 
 std::unique_ptr<KvQuantizer> make_scalar_kv_quantizer(const ScalarKvSpec& spec, int head_dim, Index kv_dim) {
   return std::make_unique<ScalarKvQuantizer>(spec, head_dim, kv_dim);
+}
+
+
+namespace {
+
+struct AttnSums {
+  double err2 = 0, ref2 = 0, overlap = 0, queries = 0;
+};
+
+/// Indices of the k largest of row t's first n entries of M (ties: lower index), sorted.
+void top_k_of(const Matrix& M, Index t, Index n, int k, std::vector<int>& idx) {
+  idx.resize(static_cast<size_t>(n));
+  std::iota(idx.begin(), idx.end(), 0);
+  std::partial_sort(idx.begin(), idx.begin() + k, idx.end(),
+                    [&](int x, int y) { return M(t, x) > M(t, y) || (M(t, x) == M(t, y) && x < y); });
+  idx.resize(static_cast<size_t>(k));
+  std::sort(idx.begin(), idx.end());
+}
+
+/// Causal scores of every head of one window against exact and quantized post-RoPE keys.
+void attention_sums(const Matrix& Q, const Matrix& K, const Matrix& Kq, int num_heads, int num_kv_heads, int hd,
+                    int k, AttnSums& d) {
+  const Index T = Q.rows();
+  std::vector<int> a, b, common;
+  for (int h = 0; h < num_heads; ++h) {
+    const Index kc = Index(h / (num_heads / num_kv_heads)) * hd;
+    const Matrix Qh = Q.middleCols(Index(h) * hd, hd);
+    const Matrix S = Qh * K.middleCols(kc, hd).transpose(), Sq = Qh * Kq.middleCols(kc, hd).transpose();
+    for (Index t = 0; t < T; ++t) {
+      d.err2 += (S.row(t).head(t + 1) - Sq.row(t).head(t + 1)).cast<double>().squaredNorm();
+      d.ref2 += S.row(t).head(t + 1).cast<double>().squaredNorm();
+      if (t + 1 < k) continue;
+      top_k_of(S, t, t + 1, k, a);
+      top_k_of(Sq, t, t + 1, k, b);
+      common.clear();
+      std::set_intersection(a.begin(), a.end(), b.begin(), b.end(), std::back_inserter(common));
+      d.overlap += static_cast<double>(common.size()) / k;
+      d.queries += 1;
+    }
+  }
+}
+
+}  // namespace
+
+KvErrorStats measure_kv_error(const KvQuantizer& kq, int num_heads, int num_kv_heads, int head_dim, double rope_theta,
+                              const Matrix& k_pre, const Matrix& k_post, const Matrix& v, const Matrix& q,
+                              const std::vector<Index>& window_rows, std::size_t first_window, int top_k) {
+  if (top_k < 1) throw ShapeError("kv error: top_k must be >= 1");
+  KvErrorStats st;
+  const bool pre = kq.key_stage() == KvStage::PreRope;
+  double kerr = 0, kref = 0, verr = 0, vref = 0;
+  AttnSums as;
+  Index r0 = 0;
+  for (std::size_t w = 0; w < window_rows.size(); r0 += window_rows[w], ++w) {
+    if (w < first_window) continue;
+    const Index T = window_rows[w];
+    const Matrix K = (pre ? k_pre : k_post).middleRows(r0, T), V = v.middleRows(r0, T);
+    Matrix Kq = K, Vq = V;
+    kq.fake_quant_complete_chunks(KvKind::Key, Kq);
+    kq.fake_quant_complete_chunks(KvKind::Value, Vq);
+    kerr += (Kq - K).cast<double>().squaredNorm();
+    kref += K.cast<double>().squaredNorm();
+    verr += (Vq - V).cast<double>().squaredNorm();
+    vref += V.cast<double>().squaredNorm();
+    if (pre) {
+      RopeTables tab;
+      rope_tables(0, T, head_dim, rope_theta, tab);
+      rope_forward(Kq, num_kv_heads, head_dim, tab);
+    }
+    attention_sums(q.middleRows(r0, T), k_post.middleRows(r0, T), Kq, num_heads, num_kv_heads, head_dim, top_k, as);
+  }
+  st.key_rel_mse = kref > 0 ? kerr / kref : 0.0;
+  st.value_rel_mse = vref > 0 ? verr / vref : 0.0;
+  st.attn_score_rel_err = as.ref2 > 0 ? std::sqrt(as.err2 / as.ref2) : 0.0;
+  st.attn_topk_agreement = as.queries > 0 ? as.overlap / as.queries : 1.0;
+  return st;
 }
 
 }  // namespace ql

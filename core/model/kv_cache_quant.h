@@ -30,17 +30,22 @@ enum class KvStage { PreRope, PostRope };
 enum class KvKind { Key, Value };
 
 /// The encoded form of one chunk of rows (tokens x kv_dim) of K or V. Codes are kept one per
-/// byte for speed; bytes() counts them packed at the quantizer's bit width, plus scales and
+/// byte for speed (scalar quantizers: one per element; vector quantizers: their code indices);
+/// bytes() counts them packed at the quantizer's bit width, plus scales (or norms) and
 /// zero-points at 16 bits each (fp16 storage, as KIVI's kernels keep them; the fake
 /// quantization itself uses float32 scales, as the FlatQuant reference does).
 struct KvChunkCodes {
   KvKind kind = KvKind::Key;
   Index rows = 0, cols = 0;
   int bits = 0;
-  std::vector<uint8_t> codes;  ///< rows x cols, row-major
+  std::vector<uint8_t> codes;  ///< scalar: rows x cols, row-major; else the quantizer's layout
   std::vector<float> scales, zeros;
   int64_t bytes() const;
 };
+
+/// Chunks of one kind whose codes and scales are laid out per row (vector quantizers) joined
+/// into one chunk of all their rows, in order. ShapeError for mixed kinds, widths or bits.
+KvChunkCodes concat_rows(const std::vector<const KvChunkCodes*>& chunks);
 
 /// First position a query at t reads exact (see the read rule above).
 int64_t kv_exact_from(int64_t t, int chunk, int residual);
@@ -61,6 +66,22 @@ class KvQuantizer {
   /// One line for results and logs ("kv_rtn k4 v4 token/g32 R=0 post_rope").
   virtual std::string describe() const = 0;
 
+  /// Optional attention over encoded tokens without decoding them (CommVQ's fast path).
+  /// encoded_scores: raw scores q·k̂ (no 1/sqrt(d)) of the query heads (num_heads x head_dim,
+  /// post-RoPE) against `keys` (one chunk holding positions 0 .. rows-1, as concat_rows
+  /// builds it), out num_heads x rows. encoded_value_sum: out (num_heads x head_dim) =
+  /// p · V̂ for probabilities p (num_heads x rows). Both return false (and leave out alone) when
+  /// the quantizer has no such path; the default has none.
+  virtual bool encoded_scores(const KvChunkCodes& keys, double rope_theta, const Matrix& queries,
+                              Matrix& out) const {
+    (void)keys, (void)rope_theta, (void)queries, (void)out;
+    return false;
+  }
+  virtual bool encoded_value_sum(const KvChunkCodes& values, const Matrix& p, Matrix& out) const {
+    (void)values, (void)p, (void)out;
+    return false;
+  }
+
   /// X (T x kv_dim, rows = positions 0..T-1 of a window) with every complete chunk replaced by
   /// its quantized values; rows of an incomplete last chunk stay exact (no query reads them
   /// quantized).
@@ -73,6 +94,22 @@ class KvQuantizer {
   /// 2 · n · kv_dim elements): the `kv_bits` summary metric.
   double kv_bits(int64_t n, Index kv_dim) const;
 };
+
+/// How a KV quantizer's errors show in attention, measured on captured windows (every complete
+/// chunk of keys and values quantized, R ignored: the codebook/grid error itself):
+///  - key_rel_mse, value_rel_mse: ‖X̂ − X‖²_F / ‖X‖²_F (keys at the quantizer's key stage);
+///  - attn_score_rel_err: ‖S̃ − S‖_F / ‖S‖_F over the causal scores q·k (post-RoPE; decoded
+///    pre-RoPE keys get RoPE at their position) of every query head;
+///  - attn_topk_agreement: mean over heads and queries with at least top_k keys of
+///    |top_k(S) ∩ top_k(S̃)| / top_k.
+struct KvErrorStats {
+  double key_rel_mse = 0, value_rel_mse = 0, attn_score_rel_err = 0, attn_topk_agreement = 1;
+};
+/// Window w of the stacks holds window_rows[w] rows at positions 0..; windows
+/// [first_window, end) are measured. q: post-RoPE queries (rows x num_heads·head_dim).
+KvErrorStats measure_kv_error(const KvQuantizer& kq, int num_heads, int num_kv_heads, int head_dim, double rope_theta,
+                              const Matrix& k_pre, const Matrix& k_post, const Matrix& v, const Matrix& q,
+                              const std::vector<Index>& window_rows, std::size_t first_window, int top_k);
 
 /// Scalar asymmetric KV quantization (the kv_rtn baseline; KIVI and FlatQuant's settings).
 struct ScalarKvSpec {

@@ -275,6 +275,10 @@ void Transformer::run_attention(int b, int64_t pos0, KvCache* cache, const KvQua
   const int64_t past = cache->length_, n = past + T;
   cache->k_[b].middleRows(past, T) = ws.k;
   cache->v_[b].middleRows(past, T) = ws.v;
+  if (kvq && cache->encoded_attention_ && T == 1) {
+    attention_encoded(b, *cache, *kvq, ws);
+    return;
+  }
   if (!kvq) {
     attention_forward(ws.q, cache->k_[b].data(), cache->v_[b].data(), kvd, past, c.num_heads,
                       c.num_kv_heads, c.head_dim, parallel, ws.attn);
@@ -305,6 +309,56 @@ void Transformer::run_attention(int b, int64_t pos0, KvCache* cache, const KvQua
   const KvMix mix{ws.kq.data(), ws.vq.data(), kvq->key_chunk(), kvq->value_chunk(), kvq->residual_length()};
   attention_forward(ws.q, cache->k_[b].data(), cache->v_[b].data(), kvd, past, c.num_heads, c.num_kv_heads,
                     c.head_dim, parallel, ws.attn, &mix);
+}
+
+void Transformer::attention_encoded(int b, KvCache& cache, const KvQuantizer& kvq, Workspace& ws) const {
+  const ModelConfig& c = w_.config;
+  const int64_t past = cache.length_, n = past + 1;
+  const int H = c.num_heads, hd = c.head_dim, grp = c.num_heads / c.num_kv_heads;
+  if (kvq.key_chunk() != 1 || kvq.value_chunk() != 1)
+    throw ShapeError("transformer: encoded attention needs one-token KV chunks (block " + std::to_string(b) + ")");
+  const KvCache::Encoded& e = cache.enc_.at(b);
+  // The read rule: the new query reads keys/values below q_from quantized. Rows past the
+  // encoded ones (the new token when R = 0) are encoded here, as the other paths quantize them.
+  const int64_t q_from = std::min(n, kv_exact_from(past, 1, kvq.residual_length()));
+  std::vector<const KvChunkCodes*> kc, vc;
+  for (const KvChunkCodes& ch : e.codes) (ch.kind == KvKind::Key ? kc : vc).push_back(&ch);
+  KvChunkCodes extra_k, extra_v;
+  if (q_from > e.k) {
+    Matrix rows(n - e.k, ws.k.cols());
+    if (kvq.key_stage() == KvStage::PreRope) rows << e.k_pre, ws.k_pre[b];
+    else rows = cache.k_[b].middleRows(e.k, n - e.k);
+    extra_k = kvq.encode(KvKind::Key, rows.topRows(q_from - e.k));
+    kc.push_back(&extra_k);
+  }
+  if (q_from > e.v) {
+    extra_v = kvq.encode(KvKind::Value, cache.v_[b].middleRows(e.v, q_from - e.v));
+    vc.push_back(&extra_v);
+  }
+  Matrix Q(H, hd), Sk, O;
+  for (int h = 0; h < H; ++h) Q.row(h) = ws.q.row(0).segment(Index(h) * hd, hd);
+  if (q_from > 0 && !kvq.encoded_scores(concat_rows(kc), c.rope_theta, Q, Sk))
+    throw ShapeError("transformer: the KV quantizer of block " + std::to_string(b) + " has no encoded attention path");
+  // Softmax as attention_forward: scaled scores, max subtracted, exp, normalised.
+  const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
+  Matrix P(H, n);
+  for (int h = 0; h < H; ++h) {
+    const Index kv_off = Index(h / grp) * hd;
+    for (int64_t j = 0; j < n; ++j)
+      P(h, j) = j < q_from ? scale * Sk(h, j) : scale * cache.k_[b].row(j).segment(kv_off, hd).dot(Q.row(h));
+    Eigen::ArrayXf p = P.row(h).transpose().array();
+    p -= p.maxCoeff();
+    detmath::exp_inplace(p.data(), n);
+    P.row(h) = (p / p.sum()).transpose().matrix();
+  }
+  ws.attn = Matrix::Zero(1, Index(H) * hd);
+  if (q_from > 0 && !kvq.encoded_value_sum(concat_rows(vc), P.leftCols(q_from), O))
+    throw ShapeError("transformer: the KV quantizer of block " + std::to_string(b) + " has no encoded value path");
+  for (int h = 0; h < H; ++h) {
+    auto o = ws.attn.row(0).segment(Index(h) * hd, hd);
+    if (q_from > 0) o = O.row(h);
+    for (int64_t j = q_from; j < n; ++j) o += P(h, j) * cache.v_[b].row(j).segment(Index(h / grp) * hd, hd);
+  }
 }
 
 void Transformer::encode_cache(KvCache& cache, const ForwardHooks* hooks, int64_t n,

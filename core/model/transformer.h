@@ -114,6 +114,12 @@ class Transformer {
     /// mirror above is a convenience of this simulation (attention reads it without decoding
     /// each step) and is not counted.
     int64_t bytes(int b) const;
+    /// Single-token steps attend to the encoded tokens through the quantizer's encoded path
+    /// (KvQuantizer::encoded_scores / encoded_value_sum: CommVQ's fast scoring, no decoding)
+    /// instead of the decoded mirror; equal to the default path up to float rounding. A step
+    /// whose quantizer has no such path, or whose key/value chunk is not one token, throws.
+    void set_encoded_attention(bool on) { encoded_attention_ = on; }
+    bool encoded_attention() const { return encoded_attention_; }
     /// Rows of block b's keys / values that are held as codes.
     int64_t encoded_keys(int b) const { return enc_.empty() ? 0 : enc_.at(b).k; }
     int64_t encoded_values(int b) const { return enc_.empty() ? 0 : enc_.at(b).v; }
@@ -130,6 +136,7 @@ class Transformer {
     std::vector<Matrix> k_, v_;  // per block; capacity rows, the first length_ are valid
     std::vector<Encoded> enc_;   // per block, when a quantizer ran
     int64_t length_ = 0;
+    bool encoded_attention_ = false;
   };
 
   /// Validates the config sizes and every tensor shape (ShapeError naming the tensor). Keeps a
@@ -221,6 +228,8 @@ class Transformer {
                                     std::size_t n_hooks) const;
   void run_attention(int b, int64_t pos0, KvCache* cache, const KvQuantizer* kvq, bool parallel,
                      Workspace& ws) const;
+  /// run_attention of one new token through the quantizer's encoded path.
+  void attention_encoded(int b, KvCache& cache, const KvQuantizer& kvq, Workspace& ws) const;
   void encode_cache(KvCache& cache, const ForwardHooks* hooks, int64_t n,
                     const std::vector<Matrix>& new_k_pre) const;
   Matrix run_head(const Matrix& h, bool parallel, Workspace& ws) const;

@@ -400,7 +400,8 @@ std::string pipeline_with(const std::string& name) {
   const AlgorithmInfo& info = default_registry().get(name);
   const std::string w4 = "{algorithm: rtn, bits: 4, granularity: channel}";
   const std::string self = info.uses_weight_spec ? "{algorithm: " + name + ", bits: 4, granularity: channel}"
-                                                 : "{algorithm: " + name + "}";
+                                                 : "{algorithm: " + name +
+                                                       (info.tiny_model_options.empty() ? "" : ", " + info.tiny_model_options) + "}";
   switch (info.scope) {
     case Scope::Layer: return "[" + self + "]";
     case Scope::NormConsumers:
@@ -425,9 +426,11 @@ TEST_P(Conformance, RunsEndToEndOnTheSyntheticSuiteAndATinyModel) {
     const RunRecord r = execute_run(rc, cache, default_registry());
     EXPECT_EQ(r.status, RunStatus::Ok) << name << ": " << r.message;
     EXPECT_FALSE(r.summary.empty()) << name;
-    for (auto& s : r.summary)
-      if (s.metric.find("ppl") != std::string::npos || s.metric == "out_rel_err")
+    for (auto& s : r.summary) {
+      if (s.metric.find("ppl") != std::string::npos || s.metric == "out_rel_err") {
         EXPECT_TRUE(std::isfinite(s.value)) << name << " " << s.metric;
+      }
+    }
     return r;
   };
   if (synthetic) {
