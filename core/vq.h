@@ -23,7 +23,8 @@
 // stage 0 and then every anneal_every stages; the parameters of the lowest hard-assignment MSE
 // are kept; stop when the MSE stops improving (by less than 1e-5 relative).
 // Deviations, stated: (1) entry 0 of both sub-tables is pinned to zero, so codeword (0, 0) is
-// the zero vector and a stage can never increase any vector's error (it also removes the Free
+// the zero vector and a stage never increases a vector's error beyond the rounding of the
+// distance formula (it also removes the Free
 // form's gauge U + c, V − c); (2) initialisation from random data points (codeword (k, k) =
 // a data point) without the reference's extra E-step at T = 1; (3) soft assignments below
 // e^-30 of the best are dropped (their weight is < 1e-13).
@@ -51,7 +52,8 @@ struct VqFitOptions {
 };
 
 /// One stage's fit: EM steps run, and the weighted hard-assignment MSE per element of the
-/// residual before and after the stage (after <= before, exactly).
+/// residual before and after the stage (after <= before: the zero codeword is always a
+/// candidate; a near-tie decided by the float distance formula can cost at most its rounding).
 struct VqStageReport {
   int steps = 0;
   double mse_before = 0, mse_after = 0;

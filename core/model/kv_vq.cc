@@ -39,11 +39,17 @@ VqKvQuantizer::VqKvQuantizer(const KvVqSpec& spec, const HeadLayout& heads) : sp
 
 Matrix VqKvQuantizer::gather(KvKind kind, const Matrix& X, int g) const {
   const Index gw = group_width();
-  Matrix Y(X.rows(), gw);
+  std::vector<Index> ch(static_cast<size_t>(gw));
+  std::vector<float> inv(static_cast<size_t>(gw), 1.0f);
   for (Index e = 0; e < gw; ++e) {
-    const Index ch = kind == KvKind::Key ? key_channel(g, e) : value_channel(g, e);
-    Y.col(e) = X.col(ch);
-    if (kind == KvKind::Value) Y.col(e) /= value_scale_(ch);
+    ch[e] = kind == KvKind::Key ? key_channel(g, e) : value_channel(g, e);
+    if (kind == KvKind::Value) inv[e] = 1.0f / value_scale_(ch[e]);
+  }
+  Matrix Y(X.rows(), gw);
+  for (Index r = 0; r < X.rows(); ++r) {  // row by row: both sides stay in cache
+    const float* x = X.data() + r * X.cols();
+    float* y = Y.data() + r * gw;
+    for (Index e = 0; e < gw; ++e) y[e] = x[ch[e]] * inv[e];
   }
   return Y;
 }
@@ -127,11 +133,18 @@ void VqKvQuantizer::decode(const KvChunkCodes& c, Matrix& X) const {
     for (Index r = 0; r < c.rows; ++r)
       std::copy_n(c.codes.data() + r * per_row + code_offset(g, S), 2 * S, gc.data() + r * 2 * S);
     (c.kind == KvKind::Key ? key_vq_ : value_vq_)[g].decode(gc.data(), c.rows, Y);
-    for (Index r = 0; r < c.rows; ++r) Y.row(r) *= c.scales[static_cast<size_t>(r * G + g)];
-    for (Index e = 0; e < group_width(); ++e) {
-      const Index ch = c.kind == KvKind::Key ? key_channel(g, e) : value_channel(g, e);
-      X.col(ch) = Y.col(e);
-      if (c.kind == KvKind::Value) X.col(ch) *= value_scale_(ch);
+    const Index gw = group_width();
+    std::vector<Index> ch(static_cast<size_t>(gw));
+    std::vector<float> mul(static_cast<size_t>(gw), 1.0f);
+    for (Index e = 0; e < gw; ++e) {
+      ch[e] = c.kind == KvKind::Key ? key_channel(g, e) : value_channel(g, e);
+      if (c.kind == KvKind::Value) mul[e] = value_scale_(ch[e]);
+    }
+    for (Index r = 0; r < c.rows; ++r) {
+      const float n = c.scales[static_cast<size_t>(r * G + g)];
+      const float* y = Y.data() + r * gw;
+      float* x = X.data() + r * c.cols;
+      for (Index e = 0; e < gw; ++e) x[ch[e]] = y[e] * n * mul[e];
     }
   }
 }
@@ -192,47 +205,69 @@ void check_scoring(const VqKvQuantizer& q, const KvChunkCodes& c, KvKind kind, I
 
 }  // namespace
 
+namespace {
+
+/// The query-codeword products of the r query heads that read KV head `site.kv_head`, one row
+/// per stage and sub-table entry: row (s, e) = per head k [Re P (half) | Im P (half)] with
+/// P_j = conj(q_kj)·u_s,j[e] over the head's pairs j. i·P[B] = [−Im | Re] is read from the same
+/// row, so the table has S·E rows of r·head_dim floats.
+void query_table(const ResidualVq& cb, const HeadSite& site, const Matrix& queries, int first_head, int r, int hd,
+                 Matrix& P) {
+  const int half = hd / 2, S = cb.stages(), E = cb.entries();
+  P.resize(Index(S) * E, Index(r) * hd);
+  for (int s = 0; s < S; ++s)
+    for (int e = 0; e < E; ++e) {
+      const float* u = cb.U(s).data() + Index(e) * cb.dim() + Index(site.local) * hd;
+      for (int k = 0; k < r; ++k) {
+        float* row = P.data() + (Index(s) * E + e) * P.cols() + Index(k) * hd;
+        const float* qh = queries.data() + Index(first_head + k) * hd;
+        for (int i = 0; i < half; ++i) {
+          const float a = u[2 * i], b = u[2 * i + 1], qx = qh[i], qy = qh[i + half];
+          row[i] = qx * a + qy * b;         // Re conj(q)·u
+          row[half + i] = qx * b - qy * a;  // Im conj(q)·u
+        }
+      }
+    }
+}
+
+}  // namespace
+
 void vq_key_scores_fast(const VqKvQuantizer& q, const KvChunkCodes& keys, int64_t pos0, double rope_theta,
                         const Matrix& queries, Matrix& out) {
   check_scoring(q, keys, KvKind::Key, queries.rows(), "keys");
   if (q.spec().key_structure != VqStructure::Commutative || q.key_stage() != KvStage::PreRope)
     throw ShapeError("kv vq scores: the fast path needs commutative pre-RoPE key codebooks");
   const HeadLayout& hl = q.heads();
-  const int half = hl.head_dim / 2, S = q.spec().key_stages, E = 1 << q.spec().sub_bits, G = q.groups();
-  const Index n = keys.rows, per_row = code_offset(G, S);
+  const int hd = hl.head_dim, half = hd / 2, r = hl.queries_per_kv(), S = q.spec().key_stages,
+            E = 1 << q.spec().sub_bits, G = q.groups();
+  const Index n = keys.rows, per_row = code_offset(G, S), W = Index(r) * hd;
   RopeTables tab;
-  rope_tables(pos0, n, hl.head_dim, rope_theta, tab);
+  rope_tables(pos0, n, hd, rope_theta, tab);
   out.resize(hl.num_heads, n);
-  // P[s][e] = [Re P_j (half) | Im P_j (half)], PB = i·P = [−Im | Re].
-  Matrix P(static_cast<Index>(S) * E, 2 * half), PB(static_cast<Index>(S) * E, 2 * half);
-  Eigen::ArrayXf acc(2 * half);
-  for (int h = 0; h < hl.num_heads; ++h) {
-    const HeadSite st = site(q, h);
-    const ResidualVq& cb = q.key_codebook(st.group);
-    const float* qh = queries.data() + Index(h) * hl.head_dim;
-    for (int s = 0; s < S; ++s)
-      for (int e = 0; e < E; ++e) {
-        const Index row = Index(s) * E + e;
-        for (int i = 0; i < half; ++i) {
-          const Index j = Index(st.local) * half + i;  // pair j of the group
-          const float a = cb.U(s)(e, 2 * j), b = cb.U(s)(e, 2 * j + 1), qx = qh[i], qy = qh[i + half];
-          const float re = qx * a + qy * b, im = qx * b - qy * a;  // conj(q)·u
-          P(row, i) = re;
-          P(row, half + i) = im;
-          PB(row, i) = -im;
-          PB(row, half + i) = re;
-        }
-      }
+  using Arr = Eigen::Map<Eigen::ArrayXf>;  // maps: vectorised whatever the compiler's cost model
+  using CArr = Eigen::Map<const Eigen::ArrayXf>;
+  Matrix P;
+  Eigen::ArrayXf acc(W);
+  // The r query heads of one KV head share the gathers: one table row holds all their products.
+  for (int kvh = 0; kvh < hl.num_kv_heads; ++kvh) {
+    const HeadSite st = site(q, kvh * r);
+    query_table(q.key_codebook(st.group), st, queries, kvh * r, r, hd, P);
     for (Index t = 0; t < n; ++t) {
       const uint8_t* code = keys.codes.data() + t * per_row + code_offset(st.group, S);
       acc.setZero();
       for (int s = 0; s < S; ++s) {
-        acc += P.row(Index(s) * E + code[2 * s]).array().transpose();
-        acc += PB.row(Index(s) * E + code[2 * s + 1]).array().transpose();
+        const float* pa = P.data() + (Index(s) * E + code[2 * s]) * W;
+        const float* pb = P.data() + (Index(s) * E + code[2 * s + 1]) * W;
+        for (int k = 0; k < r; ++k, pa += hd, pb += hd) {
+          Arr(acc.data() + Index(k) * hd, half) += CArr(pa, half) - CArr(pb + half, half);  // Re(P[A] + i·P[B])
+          Arr(acc.data() + Index(k) * hd + half, half) += CArr(pa + half, half) + CArr(pb, half);  // Im
+        }
       }
-      const float dot = (tab.cos.row(t).array().transpose() * acc.head(half) -
-                         tab.sin.row(t).array().transpose() * acc.tail(half)).sum();
-      out(h, t) = keys.scales[static_cast<size_t>(t * G + st.group)] * dot;
+      const float norm = keys.scales[static_cast<size_t>(t * G + st.group)];
+      const CArr cs(tab.cos.data() + t * half, half), sn(tab.sin.data() + t * half, half);
+      for (int k = 0; k < r; ++k)  // Re(e^{i m θ} acc) summed over the pairs
+        out(kvh * r + k, t) =
+            norm * (cs * acc.segment(Index(k) * hd, half) - sn * acc.segment(Index(k) * hd + half, half)).sum();
     }
   }
 }
