@@ -5,6 +5,7 @@
 #include <numeric>
 
 #include "core/error.h"
+#include "core/linalg.h"
 #include "core/model/ops.h"
 #include "core/quantize.h"
 
@@ -210,7 +211,7 @@ void attention_sums(const Matrix& Q, const Matrix& K, const Matrix& Kq, int num_
   for (int h = 0; h < num_heads; ++h) {
     const Index kc = Index(h / (num_heads / num_kv_heads)) * hd;
     const Matrix Qh = Q.middleCols(Index(h) * hd, hd);
-    const Matrix S = Qh * K.middleCols(kc, hd).transpose(), Sq = Qh * Kq.middleCols(kc, hd).transpose();
+    const Matrix S = matmul_nt(Qh, K.middleCols(kc, hd)), Sq = matmul_nt(Qh, Kq.middleCols(kc, hd));
     for (Index t = 0; t < T; ++t) {
       d.err2 += (S.row(t).head(t + 1) - Sq.row(t).head(t + 1)).cast<double>().squaredNorm();
       d.ref2 += S.row(t).head(t + 1).cast<double>().squaredNorm();

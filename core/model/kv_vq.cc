@@ -311,8 +311,11 @@ void vq_value_sum_fast(const VqKvQuantizer& q, const KvChunkCodes& values, const
     }
     const ResidualVq& cb = q.value_codebook(st.group);
     Eigen::RowVectorXf o = Eigen::RowVectorXf::Zero(hd);
-    for (int s = 0; s < S; ++s)
-      o += WA.row(s) * cb.U(s).middleCols(Index(st.local) * hd, hd) + WB.row(s) * cb.V(s).middleCols(Index(st.local) * hd, hd);
+    for (int s = 0; s < S; ++s)  // Σ_e W[s][e] · entry e (in order: the same bits everywhere)
+      for (int e = 0; e < E; ++e) {
+        if (WA(s, e) != 0) o += WA(s, e) * cb.U(s).row(e).segment(Index(st.local) * hd, hd);
+        if (WB(s, e) != 0) o += WB(s, e) * cb.V(s).row(e).segment(Index(st.local) * hd, hd);
+      }
     for (int c = 0; c < hd; ++c) out(h, c) = o(c) * q.value_scale()(Index(st.kv_head) * hd + c);
   }
 }
