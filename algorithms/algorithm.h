@@ -290,8 +290,9 @@ struct AlgorithmInfo {
   /// (BlockAlgorithm::run_standalone), so the synthetic layer suite can drive it.
   bool standalone_inputs = false;
   CalibNeeds needs;
-  /// Option entries ("k: v, ...") under which the plugin applies to the conformance tests'
-  /// tiny model (KV width 4, head_dim 4), when its defaults cannot (e.g. a codebook stage wider
+  /// Option entries ("k: v, ..."; no commas inside values) under which the plugin applies to
+  /// the conformance tests' tiny shapes (KV widths 4-32, a few hundred calibration tokens), when
+  /// its defaults cannot (e.g. 4096-codeword stages on 128 training tokens, or a stage wider
   /// than the bit budget of 4 channels); empty = the defaults apply.
   std::string tiny_model_options;
   /// The plugin's own options (typed struct behind std::any).

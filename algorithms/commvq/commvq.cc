@@ -115,12 +115,14 @@ void stage_diagnostics(const KvVqFitReport& rep, Diagnostics& diag) {
 }
 
 std::shared_ptr<const KvQuantizer> CommVq::fit_quantizer(const KvCacheInput& in, Diagnostics& diag) const {
-  if (!in.keys_pre_rope || !in.keys_post_rope || !in.values || in.window_rows.empty())
+  if (!in.keys_pre_rope || !in.keys_post_rope || !in.values)
     throw ShapeError("'" + in.name + "': commvq needs the calibration keys and values");
   const KvVqSpec spec = spec_for(in.heads, in.seed);
-  // Fit on the windows before the held-out ones (KvCacheAlgorithm::run measures those).
-  const std::size_t nw = in.window_rows.size(), hw = kv_heldout_window(nw);
-  const Index fit_rows = kv_window_rows(in.window_rows, hw > 0 ? hw : nw);
+  // Fit on the windows before the held-out ones (KvCacheAlgorithm::run measures those); rows
+  // without window boundaries are one window.
+  const std::vector<Index> windows = in.window_rows.empty() ? std::vector<Index>{in.values->rows()} : in.window_rows;
+  const std::size_t nw = windows.size(), hw = kv_heldout_window(nw);
+  const Index fit_rows = kv_window_rows(windows, hw > 0 ? hw : nw);
   const Matrix& Kc = spec.key_stage == KvStage::PreRope ? *in.keys_pre_rope : *in.keys_post_rope;
   KvVqFitReport rep;
   auto q = VqKvQuantizer::fit(spec, in.heads, take_rows(Kc, 0, fit_rows, opt_.train_tokens),

@@ -207,7 +207,14 @@ TEST_P(Conformance, RejectsBadOptionWithKeyPath) {
 std::unique_ptr<Algorithm> plugin_at_defaults(const std::string& name, Scope scope) {
   const AlgorithmInfo& info = default_registry().get(name);
   EXPECT_EQ(info.scope, scope) << name;
-  return info.create(parse_text(step_yaml(name)).quant.at(0).options);
+  // Defaults, except where the plugin names the options that fit the tests' tiny shapes.
+  std::string extra;
+  if (!info.tiny_model_options.empty()) {
+    std::string opts = info.tiny_model_options;
+    for (std::size_t p = 0; (p = opts.find(", ", p)) != std::string::npos;) opts.replace(p, 2, "\n    ");
+    extra = "    " + opts + "\n";
+  }
+  return info.create(parse_text(step_yaml(name, extra)).quant.at(0).options);
 }
 
 TEST_P(KvCacheConformance, Contract) {
@@ -227,11 +234,22 @@ TEST_P(KvCacheConformance, Contract) {
   for (Index i = 0; i < V.size(); ++i) V.data()[i] = static_cast<float>(rv.normal(i));
   K.col(3) *= 8.0f;
   K.col(20) *= 8.0f;
+  Matrix Q(T, in.heads.q_dim());
+  CounterRng rq(11, 23);
+  for (Index i = 0; i < Q.size(); ++i) Q.data()[i] = static_cast<float>(rq.normal(i));
   in.keys_pre_rope = &K;
   in.keys_post_rope = &K;
   in.values = &V;
+  in.queries = &Q;
+  in.window_rows = {T / 2, T / 2};  // as the runner captures them: two windows
   const KvCacheResult a = ka.run(in), b = ka.run(in);
   ASSERT_TRUE(a.quantizer) << name << " at its defaults keeps the cache exact";
+  // The held-out error diagnostics every KV-cache step reports.
+  for (const char* d : {"key_rel_mse", "value_rel_mse", "attn_score_rel_err", "attn_top8_agreement"}) {
+    const auto it = std::find_if(a.diagnostics.begin(), a.diagnostics.end(), [&](const auto& x) { return x.first == d; });
+    ASSERT_NE(it, a.diagnostics.end()) << name << " " << d;
+    EXPECT_TRUE(std::isfinite(it->second) && it->second >= 0) << name << " " << d;
+  }
   // Deterministic, storage below 16 bits, and the quantized values are close to the inputs.
   const KvQuantizer& q = *a.quantizer;
   for (KvKind kind : {KvKind::Key, KvKind::Value}) {
