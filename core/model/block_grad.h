@@ -44,6 +44,21 @@ void linear_fwd(const MatT<S>& X, const MatT<S>& W, const VecT<S>* b, MatT<S>& Y
 template <class S>
 void linear_bwd(const MatT<S>& dY, const MatT<S>& X, const MatT<S>& W, MatT<S>* dX, bool accumulate_dx,
                 MatT<S>* dW, VecT<S>* db);
+/// Linears that read one input (q/k/v; gate/up) in one parallel region: more tiles per region
+/// and one pass over dX. W and b (null or empty: no bias) of each.
+template <class S>
+struct LinearRef {
+  const MatT<S>* W;
+  const VecT<S>* b;
+};
+/// Y[j] = X W_jᵀ (+ b_j) for j < n.
+template <class S>
+void linear_fwd_group(const MatT<S>& X, const LinearRef<S>* lin, int n, MatT<S>* const* Y);
+/// dX (= or +=) Σ_j dY_j W_j (j in order, per tile); dW[j] += dY_jᵀ X; db[j] += Σ_t dY_j. dW, db
+/// and their entries may be null.
+template <class S>
+void linear_bwd_group(const MatT<S>* const* dY, const MatT<S>& X, const LinearRef<S>* lin, int n, MatT<S>* dX,
+                      bool accumulate_dx, MatT<S>* const* dW, VecT<S>* const* db);
 
 // ---- RMSNorm (Hugging Face LlamaRMSNorm): y = w ⊙ x · r, r = 1/sqrt(mean(x²) + eps) ----
 /// Keeps r per row in rstd (the backward's only saved state besides x and w).
@@ -54,35 +69,43 @@ template <class S>
 void rmsnorm_bwd(const MatT<S>& dy, const MatT<S>& x, const VecT<S>& w, const VecT<S>& rstd, MatT<S>& dx,
                  VecT<S>* dw);
 
+// Batches: the ops below that mix tokens take `window`: the rows are consecutive windows of
+// that many tokens, each at positions 0.. of its own (its row r is at the tables' row r % window)
+// and attending within itself only. The other ops are row-wise, so a batch is just rows.
+
 // ---- rotate-half RoPE with the tables of core/model/ops.h (float32 angles, as HF) ----
-/// In place on every head of X, row t at the tables' row t.
+/// In place on every head of X (rows: whole windows).
 template <class S>
-void rope_fwd(MatT<S>& X, int n_heads, int head_dim, const RopeTables& tab);
+void rope_fwd(MatT<S>& X, Index window, int n_heads, int head_dim, const RopeTables& tab);
 /// RoPE is a rotation, so its backward is the inverse rotation of the incoming gradient.
 template <class S>
-void rope_bwd(MatT<S>& dX, int n_heads, int head_dim, const RopeTables& tab);
+void rope_bwd(MatT<S>& dX, Index window, int n_heads, int head_dim, const RopeTables& tab);
 
-// ---- causal grouped-query attention, one window (query t sees keys 0..t) ----
+// ---- causal grouped-query attention (query t of a window sees keys 0..t of its window) ----
 /// out_j = softmax(Q_j K_gᵀ / sqrt(head_dim), causal) V_g, g = j / (n_heads / n_kv_heads).
-/// P receives the probabilities, one T x T matrix per query head (zeros above the diagonal):
-/// the backward's saved state (T² floats per head; the forward of core/model/ops.h recomputes
-/// instead, which inference prefers).
+/// P receives the probabilities, one window x window matrix per window and query head (index
+/// w * n_heads + j; above the diagonal: zeros within the causal chunk of 64 query rows, never
+/// written or read beyond it): the backward's saved state (the forward of
+/// core/model/ops.h recomputes instead, which inference prefers).
 template <class S>
-void attention_fwd(const MatT<S>& Q, const MatT<S>& K, const MatT<S>& V, int n_heads, int n_kv_heads,
-                   int head_dim, MatT<S>& out, std::vector<MatT<S>>& P);
-/// dQ = (resized, overwritten) Σ over the softmax backward dS = P ⊙ (dP - rowsum(dP ⊙ P)),
-/// dP = dout_j V_gᵀ:  dQ_j = dS K_g / sqrt(hd), dK_g = Σ_j dSᵀ Q_j / sqrt(hd), dV_g = Σ_j Pᵀ dout_j.
+void attention_fwd(const MatT<S>& Q, const MatT<S>& K, const MatT<S>& V, Index window, int n_heads,
+                   int n_kv_heads, int head_dim, MatT<S>& out, std::vector<MatT<S>>& P);
+/// dQ, dK, dV (resized, overwritten) through the softmax backward dS = P ⊙ (dP - rowsum(dP ⊙ P)),
+/// dP = dout_j V_gᵀ:  dQ_j = dS K_g / sqrt(hd), dK_g = Σ_j dSᵀ Q_j / sqrt(hd), dV_g = Σ_j Pᵀ dout_j
+/// (the query heads of a group summed in order).
 template <class S>
-void attention_bwd(const MatT<S>& dout, const MatT<S>& Q, const MatT<S>& K, const MatT<S>& V,
+void attention_bwd(const MatT<S>& dout, const MatT<S>& Q, const MatT<S>& K, const MatT<S>& V, Index window,
                    const std::vector<MatT<S>>& P, int n_heads, int n_kv_heads, int head_dim, MatT<S>& dQ,
                    MatT<S>& dK, MatT<S>& dV);
 
 // ---- SwiGLU: a = silu(g) ⊙ u, silu(g) = g σ(g) ----
+/// sig receives σ(g), which the forward computes anyway and the backward needs (no second exp).
 template <class S>
-void swiglu_fwd(const MatT<S>& g, const MatT<S>& u, MatT<S>& a);
-/// dg = da ⊙ u ⊙ σ(g)(1 + g(1 - σ(g))),  du = da ⊙ silu(g)  (both resized, overwritten).
+void swiglu_fwd(const MatT<S>& g, const MatT<S>& u, MatT<S>& a, MatT<S>& sig);
+/// dg = da ⊙ u ⊙ σ(g)(1 + g(1 - σ(g))),  du = da ⊙ g σ(g)  (both resized, overwritten).
 template <class S>
-void swiglu_bwd(const MatT<S>& da, const MatT<S>& g, const MatT<S>& u, MatT<S>& dg, MatT<S>& du);
+void swiglu_bwd(const MatT<S>& da, const MatT<S>& g, const MatT<S>& u, const MatT<S>& sig, MatT<S>& dg,
+                MatT<S>& du);
 
 // ---- the block ----
 /// A decoder block's parameters in scalar S (Hugging Face layout; biases empty unless the
@@ -109,28 +132,39 @@ struct BlockShape {
   static BlockShape of(const ModelConfig& c);
 };
 
-/// What block_backward reads, for one window: the forward's intermediate activations.
+/// What block_bwd reads: the forward's intermediate activations of a batch of windows.
 template <class S>
 struct BlockTape {
+  Index window = 0;     ///< tokens per window
   MatT<S> x;            ///< block input
   VecT<S> rstd1, rstd2;  ///< RMSNorm factors
   MatT<S> xn1;          ///< q/k/v input
   MatT<S> q, k, v;      ///< after RoPE (q, k)
-  std::vector<MatT<S>> P;  ///< attention probabilities per query head
+  std::vector<MatT<S>> P;  ///< attention probabilities per window and query head
   MatT<S> attn;         ///< o_proj input
   MatT<S> h1;           ///< residual after attention
   MatT<S> xn2;          ///< gate/up input
   MatT<S> g, u;         ///< gate / up pre-activations
+  MatT<S> sig;          ///< σ(g)
   MatT<S> a;            ///< down_proj input (silu(g) ⊙ u)
   MatT<S> y;            ///< block output
+  /// The backward's buffers, kept here so that repeated training steps do not allocate (page
+  /// faults cost ~5% of a step otherwise); not part of the saved state.
+  struct Scratch {
+    MatT<S> da, dg, du, dxn2, dh1, dattn, dq, dk, dv, dxn1;
+  };
+  mutable Scratch scratch;
 };
 
-/// The block on one window x (T x hidden) at positions pos0 .. pos0+T-1; tape.y is the output.
-/// `tab` is reused when it already holds these positions (rope_tables of ops.h).
+/// The block on a batch x (N x hidden, N a multiple of `window`): consecutive windows, each at
+/// positions pos0 .. pos0+window-1; tape.y is the output. `tab` is reused when it already holds
+/// these positions (rope_tables of ops.h). Linears run over the whole batch (taller products,
+/// more tiles), attention per window.
 template <class S>
-void block_fwd(const BlockShape& s, const BlockParams<S>& p, const MatT<S>& x, int64_t pos0, RopeTables& tab,
-               BlockTape<S>& tape);
-/// Given dy = dL/dy of the window: dx = dL/dx (resized, overwritten) and grads += dL/dθ.
+void block_fwd(const BlockShape& s, const BlockParams<S>& p, const MatT<S>& x, Index window, int64_t pos0,
+               RopeTables& tab, BlockTape<S>& tape);
+/// Given dy = dL/dy of the batch: dx = dL/dx (resized, overwritten) and grads += dL/dθ (one
+/// product over all the batch's tokens per weight tile).
 template <class S>
 void block_bwd(const BlockShape& s, const BlockParams<S>& p, const BlockTape<S>& tape, const RopeTables& tab,
                const MatT<S>& dy, MatT<S>& dx, BlockParams<S>& grads);

@@ -100,32 +100,33 @@ TEST(BlockGrad, RopeMatchesFiniteDifferences) {
   MatrixD X = rnd(5, heads * hd, 8), R = rnd(5, heads * hd, 9);
   auto loss = [&] {
     MatrixD Y = X;
-    rope_fwd<double>(Y, heads, hd, tab);
+    rope_fwd<double>(Y, 5, heads, hd, tab);
     return dot(Y, R);
   };
   MatrixD dX = R;
-  rope_bwd<double>(dX, heads, hd, tab);
+  rope_bwd<double>(dX, 5, heads, hd, tab);
   EXPECT_LT(fd_error(loss, X.data(), X.size(), dX.data()), kFdTol);
 }
 
 TEST(BlockGrad, AttentionMatchesFiniteDifferences) {
-  // 4 query heads over 2 KV heads (GQA) so K/V gradients sum over a group.
+  // 4 query heads over 2 KV heads (GQA) so K/V gradients sum over a group; two windows of 70
+  // tokens, so the causal chunks of 64 query rows include a partial one.
   const int heads = 4, kv = 2, hd = 4;
-  const Index T = 6;
+  const Index T = 140, win = 70;
   MatrixD Q = rnd(T, heads * hd, 10), K = rnd(T, kv * hd, 11), V = rnd(T, kv * hd, 12),
           R = rnd(T, heads * hd, 13);
   auto loss = [&] {
     MatrixD out;
     std::vector<MatrixD> P;
-    attention_fwd<double>(Q, K, V, heads, kv, hd, out, P);
+    attention_fwd<double>(Q, K, V, win, heads, kv, hd, out, P);
     return dot(out, R);
   };
   MatrixD out, dQ, dK, dV;
   std::vector<MatrixD> P;
-  attention_fwd<double>(Q, K, V, heads, kv, hd, out, P);
-  // Causality: the first query attends to itself only.
-  for (int h = 0; h < heads; ++h) EXPECT_DOUBLE_EQ(P[h](0, 0), 1.0);
-  attention_bwd<double>(R, Q, K, V, P, heads, kv, hd, dQ, dK, dV);
+  attention_fwd<double>(Q, K, V, win, heads, kv, hd, out, P);
+  // Causality: the first query of each window attends to itself only.
+  for (size_t i = 0; i < P.size(); ++i) EXPECT_DOUBLE_EQ(P[i](0, 0), 1.0);
+  attention_bwd<double>(R, Q, K, V, win, P, heads, kv, hd, dQ, dK, dV);
   EXPECT_LT(fd_error(loss, Q.data(), Q.size(), dQ.data()), kFdTol);
   EXPECT_LT(fd_error(loss, K.data(), K.size(), dK.data()), kFdTol);
   EXPECT_LT(fd_error(loss, V.data(), V.size(), dV.data()), kFdTol);
@@ -134,12 +135,13 @@ TEST(BlockGrad, AttentionMatchesFiniteDifferences) {
 TEST(BlockGrad, SwigluMatchesFiniteDifferences) {
   MatrixD g = rnd(5, 7, 14, 3.0), u = rnd(5, 7, 15), R = rnd(5, 7, 16);
   auto loss = [&] {
-    MatrixD a;
-    swiglu_fwd<double>(g, u, a);
+    MatrixD a, sig;
+    swiglu_fwd<double>(g, u, a, sig);
     return dot(a, R);
   };
-  MatrixD dg, du;
-  swiglu_bwd<double>(R, g, u, dg, du);
+  MatrixD a, sig, dg, du;
+  swiglu_fwd<double>(g, u, a, sig);
+  swiglu_bwd<double>(R, g, u, sig, dg, du);
   EXPECT_LT(fd_error(loss, g.data(), g.size(), dg.data()), kFdTol);
   EXPECT_LT(fd_error(loss, u.data(), u.size(), du.data()), kFdTol);
 }
@@ -171,17 +173,17 @@ BlockParams<double> tiny_params(BlockShape& s) {
 TEST(BlockGrad, WholeBlockMatchesFiniteDifferences) {
   BlockShape s;
   BlockParams<double> p = tiny_params(s);
-  MatrixD x = rnd(7, 8, 40), R = rnd(7, 8, 41);
-  const int64_t pos0 = 5;  // RoPE at positions 5..11
+  MatrixD x = rnd(14, 8, 40), R = rnd(14, 8, 41);
+  const int64_t pos0 = 5;  // two windows of 7, RoPE at positions 5..11 each
   auto loss = [&] {
     RopeTables tab;
     BlockTape<double> tape;
-    block_fwd(s, p, x, pos0, tab, tape);
+    block_fwd(s, p, x, 7, pos0, tab, tape);
     return dot(tape.y, R);
   };
   RopeTables tab;
   BlockTape<double> tape;
-  block_fwd(s, p, x, pos0, tab, tape);
+  block_fwd(s, p, x, 7, pos0, tab, tape);
   BlockParams<double> gr = BlockParams<double>::zeros_like(p);
   MatrixD dx;
   block_bwd(s, p, tape, tab, R, dx, gr);
@@ -213,7 +215,7 @@ TEST(BlockGrad, FloatForwardAgreesWithTransformerBlock) {
   const BlockParams<float> p = BlockParams<float>::from(w.blocks[2]);
   RopeTables tab;
   BlockTape<float> tape;
-  block_fwd(s, p, h, 0, tab, tape);
+  block_fwd(s, p, h, h.rows(), 0, tab, tape);
   EXPECT_LT((tape.y - ref).norm(), 2e-6 * ref.norm());
 }
 
@@ -237,16 +239,12 @@ TEST(BlockGrad, MatchesPytorchAutogradOnTheSharedModel) {
   const BlockShape s = BlockShape::of(w.config);
   const BlockParams<float> p = BlockParams<float>::from(w.blocks[2]);
   BlockParams<float> gr = BlockParams<float>::zeros_like(p);
-  Matrix dx(W * T, d), yours(W * T, d);
+  Matrix dx;
   RopeTables tab;
-  for (Index i = 0; i < W; ++i) {
-    BlockTape<float> tape;
-    block_fwd<float>(s, p, x.middleRows(i * T, T), 0, tab, tape);
-    yours.middleRows(i * T, T) = tape.y;
-    Matrix dxi;
-    block_bwd<float>(s, p, tape, tab, r.middleRows(i * T, T), dxi, gr);
-    dx.middleRows(i * T, T) = dxi;
-  }
+  BlockTape<float> tape;
+  block_fwd<float>(s, p, x, T, 0, tab, tape);
+  const Matrix& yours = tape.y;
+  block_bwd<float>(s, p, tape, tab, r, dx, gr);
   auto rel = [](const Matrix& a, const Matrix& b) { return (a - b).norm() / b.norm(); };
   EXPECT_LT(rel(yours, y), 1e-5) << "forward";
   const double ex = rel(dx, g.get("grad.x", W * T, d));
@@ -285,7 +283,7 @@ TEST(BlockGrad, BitsDoNotDependOnTheThreadCount) {
     ThreadCountGuard guard(threads);
     RopeTables tab;
     BlockTape<float> tape;
-    block_fwd<float>(s, p, x, 0, tab, tape);
+    block_fwd<float>(s, p, x, 100, 0, tab, tape);
     gr = BlockParams<float>::zeros_like(p);
     block_bwd<float>(s, p, tape, tab, r, dx, gr);
   };
