@@ -14,5 +14,11 @@ using IntMatrix = Eigen::Matrix<int32_t, Eigen::Dynamic, Eigen::Dynamic, Eigen::
 using Vector = Eigen::VectorXf;
 using VectorD = Eigen::VectorXd;
 using Index = Eigen::Index;
+/// Row-major matrix / vector of either precision (training ops run in float and, for their
+/// finite-difference checks, in double).
+template <class S>
+using MatT = Eigen::Matrix<S, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+template <class S>
+using VecT = Eigen::Matrix<S, Eigen::Dynamic, 1>;
 
 }  // namespace ql

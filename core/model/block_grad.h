@@ -30,11 +30,6 @@
 
 namespace ql {
 
-template <class S>
-using MatT = Eigen::Matrix<S, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
-template <class S>
-using VecT = Eigen::Matrix<S, Eigen::Dynamic, 1>;
-
 // ---- linear: Y = X Wᵀ (+ b) ----
 /// Y is resized to T x d_out. b may be null or empty.
 template <class S>
