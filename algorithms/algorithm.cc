@@ -187,16 +187,40 @@ std::shared_ptr<const InputTransform> BlockAlgorithm::standalone_transform(Index
   throw Error("this block-scope plugin transforms only the slots of a transformer block");
 }
 
-std::shared_ptr<const InputTransform> BlockAlgorithm::run_standalone(const std::string& name, Index width,
-                                                                     uint64_t stream) const {
-  if (width < 1) throw ShapeError("'" + name + "': an input of " + std::to_string(width) + " channels");
-  auto t = standalone_transform(width, stream);
-  if (!t) return t;
-  if (t->width() != width)
-    throw ShapeError("'" + name + "': a " + t->describe() + " for an input of width " + std::to_string(width));
-  const double e = t->inverse_error();
-  if (!(e < 1e-6)) throw NumericError("'" + name + "': the inverse of the input transform is off by " + std::to_string(e));
-  return t;
+StandaloneResult BlockAlgorithm::fit_standalone(const StandaloneInput& in) const {
+  StandaloneResult r;
+  r.transform = standalone_transform(in.width, in.stream);
+  return r;
+}
+
+StandaloneResult BlockAlgorithm::run_standalone(const StandaloneInput& in) const {
+  const std::string& name = in.name;
+  if (in.width < 1) throw ShapeError("'" + name + "': an input of " + std::to_string(in.width) + " channels");
+  if (in.X_calib && in.X_calib->cols() != in.width)
+    throw ShapeError("'" + name + "': calibration inputs of width " + std::to_string(in.X_calib->cols()) +
+                     " for an input of " + std::to_string(in.width));
+  StandaloneResult r = fit_standalone(in);
+  const auto& t = r.transform;
+  if (t) {
+    if (t->width() != in.width)
+      throw ShapeError("'" + name + "': a " + t->describe() + " for an input of width " + std::to_string(in.width));
+    const double e = t->inverse_error();
+    if (!(e < 1e-6))
+      throw NumericError("'" + name + "': the inverse of the input transform is off by " + std::to_string(e));
+  }
+  if (!r.weights.empty()) {
+    if (r.weights.size() != in.weights.size())
+      throw ShapeError("'" + name + "': " + std::to_string(r.weights.size()) + " replacement weights for " +
+                       std::to_string(in.weights.size()) + " consumers");
+    for (std::size_t i = 0; i < r.weights.size(); ++i)
+      if (r.weights[i].rows() != in.weights[i]->rows() || r.weights[i].cols() != in.width ||
+          !r.weights[i].allFinite())
+        throw NumericError("'" + name + "': replacement weight " + std::to_string(i) +
+                           " has the wrong shape or a non-finite value");
+  }
+  if (!(r.act_clip.lo > 0 && r.act_clip.lo <= 1 && r.act_clip.hi > 0 && r.act_clip.hi <= 1))
+    throw NumericError("'" + name + "': learned activation clip ratios outside (0, 1]");
+  return r;
 }
 
 ModelResult ModelAlgorithm::run(ModelInput& in) const {

@@ -212,6 +212,32 @@ struct BlockResult {
   double seconds = 0;
 };
 
+/// A standalone linear's input (the synthetic suite's layers, which have no block), for plugins
+/// whose info declares standalone_inputs.
+struct StandaloneInput {
+  std::string name;                        ///< the consumer, e.g. "attn.qkv"
+  Index width = 0;                         ///< input channels
+  uint64_t stream = 0;                     ///< random stream of this layer and step
+  /// Calibration inputs (tokens x width) as the earlier steps left them, and the consumers'
+  /// current weights: what a trained transform fits (null / empty for draw-only plugins' tests).
+  const Matrix* X_calib = nullptr;
+  std::vector<const Matrix*> weights;
+  /// The quantizers the run applies after this step: the grid of the first later weight step
+  /// (null: none) and the activation quantizer of this input (null: float), which a trained
+  /// transform's objective simulates.
+  const QuantSpec* weight_spec = nullptr;
+  const ActQuantSpec* act_spec = nullptr;
+};
+
+struct StandaloneResult {
+  std::shared_ptr<const InputTransform> transform;  ///< null: the input is left alone
+  /// The consumers' weights to use after the transform (consumer order), e.g. merged and
+  /// clipped (FlatQuant's LWC); empty: the caller merges the transform's inverse itself.
+  std::vector<Matrix> weights;
+  ActClip act_clip;  ///< learned clipping of the input's activation quantizer (LAC)
+  Diagnostics diagnostics;
+};
+
 class BlockAlgorithm : public Algorithm {
  public:
   Scope scope() const final { return Scope::Block; }
@@ -219,14 +245,17 @@ class BlockAlgorithm : public Algorithm {
   /// transform: the width of its slot, and a stored inverse exact to 1e-6 (max |P P⁻¹ - I|).
   /// Throws ShapeError / NumericError naming the block and slot.
   BlockResult run(const BlockInput& in) const;
-  /// For plugins whose info declares standalone_inputs: the transform of the input of a
-  /// standalone linear with `width` input channels (the synthetic suite's layers, which have no
-  /// block), drawn from random stream `stream`; checked as run() checks a slot (width, inverse
-  /// error < 1e-6). The caller merges its inverse into the weights and applies it online.
-  std::shared_ptr<const InputTransform> run_standalone(const std::string& name, Index width, uint64_t stream) const;
+  /// For plugins whose info declares standalone_inputs: the transform of a standalone
+  /// linear's input (fit_standalone), checked as run() checks a slot (width, inverse error
+  /// < 1e-6) and, when replacement weights are returned, their count and shapes. The caller
+  /// applies the transform online (and merges its inverse unless weights were returned).
+  StandaloneResult run_standalone(const StandaloneInput& in) const;
 
  private:
   virtual BlockTransforms compute_transforms(const BlockInput& in, Diagnostics& diagnostics) const = 0;
+  /// Default: standalone_transform(in.width, in.stream), no weights, no clipping.
+  virtual StandaloneResult fit_standalone(const StandaloneInput& in) const;
+  /// A draw-only transform of `width` channels from random stream `stream` (rotation).
   virtual std::shared_ptr<const InputTransform> standalone_transform(Index width, uint64_t stream) const;
 };
 
@@ -289,6 +318,9 @@ struct AlgorithmInfo {
   /// Block scope: the plugin also transforms the input of a standalone linear
   /// (BlockAlgorithm::run_standalone), so the synthetic layer suite can drive it.
   bool standalone_inputs = false;
+  /// Block scope: the plugin transforms a transformer model's blocks. False for a plugin whose
+  /// model path is not built yet (validate_pipeline rejects it on model workloads).
+  bool model_blocks = true;
   CalibNeeds needs;
   /// Option entries ("k: v, ..."; no commas inside values) under which the plugin applies to
   /// the conformance tests' tiny shapes (KV widths 4-32, a few hundred calibration tokens), when

@@ -3,6 +3,7 @@
 // covered by the registry and conformance tests.
 #include "algorithms/algorithm.h"
 #include "algorithms/commvq/commvq.h"
+#include "algorithms/flatquant/flatquant.h"
 #include "algorithms/fp/fp.h"
 #include "algorithms/gptq/gptq.h"
 #include "algorithms/kv_rtn/kv_rtn.h"
@@ -19,6 +20,7 @@ void register_all(AlgorithmRegistry& registry) {
   register_smoothquant(registry);
   register_kv_rtn(registry);
   register_rotation(registry);
+  register_flatquant(registry);
   register_commvq(registry);
 }
 

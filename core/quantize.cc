@@ -568,7 +568,7 @@ double bits_per_weight(const QuantizedTensor& q) {
   return bpw;
 }
 
-void fake_quant_activations(Matrix& X, const ActQuantSpec& spec, const ActRange* range) {
+void fake_quant_activations(Matrix& X, const ActQuantSpec& spec, const ActRange* range, const ActClip* learned) {
   if (!spec.quantized()) return;
   if (!(spec.bits >= 2 && spec.bits <= 8))
     bad_spec("bits", "fake_quant_activations needs bits 2..8 or 16, found " +
@@ -580,7 +580,13 @@ void fake_quant_activations(Matrix& X, const ActQuantSpec& spec, const ActRange*
   p.bits = spec.bits;
   p.dtype = ScaleDtype::F32;  // activation scales are computed on the fly, never stored
   qrange(spec.scheme, spec.bits, p.qmin, p.qmax);
+  if (learned && !(learned->lo > 0 && learned->lo <= 1 && learned->hi > 0 && learned->hi <= 1))
+    throw NumericError("fake_quant_activations: learned clip ratios (" + format_double(learned->lo) + ", " +
+                       format_double(learned->hi) + ") outside (0, 1]");
   const float clip = static_cast<float>(spec.clip_ratio);
+  // Negative / positive ends: the spec's ratio, then the learned ones (FlatQuant's LAC order:
+  // max(x, 0)·σ(a), min(x, 0)·σ(b)).
+  const float clip_lo = learned ? clip * learned->lo : clip, clip_hi = learned ? clip * learned->hi : clip;
   const Index rows = X.rows(), cols = X.cols();
   const bool par = rows * cols >= kParallelMinElems && !omp_in_parallel();
 
@@ -592,8 +598,8 @@ void fake_quant_activations(Matrix& X, const ActQuantSpec& spec, const ActRange*
       float* x = X.data() + r * cols;
       float lo, hi;
       minmax_of(x, cols, 1, lo, hi);
-      lo = std::min(lo, 0.0f) * clip;
-      hi = std::max(hi, 0.0f) * clip;
+      lo = std::min(lo, 0.0f) * clip_lo;
+      hi = std::max(hi, 0.0f) * clip_hi;
       normalise_range(lo, hi);
       apply_grid<false, true>(x, cols, grid_of_range(lo, hi, p), nullptr, x);
     }
@@ -612,8 +618,8 @@ void fake_quant_activations(Matrix& X, const ActQuantSpec& spec, const ActRange*
   } else {
     minmax_of(X.data(), X.size(), 1, lo, hi);
   }
-  lo = std::min(lo, 0.0f) * clip;
-  hi = std::max(hi, 0.0f) * clip;
+  lo = std::min(lo, 0.0f) * clip_lo;
+  hi = std::max(hi, 0.0f) * clip_hi;
   normalise_range(lo, hi);
   const Grid g = grid_of_range(lo, hi, p);
 #pragma omp parallel for schedule(static) if (par)

@@ -106,11 +106,21 @@ struct ActRange {
   float lo = 0.0f, hi = 0.0f;
 };
 
+/// Learned clipping of one activation quantizer (FlatQuant's LAC): the range's negative and
+/// positive ends are multiplied by lo and hi (σ of the trained logits), on top of
+/// spec.clip_ratio. Ratios in (0, 1].
+struct ActClip {
+  float lo = 1.0f, hi = 1.0f;
+  bool identity() const { return lo == 1.0f && hi == 1.0f; }
+};
+
 /// Fake-quantize activations X (N tokens x d) in place per spec: PerToken fits one grid per row
 /// (dynamic), PerTensor one grid for all of X (dynamic: from X itself; static: from `range`,
 /// which must be given, else ConfigError). Every range, dynamic or static, is forced to contain
 /// 0 and multiplied by spec.clip_ratio before the grid is built; scales stay float32 (no fp16
 /// rounding). Rounding as quantize_value. Identity when spec.bits == 16.
-void fake_quant_activations(Matrix& X, const ActQuantSpec& spec, const ActRange* range = nullptr);
+/// With `clip`, the range's ends are further multiplied by clip->lo and clip->hi.
+void fake_quant_activations(Matrix& X, const ActQuantSpec& spec, const ActRange* range = nullptr,
+                            const ActClip* clip = nullptr);
 
 }  // namespace ql

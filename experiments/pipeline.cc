@@ -85,9 +85,28 @@ void apply_standalone_step(const Pipeline& p, std::size_t si, const BlockAlgorit
   if (*g.transform)
     throw ShapeError("'" + name + "': a second block-scope transform of its input (compose them in one step)");
   const auto t0 = std::chrono::steady_clock::now();
-  auto t = algo.run_standalone(name, g.weights.front()->cols(), mix_stream(p.seed(), g.seed_streams.front() + si));
+  StandaloneInput in;
+  in.name = name;
+  in.width = g.weights.front()->cols();
+  in.stream = mix_stream(p.seed(), g.seed_streams.front() + si);
+  in.X_calib = g.X_calib;
+  for (const Matrix* W : g.weights) in.weights.push_back(W);
+  // The quantizers that follow: the first later weight grid, and the activation spec of the
+  // first step (this one or later) that sets one for this input.
+  for (std::size_t j = si + 1; j < p.steps().size() && !in.weight_spec; ++j)
+    if (p.steps()[j].config().weight.bits < 16 && p.steps()[j].applies_to(name))
+      in.weight_spec = &p.steps()[j].config().weight;
+  for (std::size_t j = si; j < p.steps().size() && !in.act_spec; ++j)
+    if (p.steps()[j].config().act.quantized() && p.steps()[j].applies_to(name)) in.act_spec = &p.steps()[j].config().act;
+  StandaloneResult res = algo.run_standalone(in);
+  auto& t = res.transform;
   if (!t) return;
-  for (Matrix* W : g.weights) merge_input_transform(*W, *t);
+  if (res.weights.empty())
+    for (Matrix* W : g.weights) merge_input_transform(*W, *t);
+  else
+    for (std::size_t i = 0; i < g.weights.size(); ++i) *g.weights[i] = std::move(res.weights[i]);
+  for (auto* c : g.codes) c->reset();
+  if (g.act_clip) *g.act_clip = res.act_clip;
   Matrix X = *g.X_calib;
   t->apply(X);
   *g.H = HessianAccumulator(X.cols());
@@ -99,6 +118,8 @@ void apply_standalone_step(const Pipeline& p, std::size_t si, const BlockAlgorit
   for (LayerRow* row : g.rows) row->seconds += dt / static_cast<double>(g.rows.size());
   rec.params.push_back({name + ".transform.input", (*g.transform)->describe()});
   rec.diagnostics.push_back({name, static_cast<int>(si), ps.config().algorithm, "seconds", dt});
+  for (auto& [key, value] : res.diagnostics)
+    rec.diagnostics.push_back({name, static_cast<int>(si), ps.config().algorithm, key, value});
 }
 
 }  // namespace
@@ -132,6 +153,12 @@ void validate_pipeline(const RunConfig& run, const AlgorithmRegistry& registry) 
                         "algorithm '" + step.algorithm + "' acts at " + scope_name(scope) + " scope, which the " +
                             (model ? "model" : "synthetic layer-suite") + " workload does not drive" +
                             (model ? "" : " (it has no transformer blocks or KV cache)"),
+                        run.label);
+    if (model && scope == Scope::Block && !info.model_blocks)
+      throw ConfigError(step.loc, path,
+                        "algorithm '" + step.algorithm +
+                            "' runs on the synthetic suite's layers only: its block-wise training of transformer "
+                            "models is not built yet",
                         run.label);
     // Block transforms define the space the weight steps quantize in, so they come first.
     if (scope == Scope::Block && !weight_step.empty())

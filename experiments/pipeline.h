@@ -102,6 +102,7 @@ struct InputGroupState {
   /// from. Null for a model's groups, whose block steps act per block (the model runner).
   std::shared_ptr<const InputTransform>* transform = nullptr;
   const Matrix* X_calib = nullptr;
+  ActClip* act_clip = nullptr;  ///< learned clipping of the input's activation quantizer (standalone)
 };
 
 /// Runs step `si` on group g: a layer-scope step quantizes every consumer it applies to; a

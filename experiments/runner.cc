@@ -163,6 +163,7 @@ struct SyntheticLayerState {
   /// Online transform of the input (x' = x P, before the channel scale), from a block-scope
   /// step that transforms standalone inputs; null when none.
   std::shared_ptr<const InputTransform> transform;
+  ActClip act_clip;  ///< learned clipping of the activation quantizer (FlatQuant's LAC)
 };
 
 /// The pipeline on layer li. The layer's input has no producer in the suite: evaluation
@@ -170,7 +171,7 @@ struct SyntheticLayerState {
 SyntheticLayerState quantize_synthetic_layer(const Pipeline& pipeline, const WorkloadCache::Prepared::Layer& layer, Index li,
                                              RunRecord& rec) {
   SyntheticLayerState ls{layer.W, VectorD::Ones(layer.W.cols()), layer.H, layer.stats,
-                         initial_layer_row(pipeline.run(), layer.name), nullptr, std::nullopt, nullptr};
+                         initial_layer_row(pipeline.run(), layer.name), nullptr, std::nullopt, nullptr, ActClip{}};
   InputGroupState g;
   g.input_name = layer.name + ".input";
   g.names = {layer.name};
@@ -185,6 +186,7 @@ SyntheticLayerState quantize_synthetic_layer(const Pipeline& pipeline, const Wor
   g.absorbs_scale = true;
   g.transform = &ls.transform;
   g.X_calib = &layer.X_calib;
+  g.act_clip = &ls.act_clip;
   for (std::size_t si = 0; si < pipeline.steps().size(); ++si) apply_step(pipeline, si, g, rec);
   return ls;
 }
@@ -209,7 +211,8 @@ void evaluate_synthetic_layer(const WorkloadCache::Prepared& wl, const WorkloadC
       range.lo = stats.min();
       range.hi = stats.max();
     }
-    fake_quant_activations(Xq, *act, act->mode == ActRangeMode::Static ? &range : nullptr);
+    fake_quant_activations(Xq, *act, act->mode == ActRangeMode::Static ? &range : nullptr,
+                           ls.act_clip.identity() ? nullptr : &ls.act_clip);
   }
   const Matrix Yq = matmul_nt(Xq, W);
   const VectorD err = token_errors(Yq, layer.Y_ref);

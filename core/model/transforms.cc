@@ -82,13 +82,26 @@ InputTransform InputTransform::across_heads(TransformFactor A, int head_dim) {
   return t;
 }
 
+InputTransform InputTransform::with_channel_scale(VectorD c) const {
+  if (c.size() != width_)
+    throw ShapeError("transform: channel scale of " + std::to_string(c.size()) + " for a " + describe());
+  if (!c.allFinite() || !(c.minCoeff() > 0)) throw NumericError("transform: channel scale not positive and finite");
+  InputTransform t = *this;
+  if (t.scale_.size() > 0) c = c.cwiseProduct(t.scale_);
+  t.scalef_ = c.cast<float>();
+  t.scale_ = std::move(c);
+  return t;
+}
+
 std::string InputTransform::describe() const {
   const std::string a = std::to_string(a_.size()) + "x" + std::to_string(a_.size());
+  const std::string diag = scale_.size() > 0 ? "diag · " : "";
   switch (kind_) {
-    case Kind::Dense: return "dense " + a;
-    case Kind::Kronecker: return "kronecker " + a + " (x) " + std::to_string(b_.size()) + "x" + std::to_string(b_.size());
-    case Kind::PerHead: return "per-head " + a + " x " + std::to_string(blocks_) + " heads";
-    case Kind::AcrossHeads: return "across-heads " + a + " (x) I_" + std::to_string(blocks_);
+    case Kind::Dense: return diag + "dense " + a;
+    case Kind::Kronecker:
+      return diag + "kronecker " + a + " (x) " + std::to_string(b_.size()) + "x" + std::to_string(b_.size());
+    case Kind::PerHead: return diag + "per-head " + a + " x " + std::to_string(blocks_) + " heads";
+    case Kind::AcrossHeads: return diag + "across-heads " + a + " (x) I_" + std::to_string(blocks_);
   }
   return "?";
 }
@@ -98,6 +111,7 @@ void InputTransform::apply(Matrix& X) const {
     throw ShapeError("transform: input of width " + std::to_string(X.cols()) + " for a " + describe());
   const Index T = X.rows();
   if (T == 0) return;
+  if (scalef_.size() > 0) X = X * scalef_.asDiagonal();
   Matrix Y(T, width_);
   const Index na = af_.rows();
   switch (kind_) {
@@ -125,28 +139,38 @@ void InputTransform::apply(Matrix& X) const {
   X.swap(Y);
 }
 
-MatrixD InputTransform::matrix() const {
-  switch (kind_) {
-    case Kind::Dense: return a_.M;
-    case Kind::Kronecker: return kron(a_.M, b_.M);
-    case Kind::PerHead: return kron(MatrixD::Identity(blocks_, blocks_), a_.M);
-    case Kind::AcrossHeads: return kron(a_.M, MatrixD::Identity(blocks_, blocks_));
+namespace {
+
+MatrixD structured(InputTransform::Kind kind, const MatrixD& A, const MatrixD& B, Index blocks) {
+  switch (kind) {
+    case InputTransform::Kind::Dense: return A;
+    case InputTransform::Kind::Kronecker: return kron(A, B);
+    case InputTransform::Kind::PerHead: return kron(MatrixD::Identity(blocks, blocks), A);
+    case InputTransform::Kind::AcrossHeads: return kron(A, MatrixD::Identity(blocks, blocks));
   }
   return {};
 }
 
+}  // namespace
+
+MatrixD InputTransform::matrix() const {
+  MatrixD P = structured(kind_, a_.M, b_.M, blocks_);
+  if (scale_.size() > 0) P = scale_.asDiagonal() * P;  // diag(c) P
+  return P;
+}
+
 MatrixD InputTransform::inverse_transpose() const {
-  switch (kind_) {
-    case Kind::Dense: return a_.M_inv_t;
-    case Kind::Kronecker: return kron(a_.M_inv_t, b_.M_inv_t);
-    case Kind::PerHead: return kron(MatrixD::Identity(blocks_, blocks_), a_.M_inv_t);
-    case Kind::AcrossHeads: return kron(a_.M_inv_t, MatrixD::Identity(blocks_, blocks_));
-  }
-  return {};
+  MatrixD P = structured(kind_, a_.M_inv_t, b_.M_inv_t, blocks_);
+  if (scale_.size() > 0) P = scale_.cwiseInverse().asDiagonal() * P;  // (diag(c) P)⁻ᵀ = diag(1/c) P⁻ᵀ
+  return P;
 }
 
 InputTransform InputTransform::inverse_transposed() const {
   InputTransform t = *this;
+  if (t.scale_.size() > 0) {
+    t.scale_ = t.scale_.cwiseInverse().eval();
+    t.scalef_ = t.scale_.cast<float>();
+  }
   std::swap(t.a_.M, t.a_.M_inv_t);
   std::swap(t.b_.M, t.b_.M_inv_t);
   t.af_ = t.a_.M.cast<float>();

@@ -40,6 +40,12 @@ class InputTransform {
   /// A (heads x heads) mixes heads of head_dim channels each.
   static InputTransform across_heads(TransformFactor A, int head_dim);
 
+  /// This transform preceded by a per-channel scale: x ↦ (x ⊙ c) P, i.e. P' = diag(c) P and
+  /// P'⁻ᵀ = diag(1/c) P⁻ᵀ (FlatQuant's `add_diag`, where no norm absorbs c). c must be positive
+  /// and finite, of the transform's width (ShapeError / NumericError).
+  InputTransform with_channel_scale(VectorD c) const;
+  const VectorD& channel_scale() const { return scale_; }  ///< empty: none
+
   Kind kind() const { return kind_; }
   Index width() const { return width_; }
   /// "kronecker 16x16 (x) 16x16", for results.
@@ -62,6 +68,8 @@ class InputTransform {
   Matrix af_, bf_;  // float copies of the factors for apply()
   Index width_ = 0;
   int blocks_ = 1;  // PerHead: heads; AcrossHeads: head_dim
+  VectorD scale_;   // per-channel scale applied before the factors (empty: none)
+  Vector scalef_;
 };
 
 /// W (d_out x d_in) <- W P⁻ᵀ, computed in double and rounded once: the weight of a linear whose

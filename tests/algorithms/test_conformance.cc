@@ -34,7 +34,8 @@ std::string step_yaml(const std::string& name, const std::string& extra = "") {
   std::string s = "quant:\n  - algorithm: " + name + "\n";
   if (info.uses_weight_spec) s += "    bits: 4\n    granularity: group\n    group_size: 32\n";
   // Block, KV-cache and model steps need a model workload (after the step, so line numbers stay).
-  const bool model = info.scope == Scope::Block || info.scope == Scope::KvCache || info.scope == Scope::Model;
+  const bool model = (info.scope == Scope::Block && info.model_blocks) || info.scope == Scope::KvCache ||
+                     info.scope == Scope::Model;
   return s + extra +
          (model ? "workload: {kind: model, path: /m}\ncalib: {text: /t.txt}\neval: {streams: [{name: p, path: /p.txt}]}\n"
                 : "");
@@ -308,10 +309,48 @@ std::shared_ptr<const ModelWeights> one_block_model() {
   return w;
 }
 
+/// The synthetic suite's standalone inputs: a deterministic transform of the asked width when
+/// the plugin declares them, an error naming the limitation otherwise.
+void check_standalone(const BlockAlgorithm& ba, const std::string& name) {
+  // Trained transforms get calibration inputs, the consumer's weight and W4A4 quantizers.
+  Matrix Xs(96, 48), Ws(20, 48);
+  const CounterRng srng(91, 0);
+  for (Index i = 0; i < Xs.size(); ++i) Xs.data()[i] = static_cast<float>(srng.normal(static_cast<uint64_t>(i)));
+  for (Index i = 0; i < Ws.size(); ++i) Ws.data()[i] = static_cast<float>(0.1 * srng.normal(static_cast<uint64_t>(i + Xs.size())));
+  QuantSpec w4;
+  w4.bits = 4;
+  ActQuantSpec a4;
+  a4.bits = 4;
+  auto standalone = [&](uint64_t stream) {
+    StandaloneInput si;
+    si.name = "conf";
+    si.width = 48;
+    si.stream = stream;
+    si.X_calib = &Xs;
+    si.weights = {&Ws};
+    si.weight_spec = &w4;
+    si.act_spec = &a4;
+    return ba.run_standalone(si);
+  };
+  if (default_registry().get(name).standalone_inputs) {
+    const auto s1 = standalone(3), s2 = standalone(3);
+    ASSERT_TRUE(s1.transform && s2.transform);
+    EXPECT_EQ(s1.transform->width(), 48);
+    EXPECT_EQ(s1.transform->matrix(), s2.transform->matrix()) << "not deterministic";
+    EXPECT_NE(s1.transform->matrix(), standalone(4).transform->matrix()) << "streams must differ";
+  } else {
+    EXPECT_THROW(standalone(3), Error);
+  }
+}
+
 TEST_P(BlockConformance, Contract) {
   const std::string name = GetParam();
   const auto algo = plugin_at_defaults(name, Scope::Block);
   const auto& ba = dynamic_cast<const BlockAlgorithm&>(*algo);
+  if (!default_registry().get(name).model_blocks) {  // standalone inputs only (so far)
+    check_standalone(ba, name);
+    return;
+  }
   const auto fp = one_block_model();
   QuantizedModel qm(fp);
   BlockInput in;
@@ -341,17 +380,7 @@ TEST_P(BlockConformance, Contract) {
   bad.up.W(0, 0) = std::numeric_limits<float>::quiet_NaN();
   in.weights = &bad;
   EXPECT_THROW(ba.run(in), NumericError);
-  // The synthetic suite's standalone inputs: a deterministic transform of the asked width when
-  // the plugin declares them, an error naming the limitation otherwise.
-  if (default_registry().get(name).standalone_inputs) {
-    const auto s1 = ba.run_standalone("conf", 48, 3), s2 = ba.run_standalone("conf", 48, 3);
-    ASSERT_TRUE(s1 && s2);
-    EXPECT_EQ(s1->width(), 48);
-    EXPECT_EQ(s1->matrix(), s2->matrix()) << "not deterministic";
-    EXPECT_NE(s1->matrix(), ba.run_standalone("conf", 48, 4)->matrix()) << "streams must differ";
-  } else {
-    EXPECT_THROW(ba.run_standalone("conf", 48, 3), Error);
-  }
+  check_standalone(ba, name);
 }
 
 class ModelConformance : public ::testing::TestWithParam<std::string> {};
@@ -458,9 +487,19 @@ TEST_P(Conformance, RunsEndToEndOnTheSyntheticSuiteAndATinyModel) {
     EXPECT_EQ(r.layers.size(), 1u) << name;
   }
   const std::string d = tiny_model_dir();
-  const RunRecord r = run("workload: {kind: model, path: " + d + "}\ncalib: {ids: " + d +
-                          "/ids.txt, n_samples: 4, seq_len: 16}\neval: {seq_len: 16, token_ids: [{name: t, path: " + d +
-                          "/ids.txt}]}\nslices: {n_boot: 0}\nquant: " + pipeline_with(name) + "\n");
+  const std::string model_yaml = "workload: {kind: model, path: " + d + "}\ncalib: {ids: " + d +
+                                 "/ids.txt, n_samples: 4, seq_len: 16}\neval: {seq_len: 16, token_ids: [{name: t, path: " +
+                                 d + "/ids.txt}]}\nslices: {n_boot: 0}\nquant: " + pipeline_with(name) + "\n";
+  if (info.scope == Scope::Block && !info.model_blocks) {  // refused up front, saying why
+    try {
+      parse_run_config(ConfigNode::parse(model_yaml, "e2e.yaml"), "e2e", "e2e.yaml", default_registry());
+      ADD_FAILURE() << name << " accepted a model workload it declares it cannot run";
+    } catch (const ConfigError& e) {
+      EXPECT_EQ(e.key_path(), "quant.0.algorithm") << e.what();
+    }
+    return;
+  }
+  const RunRecord r = run(model_yaml);
   EXPECT_EQ(r.layers.size(), 2u * kLinearKinds) << name;
 }
 

@@ -1,0 +1,234 @@
+#include "algorithms/flatquant/trainer.h"
+
+#include <algorithm>
+#include <cmath>
+#include <string>
+
+#include "core/detmath.h"
+#include "core/error.h"
+#include "core/linalg.h"
+#include "core/model/block_grad.h"
+#include "core/optim.h"
+#include "core/quant_grad.h"
+#include "core/rng.h"
+
+namespace ql {
+
+SvdFactorParam SvdFactorParam::random(Index n, uint64_t seed, uint64_t stream) {
+  SvdFactorParam p;
+  p.xu = random_orthogonal(n, seed, mix_stream(stream, 0)).cast<float>();
+  p.xv = random_orthogonal(n, seed, mix_stream(stream, 1)).cast<float>();
+  p.sigma = Vector::Ones(n);
+  p.zero_grad();
+  return p;
+}
+
+void SvdFactorParam::materialize() {
+  svd_factor_fwd(xu.cast<double>(), xv.cast<double>(), sigma.cast<double>(), M, M_inv_t, tape);
+}
+
+void SvdFactorParam::zero_grad() {
+  gxu.setZero(xu.rows(), xu.cols());
+  gxv.setZero(xv.rows(), xv.cols());
+  gsigma.setZero(sigma.size());
+}
+
+void SvdFactorParam::backward(const Matrix& dM, const Matrix& dM_inv_t) {
+  const Index n = sigma.size();
+  MatrixD dxu = MatrixD::Zero(n, n), dxv = MatrixD::Zero(n, n);
+  VectorD ds = VectorD::Zero(n);
+  svd_factor_bwd(dM.cast<double>(), dM_inv_t.cast<double>(), tape, dxu, dxv, ds);
+  gxu += dxu.cast<float>();
+  gxv += dxv.cast<float>();
+  gsigma += ds.cast<float>();
+}
+
+double SvdFactorParam::condition() const {
+  const VectorD a = sigma.cast<double>().cwiseAbs();
+  return a.maxCoeff() / a.minCoeff();
+}
+
+namespace {
+
+float sigmoidf(float a) { return static_cast<float>(1.0 / (1.0 + detmath::exp(-static_cast<double>(a)))); }
+
+/// The weight grid the trainer simulates (FlatQuant's weight quantizer: per output row,
+/// min-max range, clamped to >= 1e-5; LWC clamps the row's values first).
+FakeQuantGrad weight_grid(const QuantSpec& s, bool lwc) {
+  if (s.granularity != Granularity::PerChannel)
+    throw ConfigError(SourceLoc{}, "weight",
+                      "flatquant trains against per-channel weight grids (one range per output row); the weight step "
+                      "that follows has another granularity");
+  if (s.scheme == QuantScheme::SymOffset)
+    throw ConfigError(SourceLoc{}, "weight", "flatquant simulates sym or asym weight grids, not sym_offset");
+  if (lwc && s.range != RangeMethod::MinMax)
+    throw ConfigError(SourceLoc{}, "weight",
+                      "learned weight clipping replaces the range search: use range minmax in the weight step "
+                      "(or lwc: false)");
+  FakeQuantGrad g;
+  g.bits = s.bits;
+  g.symmetric = s.scheme == QuantScheme::Sym;
+  g.clip = ClipStyle::ClampValues;
+  g.min_range = 1e-5;
+  return g;
+}
+
+/// The activation quantizer (per token, dynamic; LAC scales each token's range).
+FakeQuantGrad act_grid(const ActQuantSpec& s) {
+  if (s.granularity != ActGranularity::PerToken || s.mode != ActRangeMode::Dynamic)
+    throw ConfigError(SourceLoc{}, "act", "flatquant trains against per-token dynamic activation quantizers");
+  if (s.clip_ratio != 1.0)
+    throw ConfigError(SourceLoc{}, "act.clip_ratio", "flatquant learns the activation clipping; leave clip_ratio at 1");
+  FakeQuantGrad g;
+  g.bits = s.bits;
+  g.symmetric = s.scheme == QuantScheme::Sym;
+  g.clip = ClipStyle::ScaleRange;
+  return g;
+}
+
+/// c_j = max(max|W_:j|^(1-α) / max|x_j|^α, 1e-5), max|x_j| over the calibration tokens (the
+/// reference's running max starts at 1e-5).
+Vector smooth_init(const Matrix& X, const Matrix& W, double alpha) {
+  Vector c(X.cols());
+  for (Index j = 0; j < X.cols(); ++j) {
+    const double xm = std::max(static_cast<double>(X.col(j).cwiseAbs().maxCoeff()), 1e-5);
+    const double wm = W.col(j).cwiseAbs().maxCoeff();
+    c[j] = static_cast<float>(std::max(detmath::pow(wm, 1 - alpha) / detmath::pow(xm, alpha), 1e-5));
+  }
+  return c;
+}
+
+/// Trainable state of one layer and its two optimiser groups.
+struct LayerParams {
+  SvdFactorParam f1, f2;
+  Vector c, gc;
+  Vector wc_hi, wc_lo, gwc_hi, gwc_lo;  // LWC, per output row
+  Vector ac_hi, ac_lo, gac_hi, gac_lo;  // LAC, one pair
+};
+
+}  // namespace
+
+FlatLayerResult train_flat_layer(const Matrix& X, const Matrix& W, const QuantSpec* wspec, const ActQuantSpec* aspec,
+                                 Index batch_tokens, const FlatTrainOptions& o) {
+  const Index d = X.cols(), N = X.rows();
+  if (W.cols() != d || N < 1 || batch_tokens < 1) throw ShapeError("flatquant: calibration inputs and weight disagree");
+  const bool wq = wspec && wspec->quantized(), aq = aspec && aspec->quantized();
+  const FakeQuantGrad wg = wq ? weight_grid(*wspec, o.lwc) : FakeQuantGrad{};
+  const FakeQuantGrad ag = aq ? act_grid(*aspec) : FakeQuantGrad{};
+  const auto [n1, n2] = kronecker_factor_sizes(d);
+  LayerParams p;
+  p.f1 = SvdFactorParam::random(n1, o.seed, mix_stream(o.stream, 1));
+  p.f2 = SvdFactorParam::random(n2, o.seed, mix_stream(o.stream, 2));
+  p.c = o.add_diag ? smooth_init(X, W, o.diag_alpha) : Vector::Ones(d);
+  const Index nw = o.lwc && wq ? W.rows() : 0, na = o.lac && aq ? 1 : 0;
+  p.wc_hi = p.wc_lo = Vector::Constant(nw, 4.0f);
+  p.ac_hi = p.ac_lo = Vector::Constant(na, 4.0f);
+
+  AdamWOptions main_opt, clip_opt;
+  main_opt.lr = o.lr;
+  main_opt.weight_decay = clip_opt.weight_decay = o.weight_decay;
+  clip_opt.lr = o.lr * o.clip_lr_factor;
+  AdamW opt_main(main_opt), opt_clip(clip_opt);
+  std::vector<const float*> g_main, g_clip;
+  if (o.train_transform)
+    for (SvdFactorParam* f : {&p.f1, &p.f2}) {
+      opt_main.add(f->xu.data(), f->xu.size());
+      opt_main.add(f->xv.data(), f->xv.size());
+      opt_main.add(f->sigma.data(), f->sigma.size());
+      g_main.insert(g_main.end(), {f->gxu.data(), f->gxv.data(), f->gsigma.data()});
+    }
+  p.gc.setZero(d);
+  if (o.add_diag) {
+    opt_main.add(p.c.data(), d);
+    g_main.push_back(p.gc.data());
+  }
+  p.gwc_hi.setZero(nw);
+  p.gwc_lo.setZero(nw);
+  p.gac_hi.setZero(na);
+  p.gac_lo.setZero(na);
+  for (auto [v, g] : {std::pair{&p.wc_hi, &p.gwc_hi}, {&p.wc_lo, &p.gwc_lo}, {&p.ac_hi, &p.gac_hi}, {&p.ac_lo, &p.gac_lo}})
+    if (v->size() > 0) {
+      opt_clip.add(v->data(), v->size());
+      g_clip.push_back(g->data());
+    }
+
+  const Index n_batches = (N + batch_tokens - 1) / batch_tokens;
+  const int64_t total = static_cast<int64_t>(o.epochs) * n_batches;
+  FlatLayerResult res;
+  Matrix Xb, Yref, Xs, Xt, Xq, Ws, Wt, Wq, Y, dY, dXq, dWq, dXt, dWt, dXs, dWs, dM1, dM2, dMi1, dMi2;
+  FakeQuantTape<float> at, wt;
+  int64_t t = 0;
+  for (int epoch = 0; epoch < o.epochs; ++epoch) {
+    double epoch_loss = 0;
+    for (Index b = 0; b < n_batches; ++b, ++t) {
+      const Index r0 = b * batch_tokens, m = std::min(batch_tokens, N - r0);
+      Xb = X.middleRows(r0, m);
+      Yref = matmul_nt(Xb, W);
+      p.f1.materialize();
+      p.f2.materialize();
+      const Matrix M1 = p.f1.M.cast<float>(), M2 = p.f2.M.cast<float>();
+      const Matrix Mi1 = p.f1.M_inv_t.cast<float>(), Mi2 = p.f2.M_inv_t.cast<float>();
+      // Forward: x' = Q_a(((x ⊙ c)(P1 ⊗ P2)), W' = Q_w(clip((W / c)(P1⁻ᵀ ⊗ P2⁻ᵀ))), y = x' W'ᵀ.
+      scale_cols_fwd<float>(Xb, p.c, false, Xs);
+      kron_rows_fwd<float>(Xs, &M1, &M2, Xt);
+      if (aq) fake_quant_fwd<float>(Xt, ag, p.ac_hi, p.ac_lo, Xq, at);
+      else Xq = Xt;
+      scale_cols_fwd<float>(W, p.c, true, Ws);
+      kron_rows_fwd<float>(Ws, &Mi1, &Mi2, Wt);
+      if (wq) fake_quant_fwd<float>(Wt, wg, p.wc_hi, p.wc_lo, Wq, wt);
+      else Wq = Wt;
+      linear_fwd<float>(Xq, Wq, nullptr, Y);
+      dY = Y - Yref;
+      const double loss = static_cast<double>(dY.squaredNorm()) / static_cast<double>(dY.size());
+      epoch_loss += loss;
+      // d(loss / loss.detach())/dY = 2 (Y - Yref) / (numel · loss).
+      dY *= static_cast<float>(2.0 / (static_cast<double>(dY.size()) * std::max(loss, 1e-30)));
+      dWq.setZero(Wq.rows(), Wq.cols());
+      linear_bwd<float>(dY, Xq, Wq, &dXq, false, &dWq, nullptr);
+      if (aq) fake_quant_bwd<float>(dXq, Xt, ag, p.ac_hi, p.ac_lo, at, dXt, &p.gac_hi, &p.gac_lo);
+      else dXt = dXq;
+      if (wq) fake_quant_bwd<float>(dWq, Wt, wg, p.wc_hi, p.wc_lo, wt, dWt, &p.gwc_hi, &p.gwc_lo);
+      else dWt = dWq;
+      dM1.setZero(n1, n1);
+      dM2.setZero(n2, n2);
+      dMi1.setZero(n1, n1);
+      dMi2.setZero(n2, n2);
+      kron_rows_bwd<float>(dXt, Xs, &M1, &M2, &dXs, &dM1, &dM2);
+      kron_rows_bwd<float>(dWt, Ws, &Mi1, &Mi2, &dWs, &dMi1, &dMi2);
+      scale_cols_bwd<float>(dXs, Xb, p.c, false, nullptr, &p.gc);
+      scale_cols_bwd<float>(dWs, W, p.c, true, nullptr, &p.gc);
+      p.f1.backward(dM1, dMi1);
+      p.f2.backward(dM2, dMi2);
+      if (!g_main.empty()) opt_main.step(g_main, cosine_lr(o.lr, t, total));
+      if (!g_clip.empty()) opt_clip.step(g_clip, cosine_lr(o.lr * o.clip_lr_factor, t, total));
+      p.f1.zero_grad();
+      p.f2.zero_grad();
+      for (Vector* g : {&p.gc, &p.gwc_hi, &p.gwc_lo, &p.gac_hi, &p.gac_lo}) g->setZero();
+    }
+    epoch_loss /= static_cast<double>(n_batches);
+    if (epoch == 0) res.loss_first_epoch = epoch_loss;
+    res.loss_last_epoch = epoch_loss;
+  }
+  res.steps = static_cast<int>(total);
+
+  // Materialise (ALGORITHMS.md §5.1 "after training"): P = diag(c)(P1 ⊗ P2) online, W merged in
+  // double, then the learned clipping of each row.
+  p.f1.materialize();
+  p.f2.materialize();
+  res.cond_p1 = p.f1.condition();
+  res.cond_p2 = p.f2.condition();
+  InputTransform P = InputTransform::kronecker(TransformFactor{p.f1.M, p.f1.M_inv_t}, TransformFactor{p.f2.M, p.f2.M_inv_t});
+  if (o.add_diag) P = P.with_channel_scale(p.c.cast<double>());
+  res.transform = std::make_shared<const InputTransform>(std::move(P));
+  res.weight = W;
+  merge_input_transform(res.weight, *res.transform);
+  for (Index r = 0; r < nw; ++r) {
+    auto row = res.weight.row(r);
+    const float hi = row.maxCoeff() * sigmoidf(p.wc_hi[r]), lo = row.minCoeff() * sigmoidf(p.wc_lo[r]);
+    row = row.cwiseMax(lo).cwiseMin(hi);
+  }
+  if (na > 0) res.act_clip = ActClip{sigmoidf(p.ac_lo[0]), sigmoidf(p.ac_hi[0])};
+  return res;
+}
+
+}  // namespace ql
