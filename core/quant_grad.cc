@@ -248,11 +248,69 @@ void fake_quant_bwd(const MatT<S>& dY, const MatT<S>& X, const FakeQuantGrad& sp
   }
 }
 
+template <class S>
+void clip_rows_fwd(const MatT<S>& X, const VecT<S>& logit_hi, const VecT<S>& logit_lo, MatT<S>& Y) {
+  const Index rows = X.rows(), n = X.cols();
+  Y.resize(rows, n);
+  for_row_chunks(rows, [&](Index i) {
+    const Index li = logit_index(logit_hi.size(), rows, i);
+    const S* x = X.data() + i * n;
+    S* y = Y.data() + i * n;
+    if (li < 0) {
+      std::copy(x, x + n, y);
+      return;
+    }
+    const S hi = *std::max_element(x, x + n) * sigmoid(logit_hi[li]);
+    const S lo = *std::min_element(x, x + n) * sigmoid(logit_lo[li]);
+    for (Index j = 0; j < n; ++j) y[j] = std::min(std::max(x[j], lo), hi);
+  });
+}
+
+template <class S>
+void clip_rows_bwd(const MatT<S>& dY, const MatT<S>& X, const VecT<S>& logit_hi, const VecT<S>& logit_lo, MatT<S>& dX,
+                   VecT<S>* dlogit_hi, VecT<S>* dlogit_lo) {
+  const Index rows = X.rows(), n = X.cols();
+  dX.setZero(rows, n);
+  const bool clip = logit_hi.size() > 0;
+  VecT<S> da = VecT<S>::Zero(clip ? rows : 0), db = VecT<S>::Zero(clip ? rows : 0);
+  for_row_chunks(rows, [&](Index i) {
+    const Index li = logit_index(logit_hi.size(), rows, i);
+    const S* x = X.data() + i * n;
+    const S* g = dY.data() + i * n;
+    S* dx = dX.data() + i * n;
+    if (li < 0) {
+      std::copy(g, g + n, dx);
+      return;
+    }
+    const S sa = sigmoid(logit_hi[li]), sb = sigmoid(logit_lo[li]);
+    const S rmax = *std::max_element(x, x + n), rmin = *std::min_element(x, x + n);
+    const S hi = rmax * sa, lo = rmin * sb;
+    S dhi = 0, dlo = 0;
+    for (Index j = 0; j < n; ++j) {
+      if (x[j] > hi) dhi += g[j];
+      else if (x[j] < lo) dlo += g[j];
+      else dx[j] += g[j];
+    }
+    da[i] = dhi * rmax * sa * (S(1) - sa);
+    db[i] = dlo * rmin * sb * (S(1) - sb);
+    route_extreme(x, n, rmax, dhi * sa, dx);
+    route_extreme(x, n, rmin, dlo * sb, dx);
+  });
+  for (Index i = 0; clip && i < rows; ++i) {
+    const Index li = logit_index(logit_hi.size(), rows, i);
+    if (dlogit_hi) (*dlogit_hi)[li] += da[i];
+    if (dlogit_lo) (*dlogit_lo)[li] += db[i];
+  }
+}
+
 #define QL_QUANT_GRAD_INSTANTIATE(S)                                                                              \
   template void fake_quant_fwd<S>(const MatT<S>&, const FakeQuantGrad&, const VecT<S>&, const VecT<S>&, MatT<S>&, \
                                   FakeQuantTape<S>&);                                                             \
   template void fake_quant_bwd<S>(const MatT<S>&, const MatT<S>&, const FakeQuantGrad&, const VecT<S>&,           \
-                                  const VecT<S>&, const FakeQuantTape<S>&, MatT<S>&, VecT<S>*, VecT<S>*);
+                                  const VecT<S>&, const FakeQuantTape<S>&, MatT<S>&, VecT<S>*, VecT<S>*);        \
+  template void clip_rows_fwd<S>(const MatT<S>&, const VecT<S>&, const VecT<S>&, MatT<S>&);                        \
+  template void clip_rows_bwd<S>(const MatT<S>&, const MatT<S>&, const VecT<S>&, const VecT<S>&, MatT<S>&,         \
+                                 VecT<S>*, VecT<S>*);
 
 QL_QUANT_GRAD_INSTANTIATE(float)
 QL_QUANT_GRAD_INSTANTIATE(double)

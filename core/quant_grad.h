@@ -62,4 +62,15 @@ void fake_quant_bwd(const MatT<S>& dY, const MatT<S>& X, const FakeQuantGrad& sp
                     const VecT<S>& logit_lo, const FakeQuantTape<S>& tape, MatT<S>& dX, VecT<S>* dlogit_hi,
                     VecT<S>* dlogit_lo);
 
+/// LWC on its own (when an op sits between the clipping and the grid, as FlatQuant's P_v on
+/// v_proj's output): Y = clamp(X, min_row(X)·σ(lo), max_row(X)·σ(hi)) row by row, one logit pair
+/// per row (or one shared).
+template <class S>
+void clip_rows_fwd(const MatT<S>& X, const VecT<S>& logit_hi, const VecT<S>& logit_lo, MatT<S>& Y);
+/// dX (overwritten): clipped elements pass their gradient to the bound, the bound to its logit
+/// and the row's max / min element; dlogit_hi / dlogit_lo += when non-null.
+template <class S>
+void clip_rows_bwd(const MatT<S>& dY, const MatT<S>& X, const VecT<S>& logit_hi, const VecT<S>& logit_lo, MatT<S>& dX,
+                   VecT<S>* dlogit_hi, VecT<S>* dlogit_lo);
+
 }  // namespace ql

@@ -8,8 +8,11 @@
 #include <cmath>
 #include <cstring>
 #include <string>
+#include <tuple>
+#include <vector>
 
 #include "algorithms/algorithm.h"
+#include "algorithms/flatquant/block_graph.h"
 #include "algorithms/flatquant/trainer.h"
 #include "core/parallel.h"
 #include "core/rng.h"
@@ -138,6 +141,132 @@ TEST(FlatQuant, RefusesGridsItCannotSimulateAndModelWorkloads) {
   } catch (const ConfigError& e) {
     EXPECT_NE(std::string(e.what()).find("not built yet"), std::string::npos) << e.what();
     EXPECT_NE(std::string(e.what()).find("quant.0.algorithm"), std::string::npos) << e.what();
+  }
+}
+
+// ---- the block graph (block_graph.h) ----
+
+MatrixD rndd(Index r, Index c, uint64_t stream, double scale = 1.0, double diag = 0.0) {
+  const CounterRng rng(41, stream);
+  MatrixD m(r, c);
+  for (Index i = 0; i < m.size(); ++i) m.data()[i] = scale * rng.normal(static_cast<uint64_t>(i));
+  for (Index i = 0; i < std::min(r, c); ++i) m(i, i) += diag;
+  return m;
+}
+
+VectorD rndv(Index n, uint64_t stream, double scale, double offset) {
+  return (rndd(n, 1, stream, scale).array() + offset).matrix();
+}
+
+/// A tiny block (hidden 8 = 2 x 4, 4 heads of 2 over 2 KV heads, intermediate 12 = 2 x 6) and
+/// transforms near the identity.
+void tiny_flat_block(BlockShape& s, BlockParams<double>& w, FlatBlockTransforms<double>& t, bool clipping) {
+  s.n_heads = 4;
+  s.n_kv_heads = 2;
+  s.head_dim = 2;
+  s.eps = 1e-5;
+  s.rope_theta = 10000.0;
+  w.input_norm = rndv(8, 1, 0.2, 1.0);
+  w.post_attn_norm = rndv(8, 2, 0.2, 1.0);
+  w.q = rndd(8, 8, 3, 0.5);
+  w.k = rndd(4, 8, 4, 0.5);
+  w.v = rndd(4, 8, 5, 0.5);
+  w.o = rndd(8, 8, 6, 0.4);
+  w.gate = rndd(12, 8, 7, 0.5);
+  w.up = rndd(12, 8, 8, 0.5);
+  w.down = rndd(8, 12, 9, 0.4);
+  uint64_t st = 20;
+  auto f = [&](Index n) { return rndd(n, n, st++, 0.2, 1.0); };
+  t.a1 = f(2), t.a2 = f(4), t.a1i = f(2), t.a2i = f(4), t.ca = rndv(8, st++, 0.2, 1.0);
+  t.u1 = f(2), t.u2 = f(4), t.u1i = f(2), t.u2i = f(4), t.cu = rndv(8, st++, 0.2, 1.0);
+  t.d1 = f(2), t.d2 = f(6), t.d1i = f(2), t.d2i = f(6), t.cd = rndv(12, st++, 0.2, 1.0);
+  t.v = f(2), t.vi = f(2), t.o = f(4), t.oi = f(4);
+  const Index rows[kLinearKinds] = {8, 4, 4, 8, 12, 12, 8};
+  for (int k = 0; k < kLinearKinds; ++k) {
+    t.lwc_hi[k] = VectorD::Constant(clipping ? rows[k] : 0, 1.0);
+    t.lwc_lo[k] = VectorD::Constant(clipping ? rows[k] : 0, 0.8);
+    t.lac_hi[k] = VectorD::Constant(clipping ? 1 : 0, 1.5);
+    t.lac_lo[k] = VectorD::Constant(clipping ? 1 : 0, 1.2);
+  }
+}
+
+TEST(FlatQuantBlock, IdentityTransformsWithoutGridsAreTheFpBlock) {
+  BlockShape s;
+  BlockParams<double> w;
+  FlatBlockTransforms<double> t;
+  tiny_flat_block(s, w, t, false);
+  for (MatrixD* m : {&t.a1, &t.a2, &t.a1i, &t.a2i, &t.u1, &t.u2, &t.u1i, &t.u2i, &t.d1, &t.d2, &t.d1i, &t.d2i, &t.v,
+                     &t.vi, &t.o, &t.oi})
+    m->setIdentity();
+  t.ca.setOnes();
+  t.cu.setOnes();
+  t.cd.setOnes();
+  FlatBlockGrids off;
+  off.weights = off.acts = false;
+  const MatrixD x = rndd(10, 8, 60);
+  RopeTables tab;
+  FlatBlockTape<double> ft;
+  flat_block_fwd(s, w, t, off, x, 5, tab, ft);
+  BlockTape<double> bt;
+  block_fwd(s, w, x, 5, 0, tab, bt);
+  EXPECT_LT((ft.y - bt.y).norm(), 1e-12 * bt.y.norm());
+}
+
+TEST(FlatQuantBlock, GradientsMatchFiniteDifferencesOfTheRoundingFreeSurrogate) {
+  BlockShape s;
+  BlockParams<double> w;
+  FlatBlockTransforms<double> t;
+  tiny_flat_block(s, w, t, true);
+  FlatBlockGrids grids;
+  grids.w.bits = 4;
+  grids.w.clip = ClipStyle::ClampValues;
+  grids.w.min_range = 1e-5;
+  grids.w.round_values = false;
+  grids.a.bits = 4;
+  grids.a.round_values = false;
+  const MatrixD x = rndd(10, 8, 61), R = rndd(10, 8, 62);
+  auto loss = [&] {
+    RopeTables tab;
+    FlatBlockTape<double> tp;
+    flat_block_fwd(s, w, t, grids, x, 5, tab, tp);
+    return (tp.y.array() * R.array()).sum();
+  };
+  RopeTables tab;
+  FlatBlockTape<double> tp;
+  flat_block_fwd(s, w, t, grids, x, 5, tab, tp);
+  FlatBlockTransforms<double> g = FlatBlockTransforms<double>::zeros_like(t);
+  flat_block_bwd(s, w, t, grids, tp, tab, R, g);
+  auto check = [&](double* p, Index n, const double* an, const char* what) {
+    double num = 0, den = 0;
+    for (Index i = 0; i < n; ++i) {
+      const double keep = p[i], h = 1e-6;
+      p[i] = keep + h;
+      const double lp = loss();
+      p[i] = keep - h;
+      const double lm = loss();
+      p[i] = keep;
+      const double fd = (lp - lm) / (2 * h);
+      num += (an[i] - fd) * (an[i] - fd);
+      den += fd * fd;
+    }
+    EXPECT_GT(den, 0.0) << what;
+    EXPECT_LT(std::sqrt(num / den), 1e-6) << what;
+  };
+  std::vector<std::tuple<MatrixD*, MatrixD*, const char*>> mats = {
+      {&t.a1, &g.a1, "a1"}, {&t.a2, &g.a2, "a2"}, {&t.a1i, &g.a1i, "a1i"}, {&t.a2i, &g.a2i, "a2i"},
+      {&t.u1, &g.u1, "u1"}, {&t.u2, &g.u2, "u2"}, {&t.u1i, &g.u1i, "u1i"}, {&t.u2i, &g.u2i, "u2i"},
+      {&t.d1, &g.d1, "d1"}, {&t.d2, &g.d2, "d2"}, {&t.d1i, &g.d1i, "d1i"}, {&t.d2i, &g.d2i, "d2i"},
+      {&t.v, &g.v, "v"},    {&t.vi, &g.vi, "vi"}, {&t.o, &g.o, "o"},       {&t.oi, &g.oi, "oi"}};
+  for (auto& [p, an, what] : mats) check(p->data(), p->size(), an->data(), what);
+  check(t.ca.data(), 8, g.ca.data(), "ca");
+  check(t.cu.data(), 8, g.cu.data(), "cu");
+  check(t.cd.data(), 12, g.cd.data(), "cd");
+  for (int k = 0; k < kLinearKinds; ++k) {
+    const std::string name = linear_suffix(static_cast<LinearKind>(k));
+    check(t.lwc_hi[k].data(), t.lwc_hi[k].size(), g.lwc_hi[k].data(), ("lwc_hi " + name).c_str());
+    check(t.lwc_lo[k].data(), t.lwc_lo[k].size(), g.lwc_lo[k].data(), ("lwc_lo " + name).c_str());
+    check(t.lac_hi[k].data(), 1, g.lac_hi[k].data(), ("lac_hi " + name).c_str());
+    check(t.lac_lo[k].data(), 1, g.lac_lo[k].data(), ("lac_lo " + name).c_str());
   }
 }
 

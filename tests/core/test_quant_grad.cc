@@ -149,5 +149,23 @@ TEST(QuantGrad, ClippedValuesSendTheirGradientToTheBound) {
   EXPECT_EQ(dlh[0], 0.0);
 }
 
+TEST(QuantGrad, RowClippingAloneMatchesFiniteDifferences) {
+  MatrixD X = rnd(6, 10, 50), R = rnd(6, 10, 51);
+  VectorD lh = VectorD::Constant(6, 0.7), ll = VectorD::Constant(6, 0.4);
+  auto loss = [&] {
+    MatrixD Y;
+    clip_rows_fwd<double>(X, lh, ll, Y);
+    return (Y.array() * R.array()).sum();
+  };
+  MatrixD Y, dX;
+  clip_rows_fwd<double>(X, lh, ll, Y);
+  EXPECT_LT(Y.maxCoeff(), X.maxCoeff());  // something was clipped
+  VectorD dlh = VectorD::Zero(6), dll = VectorD::Zero(6);
+  clip_rows_bwd<double>(R, X, lh, ll, dX, &dlh, &dll);
+  EXPECT_LT(fd_error(loss, X.data(), X.size(), dX.data()), 1e-6);
+  EXPECT_LT(fd_error(loss, lh.data(), lh.size(), dlh.data()), 1e-6);
+  EXPECT_LT(fd_error(loss, ll.data(), ll.size(), dll.data()), 1e-6);
+}
+
 }  // namespace
 }  // namespace ql
