@@ -204,6 +204,13 @@ struct BlockInput {
   /// on exactly those inputs (what a block-local objective reconstructs); null otherwise.
   const std::vector<Matrix>* inputs = nullptr;
   const std::vector<Matrix>* targets = nullptr;
+  /// The quantizers the run applies after this step (what a trained transform's objective
+  /// simulates): the grid of the first later weight step and the first activation spec of
+  /// this or a later step; null: none.
+  const QuantSpec* weight_spec = nullptr;
+  const ActQuantSpec* act_spec = nullptr;
+  /// The run's progress line (may be empty): training plugins report epoch and loss there.
+  std::function<void(const std::string&)> progress;
 };
 
 struct BlockResult {
@@ -318,9 +325,6 @@ struct AlgorithmInfo {
   /// Block scope: the plugin also transforms the input of a standalone linear
   /// (BlockAlgorithm::run_standalone), so the synthetic layer suite can drive it.
   bool standalone_inputs = false;
-  /// Block scope: the plugin transforms a transformer model's blocks. False for a plugin whose
-  /// model path is not built yet (validate_pipeline rejects it on model workloads).
-  bool model_blocks = true;
   CalibNeeds needs;
   /// Option entries ("k: v, ..."; no commas inside values) under which the plugin applies to
   /// the conformance tests' tiny shapes (KV widths 4-32, a few hundred calibration tokens), when

@@ -264,6 +264,8 @@ struct ModelRun {
   /// Per block and input group: the cumulative channel scale s folded into the consumers
   /// (x' = x / s), kept for re-measuring layer rows after model-scope steps.
   std::vector<std::vector<VectorD>> input_scale = {};
+  /// The progress line's callback (may be empty): block plugins report training there.
+  std::function<void(const std::string&)> on_progress = {};
 };
 
 /// Rows of calibration inputs stacked per statistics update: windows are taken whole until
@@ -419,6 +421,12 @@ void apply_block_steps(ModelRun& m, int b, const std::vector<Matrix>& h, const s
       in.inputs = &h;
       in.targets = &fp_out;
     }
+    if (m.on_progress) in.progress = [&m, b](const std::string& what) { m.on_progress("block " + std::to_string(b) + " | " + what); };
+    const auto& steps = m.pipeline.steps();
+    for (std::size_t j = si + 1; j < steps.size() && !in.weight_spec; ++j)
+      if (steps[j].config().weight.bits < 16) in.weight_spec = &steps[j].config().weight;
+    for (std::size_t j = si; j < steps.size() && !in.act_spec; ++j)
+      if (steps[j].config().act.quantized()) in.act_spec = &steps[j].config().act;
     BlockResult r = dynamic_cast<const BlockAlgorithm&>(ps.plugin()).run(in);
     m.model.apply_transforms(b, r.transforms);
     for (int s = 0; s < kTransformSlots; ++s)
@@ -640,6 +648,7 @@ double calibrate_and_quantize(ModelRun& m, const std::vector<std::vector<int32_t
   h.reserve(windows.size());
   for (auto& w : windows) h.push_back(fp_model.embed(w));
   double quant_seconds = 0;
+  m.on_progress = on_layer;
   for (int b = 0; b < m.model.num_blocks(); ++b) {
     if (on_layer) on_layer("block " + std::to_string(b));
     BlockStats st;

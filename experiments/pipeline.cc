@@ -154,12 +154,6 @@ void validate_pipeline(const RunConfig& run, const AlgorithmRegistry& registry) 
                             (model ? "model" : "synthetic layer-suite") + " workload does not drive" +
                             (model ? "" : " (it has no transformer blocks or KV cache)"),
                         run.label);
-    if (model && scope == Scope::Block && !info.model_blocks)
-      throw ConfigError(step.loc, path,
-                        "algorithm '" + step.algorithm +
-                            "' runs on the synthetic suite's layers only: its block-wise training of transformer "
-                            "models is not built yet",
-                        run.label);
     // Block transforms define the space the weight steps quantize in, so they come first.
     if (scope == Scope::Block && !weight_step.empty())
       throw ConfigError(step.loc, path,

@@ -15,6 +15,7 @@ struct FlatQuantOptions {
   bool add_diag = true, lwc = true, lac = true, train_transform = true;
   int seed = 0;
   int batch_tokens = 128;
+  int batch_size = 4;
 
   FlatTrainOptions train(uint64_t stream) const {
     FlatTrainOptions o;
@@ -38,9 +39,27 @@ class FlatQuant final : public BlockAlgorithm {
   explicit FlatQuant(FlatQuantOptions o) : opt_(o) {}
 
  private:
-  BlockTransforms compute_transforms(const BlockInput& in, Diagnostics&) const override {
-    // validate_pipeline rejects flatquant on models (info.model_blocks = false) before any run.
-    throw ShapeError("'" + in.name + "': flatquant's block-wise training of transformer models is not built yet");
+  BlockTransforms compute_transforms(const BlockInput& in, Diagnostics& diag) const override {
+    if (!in.inputs || !in.targets)
+      throw ShapeError("'" + in.name + "': flatquant needs the block's calibration inputs and FP outputs");
+    const int epochs = opt_.epochs;
+    auto progress = [&](int epoch, double loss) {
+      if (in.progress)
+        in.progress("flatquant epoch " + std::to_string(epoch + 1) + "/" + std::to_string(epochs) + " loss " +
+                    std::to_string(loss));
+    };
+    const FlatBlockResult r = train_flat_block(*in.config, *in.weights, *in.inputs, *in.targets, in.weight_spec,
+                                               in.act_spec, opt_.batch_size, opt_.train(in.seed), progress);
+    diag = {{"loss_sum_first_epoch", r.loss_sum_first_epoch},
+            {"loss_sum_last_epoch", r.loss_sum_last_epoch},
+            {"cond_qkv_in", r.cond_a},
+            {"cond_gate_up_in", r.cond_ug},
+            {"cond_down_in", r.cond_d},
+            {"cond_v_out", r.cond_v},
+            {"cond_o_in", r.cond_o},
+            {"steps", static_cast<double>(r.steps)},
+            {"trained_params", static_cast<double>(r.trained_params)}};
+    return r.transforms;
   }
 
   StandaloneResult fit_standalone(const StandaloneInput& in) const override {
@@ -83,6 +102,8 @@ std::shared_ptr<OptionSchema<FlatQuantOptions>> make_schema() {
   s->add("seed", &FlatQuantOptions::seed, "seed of the random starting factors", {0, 2147483647});
   s->add("batch_tokens", &FlatQuantOptions::batch_tokens, "calibration tokens per step on a standalone layer",
          {1, 1 << 30});
+  s->add("batch_size", &FlatQuantOptions::batch_size, "calibration windows per step on a model block (cali_bsz)",
+         {1, 1 << 20});
   return s;
 }
 
@@ -94,11 +115,11 @@ void register_flatquant(AlgorithmRegistry& registry) {
   info.scope = Scope::Block;
   info.summary =
       "learned Kronecker transforms (SVD form, Cayley factors) with a per-channel scale, learnable weight and "
-      "activation clipping, trained against the FP output (synthetic suite's layers; model blocks not built yet)";
+      "activation clipping, trained per block against the FP block's output (per layer on the synthetic suite)";
   info.paper = "FlatQuant: Flatness Matters for LLM Quantization, arXiv 2410.09426";
   info.uses_weight_spec = false;
   info.standalone_inputs = true;
-  info.model_blocks = false;
+  info.needs.block_io = true;
   info.options = make_schema();
   info.make = [](const std::any& o) {
     return std::make_unique<FlatQuant>(std::any_cast<const FlatQuantOptions&>(o));

@@ -1,5 +1,7 @@
 #include "algorithms/flatquant/trainer.h"
 
+#include "algorithms/flatquant/block_graph.h"
+
 #include <algorithm>
 #include <cmath>
 #include <string>
@@ -228,6 +230,235 @@ FlatLayerResult train_flat_layer(const Matrix& X, const Matrix& W, const QuantSp
     row = row.cwiseMax(lo).cwiseMin(hi);
   }
   if (na > 0) res.act_clip = ActClip{sigmoidf(p.ac_lo[0]), sigmoidf(p.ac_hi[0])};
+  return res;
+}
+
+}  // namespace ql
+
+// ---------------------------------------------------------------- block-wise training
+
+namespace ql {
+
+namespace {
+
+/// The trainable state of one block: eight SVD factors, three channel scales, LWC and LAC
+/// logits per linear, with their gradients.
+struct BlockState {
+  SvdFactorParam a1, a2, u1, u2, d1, d2, v, o;
+  Vector ca, cu, cd, gca, gcu, gcd;
+  std::array<Vector, kLinearKinds> lwc_hi, lwc_lo, lac_hi, lac_lo, glwc_hi, glwc_lo, glac_hi, glac_lo;
+
+  std::array<SvdFactorParam*, 8> factors() { return {&a1, &a2, &u1, &u2, &d1, &d2, &v, &o}; }
+};
+
+/// Column-wise max |x| over all rows of all windows of one tape field (the reference's running
+/// max, initialised to 1e-5).
+Vector col_absmax(const std::vector<BlockTape<float>>& tapes, Matrix BlockTape<float>::*field) {
+  Vector m = Vector::Constant((tapes.front().*field).cols(), 1e-5f);
+  for (const auto& t : tapes) m = m.cwiseMax((t.*field).cwiseAbs().colwise().maxCoeff().transpose());
+  return m;
+}
+
+/// max over rows |W| of stacked weights, per input column.
+Vector weight_absmax(std::initializer_list<const Matrix*> ws) {
+  Vector m = Vector::Zero((*ws.begin())->cols());
+  for (const Matrix* W : ws) m = m.cwiseMax(W->cwiseAbs().colwise().maxCoeff().transpose());
+  return m;
+}
+
+Vector smooth_scale(const Vector& wmax, const Vector& xmax, double alpha) {
+  Vector c(wmax.size());
+  for (Index j = 0; j < c.size(); ++j)
+    c[j] = static_cast<float>(std::max(detmath::pow(wmax[j], 1 - alpha) / detmath::pow(xmax[j], alpha), 1e-5));
+  return c;
+}
+
+void fill_transforms(BlockState& st, FlatBlockTransforms<float>& t) {
+  for (SvdFactorParam* f : st.factors()) f->materialize();
+  auto m = [](const SvdFactorParam& f) { return f.M.cast<float>().eval(); };
+  auto mi = [](const SvdFactorParam& f) { return f.M_inv_t.cast<float>().eval(); };
+  t.a1 = m(st.a1), t.a2 = m(st.a2), t.a1i = mi(st.a1), t.a2i = mi(st.a2), t.ca = st.ca;
+  t.u1 = m(st.u1), t.u2 = m(st.u2), t.u1i = mi(st.u1), t.u2i = mi(st.u2), t.cu = st.cu;
+  t.d1 = m(st.d1), t.d2 = m(st.d2), t.d1i = mi(st.d1), t.d2i = mi(st.d2), t.cd = st.cd;
+  t.v = m(st.v), t.vi = mi(st.v), t.o = m(st.o), t.oi = mi(st.o);
+  t.lwc_hi = st.lwc_hi, t.lwc_lo = st.lwc_lo, t.lac_hi = st.lac_hi, t.lac_lo = st.lac_lo;
+}
+
+void take_grads(BlockState& st, const FlatBlockTransforms<float>& g) {
+  st.a1.backward(g.a1, g.a1i);
+  st.a2.backward(g.a2, g.a2i);
+  st.u1.backward(g.u1, g.u1i);
+  st.u2.backward(g.u2, g.u2i);
+  st.d1.backward(g.d1, g.d1i);
+  st.d2.backward(g.d2, g.d2i);
+  st.v.backward(g.v, g.vi);
+  st.o.backward(g.o, g.oi);
+  st.gca += g.ca;
+  st.gcu += g.cu;
+  st.gcd += g.cd;
+  for (int k = 0; k < kLinearKinds; ++k) {
+    st.glwc_hi[k] += g.lwc_hi[k];
+    st.glwc_lo[k] += g.lwc_lo[k];
+    st.glac_hi[k] += g.lac_hi[k];
+    st.glac_lo[k] += g.lac_lo[k];
+  }
+}
+
+std::shared_ptr<const InputTransform> kron_transform(const SvdFactorParam& f1, const SvdFactorParam& f2,
+                                                     const Vector& c) {
+  return std::make_shared<const InputTransform>(
+      InputTransform::kronecker(TransformFactor{f1.M, f1.M_inv_t}, TransformFactor{f2.M, f2.M_inv_t})
+          .with_channel_scale(c.cast<double>()));
+}
+
+}  // namespace
+
+FlatBlockResult train_flat_block(const ModelConfig& cfg, const DecoderBlock& w, const std::vector<Matrix>& inputs,
+                                 const std::vector<Matrix>& targets, const QuantSpec* wspec, const ActQuantSpec* aspec,
+                                 int batch_size, const FlatTrainOptions& o,
+                                 const std::function<void(int, double)>& progress) {
+  if (inputs.empty() || inputs.size() != targets.size() || batch_size < 1)
+    throw ShapeError("flatquant: block training needs calibration inputs and their FP outputs");
+  const Index T = inputs.front().rows(), d = cfg.hidden_size, ff = cfg.intermediate_size;
+  for (std::size_t i = 0; i < inputs.size(); ++i)
+    if (inputs[i].rows() != T || targets[i].rows() != T)
+      throw ShapeError("flatquant: calibration windows differ in length (block training batches equal windows)");
+  const bool wq = wspec && wspec->quantized(), aq = aspec && aspec->quantized();
+  FlatBlockGrids grids;
+  grids.weights = wq;
+  grids.acts = aq;
+  if (wq) grids.w = weight_grid(*wspec, o.lwc);
+  if (aq) grids.a = act_grid(*aspec);
+  const BlockShape shape = BlockShape::of(cfg);
+  const BlockParams<float> fp = BlockParams<float>::from(w);
+
+  // Start: random orthogonal factors (Cayley of them), σ = 1, SmoothQuant-style scales from the
+  // FP block's activations on the calibration windows, clipping logits 4.
+  BlockState st;
+  const auto [h1, h2] = kronecker_factor_sizes(d);
+  const auto [f1, f2] = kronecker_factor_sizes(ff);
+  uint64_t s = 0;
+  auto draw = [&](Index n) { return SvdFactorParam::random(n, o.seed, mix_stream(o.stream, ++s)); };
+  st.a1 = draw(h1), st.a2 = draw(h2), st.o = draw(cfg.num_heads), st.v = draw(cfg.head_dim);
+  st.u1 = draw(h1), st.u2 = draw(h2), st.d1 = draw(f1), st.d2 = draw(f2);
+  {
+    std::vector<BlockTape<float>> tapes(inputs.size());
+    RopeTables tab;
+    for (std::size_t i = 0; i < inputs.size(); ++i) block_fwd<float>(shape, fp, inputs[i], T, 0, tab, tapes[i]);
+    const double a = o.diag_alpha;
+    st.ca = o.add_diag ? smooth_scale(weight_absmax({&w.q.W, &w.k.W, &w.v.W}), col_absmax(tapes, &BlockTape<float>::xn1), a)
+                       : Vector::Ones(d);
+    st.cu = o.add_diag ? smooth_scale(weight_absmax({&w.up.W, &w.gate.W}), col_absmax(tapes, &BlockTape<float>::xn2), a)
+                       : Vector::Ones(d);
+    st.cd = o.add_diag ? smooth_scale(weight_absmax({&w.down.W}), col_absmax(tapes, &BlockTape<float>::a), a)
+                       : Vector::Ones(ff);
+  }
+  st.gca.setZero(d);
+  st.gcu.setZero(d);
+  st.gcd.setZero(ff);
+  for (int k = 0; k < kLinearKinds; ++k) {
+    const Index rows = w.linear(static_cast<LinearKind>(k)).W.rows();
+    st.lwc_hi[k] = st.lwc_lo[k] = Vector::Constant(o.lwc && wq ? rows : 0, 4.0f);
+    st.lac_hi[k] = st.lac_lo[k] = Vector::Constant(o.lac && aq ? 1 : 0, 4.0f);
+    st.glwc_hi[k] = st.glwc_lo[k] = Vector::Zero(st.lwc_hi[k].size());
+    st.glac_hi[k] = st.glac_lo[k] = Vector::Zero(st.lac_hi[k].size());
+  }
+
+  AdamWOptions main_opt, clip_opt;
+  main_opt.lr = o.lr;
+  main_opt.weight_decay = clip_opt.weight_decay = o.weight_decay;
+  clip_opt.lr = o.lr * o.clip_lr_factor;
+  AdamW opt_main(main_opt), opt_clip(clip_opt);
+  std::vector<const float*> g_main, g_clip;
+  FlatBlockResult res;
+  auto reg = [&](AdamW& opt, std::vector<const float*>& g, float* p, Index n, const float* grad) {
+    if (n == 0) return;
+    opt.add(p, n);
+    g.push_back(grad);
+    res.trained_params += n;
+  };
+  if (o.train_transform)
+    for (SvdFactorParam* f : st.factors()) {
+      reg(opt_main, g_main, f->xu.data(), f->xu.size(), f->gxu.data());
+      reg(opt_main, g_main, f->xv.data(), f->xv.size(), f->gxv.data());
+      reg(opt_main, g_main, f->sigma.data(), f->sigma.size(), f->gsigma.data());
+    }
+  if (o.add_diag) {
+    reg(opt_main, g_main, st.ca.data(), d, st.gca.data());
+    reg(opt_main, g_main, st.cu.data(), d, st.gcu.data());
+    reg(opt_main, g_main, st.cd.data(), ff, st.gcd.data());
+  }
+  for (int k = 0; k < kLinearKinds; ++k) {
+    reg(opt_clip, g_clip, st.lwc_hi[k].data(), st.lwc_hi[k].size(), st.glwc_hi[k].data());
+    reg(opt_clip, g_clip, st.lwc_lo[k].data(), st.lwc_lo[k].size(), st.glwc_lo[k].data());
+    reg(opt_clip, g_clip, st.lac_hi[k].data(), st.lac_hi[k].size(), st.glac_hi[k].data());
+    reg(opt_clip, g_clip, st.lac_lo[k].data(), st.lac_lo[k].size(), st.glac_lo[k].data());
+  }
+
+  const Index n_win = static_cast<Index>(inputs.size());
+  const Index n_batches = (n_win + batch_size - 1) / batch_size;
+  const int64_t total = static_cast<int64_t>(o.epochs) * n_batches;
+  FlatBlockTransforms<float> t, gr;
+  FlatBlockTape<float> tape;
+  RopeTables tab;
+  Matrix X, Y, dy;
+  int64_t step = 0;
+  for (int epoch = 0; epoch < o.epochs; ++epoch) {
+    double loss_sum = 0;
+    for (Index b = 0; b < n_batches; ++b, ++step) {
+      const Index w0 = b * batch_size, nw = std::min<Index>(batch_size, n_win - w0);
+      X.resize(nw * T, d);
+      Y.resize(nw * T, d);
+      for (Index i = 0; i < nw; ++i) {
+        X.middleRows(i * T, T) = inputs[static_cast<std::size_t>(w0 + i)];
+        Y.middleRows(i * T, T) = targets[static_cast<std::size_t>(w0 + i)];
+      }
+      fill_transforms(st, t);
+      flat_block_fwd<float>(shape, fp, t, grids, X, T, tab, tape);
+      dy = tape.y - Y;
+      const double loss = static_cast<double>(dy.squaredNorm()) / static_cast<double>(dy.size());
+      loss_sum += loss;
+      // The loss divided by its detached value: dL/dy = 2 (y - target) / (numel · loss).
+      dy *= static_cast<float>(2.0 / (static_cast<double>(dy.size()) * std::max(loss, 1e-30)));
+      gr = FlatBlockTransforms<float>::zeros_like(t);
+      flat_block_bwd<float>(shape, fp, t, grids, tape, tab, dy, gr);
+      take_grads(st, gr);
+      if (!g_main.empty()) opt_main.step(g_main, cosine_lr(o.lr, step, total));
+      if (!g_clip.empty()) opt_clip.step(g_clip, cosine_lr(o.lr * o.clip_lr_factor, step, total));
+      for (SvdFactorParam* f : st.factors()) f->zero_grad();
+      st.gca.setZero();
+      st.gcu.setZero();
+      st.gcd.setZero();
+      for (int k = 0; k < kLinearKinds; ++k)
+        for (Vector* g : {&st.glwc_hi[k], &st.glwc_lo[k], &st.glac_hi[k], &st.glac_lo[k]}) g->setZero();
+    }
+    if (epoch == 0) res.loss_sum_first_epoch = loss_sum;
+    res.loss_sum_last_epoch = loss_sum;
+    if (progress) progress(epoch, loss_sum);
+  }
+  res.steps = static_cast<int>(total);
+
+  // Materialise: the slots' transforms (scales included; QuantizedModel merges P⁻ᵀ and 1/c into
+  // the weights in double), the row clipping of each weight and the activation clipping.
+  for (SvdFactorParam* f : st.factors()) f->materialize();
+  BlockTransforms& out = res.transforms;
+  out[TransformSlot::QkvInput] = kron_transform(st.a1, st.a2, st.ca);
+  out[TransformSlot::GateUpInput] = kron_transform(st.u1, st.u2, st.cu);
+  out[TransformSlot::DownInput] = kron_transform(st.d1, st.d2, st.cd);
+  out[TransformSlot::VOutputPerHead] = std::make_shared<const InputTransform>(
+      InputTransform::per_head(TransformFactor{st.v.M, st.v.M_inv_t}, cfg.num_kv_heads));
+  out[TransformSlot::OInputAcrossHeads] = std::make_shared<const InputTransform>(
+      InputTransform::across_heads(TransformFactor{st.o.M, st.o.M_inv_t}, cfg.head_dim));
+  auto sig = [](const Vector& l) { return l.unaryExpr([](float a) { return sigmoidf(a); }).eval(); };
+  for (int k = 0; k < kLinearKinds; ++k) {
+    if (st.lwc_hi[k].size() > 0) out.weight_clip[k] = RowClip{sig(st.lwc_lo[k]), sig(st.lwc_hi[k])};
+    if (st.lac_hi[k].size() > 0) out.act_clip[k] = ActClip{sigmoidf(st.lac_lo[k][0]), sigmoidf(st.lac_hi[k][0])};
+  }
+  res.cond_a = st.a1.condition() * st.a2.condition();
+  res.cond_ug = st.u1.condition() * st.u2.condition();
+  res.cond_d = st.d1.condition() * st.d2.condition();
+  res.cond_v = st.v.condition();
+  res.cond_o = st.o.condition();
   return res;
 }
 

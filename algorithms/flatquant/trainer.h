@@ -10,6 +10,9 @@
 #include <memory>
 #include <vector>
 
+#include <functional>
+
+#include "core/model/quantized_model.h"
 #include "core/model/transform_grad.h"
 #include "core/model/transforms.h"
 #include "core/quant_spec.h"
@@ -70,5 +73,26 @@ struct FlatLayerResult {
 /// for grids the trainer does not simulate (groups, per-tensor, static ranges).
 FlatLayerResult train_flat_layer(const Matrix& X, const Matrix& W, const QuantSpec* wspec, const ActQuantSpec* aspec,
                                  Index batch_tokens, const FlatTrainOptions& o);
+
+/// What block-wise training returns: the transforms of the slots (P_a, P_ug, P_d with their
+/// channel scales, P_v per KV head, P_o across heads), the learned weight clipping of the seven
+/// linears and their activation clipping, and diagnostics.
+struct FlatBlockResult {
+  BlockTransforms transforms;
+  /// Sum over the epoch's batches of the MSE (the reference's log: its first and last epoch).
+  double loss_sum_first_epoch = 0, loss_sum_last_epoch = 0;
+  double cond_a = 0, cond_ug = 0, cond_d = 0, cond_v = 0, cond_o = 0;  ///< κ(P) of each transform
+  int steps = 0;
+  int64_t trained_params = 0;
+};
+
+/// FlatQuant's block-wise training (ALGORITHMS.md §5.1): calibration windows `inputs` (equal
+/// lengths, T x hidden each) and the FP block's outputs on them, batches of batch_size
+/// consecutive windows in order, `epochs` passes; the grids are those the run applies after the
+/// step (see train_flat_layer). progress(epoch, loss_sum) after every epoch.
+FlatBlockResult train_flat_block(const ModelConfig& cfg, const DecoderBlock& w, const std::vector<Matrix>& inputs,
+                                 const std::vector<Matrix>& targets, const QuantSpec* wspec, const ActQuantSpec* aspec,
+                                 int batch_size, const FlatTrainOptions& o,
+                                 const std::function<void(int, double)>& progress = nullptr);
 
 }  // namespace ql

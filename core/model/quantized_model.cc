@@ -99,11 +99,24 @@ void QuantizedModel::apply_transforms(int b, const BlockTransforms& t) {
   if (auto& p = t[TransformSlot::GateUpInput])
     for (LinearKind k : {LinearKind::Gate, LinearKind::Up}) merge_input_transform(blk.linear(k).W, *p);
   if (auto& p = t[TransformSlot::DownInput]) merge_input_transform(blk.down.W, *p);
-  if (auto& p = t[TransformSlot::VOutputPerHead]) {
-    merge_output_transform(blk.v.W, blk.v.b, *p);
-    merge_input_transform(blk.o.W, per_query_head(*p, h));
-  }
+  if (auto& p = t[TransformSlot::VOutputPerHead]) merge_input_transform(blk.o.W, per_query_head(*p, h));
   if (auto& p = t[TransformSlot::OInputAcrossHeads]) merge_input_transform(blk.o.W, *p);
+  for (int k = 0; k < kLinearKinds; ++k) {
+    const RowClip& c = t.weight_clip[k];
+    if (c.empty()) continue;
+    Matrix& W = blk.linear(static_cast<LinearKind>(k)).W;
+    if (c.lo.size() != W.rows() || c.hi.size() != W.rows())
+      throw ShapeError("block " + std::to_string(b) + ": weight clipping of " + linear_suffix(static_cast<LinearKind>(k)) +
+                       " has " + std::to_string(c.lo.size()) + " rows, the weight " + std::to_string(W.rows()));
+    for (Index r = 0; r < W.rows(); ++r) {
+      auto row = W.row(r);
+      const float hi = row.maxCoeff() * c.hi[r], lo = row.minCoeff() * c.lo[r];
+      row = row.cwiseMax(lo).cwiseMin(hi);
+    }
+  }
+  if (auto& p = t[TransformSlot::VOutputPerHead]) merge_output_transform(blk.v.W, blk.v.b, *p);
+  for (int k = 0; k < kLinearKinds; ++k)
+    if (!t.act_clip[k].identity()) act_.at(b)[k].clip = t.act_clip[k];
   for (int s = 0; s < kTransformSlots; ++s)
     if (t.slot[s]) have.slot[s] = t.slot[s];
   // Merged weights are off any earlier grid.
@@ -134,7 +147,8 @@ ForwardHooks QuantizedModel::hooks() const {
     if (slot >= 0 && transforms_[b].slot[slot]) transforms_[b].slot[slot]->apply(X);
     const ActQuantizer& a = act(b, k);
     if (a.active())
-      fake_quant_activations(X, *a.spec, a.spec->mode == ActRangeMode::Static ? &a.range : nullptr);
+      fake_quant_activations(X, *a.spec, a.spec->mode == ActRangeMode::Static ? &a.range : nullptr,
+                             a.clip.identity() ? nullptr : &a.clip);
   };
   bool any_kv = false;
   for (auto& q : kv_) any_kv = any_kv || q != nullptr;

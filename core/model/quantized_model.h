@@ -30,6 +30,7 @@ namespace ql {
 struct ActQuantizer {
   const ActQuantSpec* spec = nullptr;  ///< null: the input stays float (the spec outlives the model)
   ActRange range;                      ///< used when spec->mode is Static
+  ActClip clip;                        ///< learned clipping of the range (FlatQuant's LAC)
   bool active() const { return spec != nullptr; }
 };
 
@@ -37,8 +38,20 @@ struct ActQuantizer {
 /// block-scope plugin returns them. Shapes: qkv_in / gate_up_in hidden, down_in intermediate,
 /// o_in across heads (num_heads x num_heads factor, width q_dim), v_out per kv head (width
 /// kv_dim), k_post_rope per head (head_dim factor; width kv_dim).
+/// Learned clipping of a weight's rows (FlatQuant's LWC): row r is clamped to
+/// [min_r · lo[r], max_r · hi[r]] after the input-side transforms are merged (and before v_proj's
+/// output transform). Empty: none.
+struct RowClip {
+  Vector lo, hi;
+  bool empty() const { return lo.size() == 0; }
+};
+
 struct BlockTransforms {
   std::array<std::shared_ptr<const InputTransform>, kTransformSlots> slot;
+  /// Per linear: learned weight clipping (merged by apply_transforms) and learned activation
+  /// clipping (installed in the linear's activation quantizer); none by default.
+  std::array<RowClip, kLinearKinds> weight_clip;
+  std::array<ActClip, kLinearKinds> act_clip;
   std::shared_ptr<const InputTransform>& operator[](TransformSlot s) { return slot[static_cast<int>(s)]; }
   const std::shared_ptr<const InputTransform>& operator[](TransformSlot s) const {
     return slot[static_cast<int>(s)];
@@ -55,7 +68,9 @@ class QuantizedModel {
 
   /// Installs block b's transforms: every inverse merged into the weights in double (q/k/v,
   /// gate/up, down and o inputs: W <- W P⁻ᵀ; v_out: W_v <- P_vᵀ W_v per kv head with o_proj
-  /// absorbing P_v⁻ᵀ on every query head), the online ones kept for evaluation. A slot that
+  /// absorbing P_v⁻ᵀ on every query head), the online ones kept for evaluation. Weight clipping
+  /// is applied after the input-side merges and before v_out's (FlatQuant's order); activation
+  /// clipping goes into the linears' activation quantizers. A slot that
   /// already holds a transform is a ShapeError (compose transforms in one step), as is a
   /// transform whose width does not fit its slot. The block's function is unchanged up to
   /// rounding; the block's codes() are cleared.

@@ -34,8 +34,7 @@ std::string step_yaml(const std::string& name, const std::string& extra = "") {
   std::string s = "quant:\n  - algorithm: " + name + "\n";
   if (info.uses_weight_spec) s += "    bits: 4\n    granularity: group\n    group_size: 32\n";
   // Block, KV-cache and model steps need a model workload (after the step, so line numbers stay).
-  const bool model = (info.scope == Scope::Block && info.model_blocks) || info.scope == Scope::KvCache ||
-                     info.scope == Scope::Model;
+  const bool model = info.scope == Scope::Block || info.scope == Scope::KvCache || info.scope == Scope::Model;
   return s + extra +
          (model ? "workload: {kind: model, path: /m}\ncalib: {text: /t.txt}\neval: {streams: [{name: p, path: /p.txt}]}\n"
                 : "");
@@ -347,10 +346,6 @@ TEST_P(BlockConformance, Contract) {
   const std::string name = GetParam();
   const auto algo = plugin_at_defaults(name, Scope::Block);
   const auto& ba = dynamic_cast<const BlockAlgorithm&>(*algo);
-  if (!default_registry().get(name).model_blocks) {  // standalone inputs only (so far)
-    check_standalone(ba, name);
-    return;
-  }
   const auto fp = one_block_model();
   QuantizedModel qm(fp);
   BlockInput in;
@@ -359,6 +354,26 @@ TEST_P(BlockConformance, Contract) {
   in.config = &qm.config();
   in.weights = &qm.block(0);
   in.kv_quantized = true;
+  // Plugins that train on the block get calibration windows, the FP block's outputs and W4A4.
+  std::vector<Matrix> inputs, targets;
+  QuantSpec w4;
+  w4.bits = 4;
+  w4.scheme = QuantScheme::Sym;
+  ActQuantSpec a4;
+  a4.bits = 4;
+  if (default_registry().get(name).needs.block_io) {
+    const CounterRng wrng(77, 0);
+    for (int w = 0; w < 4; ++w) {
+      Matrix h(16, 32);
+      for (Index i = 0; i < h.size(); ++i) h.data()[i] = static_cast<float>(wrng.normal(static_cast<uint64_t>(w * 1000 + i)));
+      targets.push_back(Transformer(*fp).block(0, h));
+      inputs.push_back(std::move(h));
+    }
+    in.inputs = &inputs;
+    in.targets = &targets;
+    in.weight_spec = &w4;
+    in.act_spec = &a4;
+  }
   const BlockResult a = ba.run(in), b = ba.run(in);
   ASSERT_FALSE(a.transforms.empty()) << name << " returned no transform at its defaults";
   for (int sl = 0; sl < kTransformSlots; ++sl) {
@@ -367,8 +382,24 @@ TEST_P(BlockConformance, Contract) {
       EXPECT_EQ(a.transforms.slot[sl]->matrix(), b.transforms.slot[sl]->matrix()) << "not deterministic";
     }
   }
-  // Installed, the transforms leave the block's function unchanged (before quantization).
-  qm.apply_transforms(0, a.transforms);
+  // Learned clipping, where returned, is a ratio in (0, 1] of each row's / token's range, the
+  // same on a second run.
+  for (int k = 0; k < kLinearKinds; ++k) {
+    const RowClip& c = a.transforms.weight_clip[k];
+    if (!c.empty()) {
+      EXPECT_GT(c.lo.minCoeff(), 0.0f);
+      EXPECT_LE(c.hi.maxCoeff(), 1.0f);
+      EXPECT_EQ(c.hi, b.transforms.weight_clip[k].hi) << "not deterministic";
+    }
+    EXPECT_GT(a.transforms.act_clip[k].hi, 0.0f);
+    EXPECT_LE(a.transforms.act_clip[k].hi, 1.0f);
+  }
+  // Installed without the clipping (a deliberate change of the weights and activations), the
+  // transforms leave the block's function unchanged (before quantization).
+  BlockTransforms exact = a.transforms;
+  exact.weight_clip = {};
+  exact.act_clip = {};
+  qm.apply_transforms(0, exact);
   std::vector<int32_t> tokens(20);
   for (int t = 0; t < 20; ++t) tokens[t] = (7 * t + 3) % 50;
   const Matrix ref = Transformer(*fp).forward(tokens);
@@ -490,15 +521,6 @@ TEST_P(Conformance, RunsEndToEndOnTheSyntheticSuiteAndATinyModel) {
   const std::string model_yaml = "workload: {kind: model, path: " + d + "}\ncalib: {ids: " + d +
                                  "/ids.txt, n_samples: 4, seq_len: 16}\neval: {seq_len: 16, token_ids: [{name: t, path: " +
                                  d + "/ids.txt}]}\nslices: {n_boot: 0}\nquant: " + pipeline_with(name) + "\n";
-  if (info.scope == Scope::Block && !info.model_blocks) {  // refused up front, saying why
-    try {
-      parse_run_config(ConfigNode::parse(model_yaml, "e2e.yaml"), "e2e", "e2e.yaml", default_registry());
-      ADD_FAILURE() << name << " accepted a model workload it declares it cannot run";
-    } catch (const ConfigError& e) {
-      EXPECT_EQ(e.key_path(), "quant.0.algorithm") << e.what();
-    }
-    return;
-  }
   const RunRecord r = run(model_yaml);
   EXPECT_EQ(r.layers.size(), 2u * kLinearKinds) << name;
 }
