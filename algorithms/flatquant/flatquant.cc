@@ -5,6 +5,7 @@
 #include "algorithms/algorithm.h"
 #include "algorithms/flatquant/trainer.h"
 #include "core/error.h"
+#include "core/rng.h"
 
 namespace ql {
 namespace {
@@ -48,8 +49,15 @@ class FlatQuant final : public BlockAlgorithm {
         in.progress("flatquant epoch " + std::to_string(epoch + 1) + "/" + std::to_string(epochs) + " loss " +
                     std::to_string(loss));
     };
-    const FlatBlockResult r = train_flat_block(*in.config, *in.weights, *in.inputs, *in.targets, in.weight_spec,
-                                               in.act_spec, opt_.batch_size, opt_.train(in.seed), progress);
+    FlatBlockResult r = train_flat_block(*in.config, *in.weights, *in.inputs, *in.targets, in.weight_spec,
+                                         in.act_spec, opt_.batch_size, opt_.train(in.seed), progress);
+    // With a quantized KV cache: P_k per head on keys (P_k⁻ᵀ on queries) after RoPE, drawn
+    // random orthogonal, not trained (the training graph has no KV quantizer yet).
+    if (in.kv_quantized)
+      r.transforms[TransformSlot::KeysPerHead] = std::make_shared<const InputTransform>(InputTransform::per_head(
+          TransformFactor::orthogonal(random_orthogonal(in.config->head_dim, static_cast<uint64_t>(opt_.seed),
+                                                        mix_stream(in.seed, 97))),
+          in.config->num_kv_heads));
     diag = {{"loss_sum_first_epoch", r.loss_sum_first_epoch},
             {"loss_sum_last_epoch", r.loss_sum_last_epoch},
             {"cond_qkv_in", r.cond_a},

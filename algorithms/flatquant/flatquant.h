@@ -11,14 +11,22 @@
 // P with the learned clipping. The grids trained against are the run's: the first later weight
 // step's (per-channel) and the input's activation quantizer (per-token, dynamic).
 //
-// Where it runs today: the synthetic suite's layers (one transform per linear input, trained
-// against the layer's output: ALGORITHMS.md §5.6). The block-wise training of a transformer
-// model (transforms on the q/k/v, gate/up and down inputs, P_v per head, P_o across heads, P_k)
-// is not built yet: the pipeline rejects flatquant on model workloads with a ConfigError.
+// On a transformer model (block scope, the reference's placement, block_graph.h): P_a on the
+// q/k/v input, P_ug on the gate/up input, P_d on the down input (each Kronecker with a channel
+// scale), P_v per KV head on v_proj's output (merged into v and o) and P_o across heads before
+// o_proj; every linear its own LWC and LAC. Trained block by block on the block's calibration
+// inputs against the FP block's outputs (set calib.propagate: fp, as the reference), batches of
+// batch_size windows in order. The channel scales stay part of the online transforms instead of
+// being folded into the RMSNorm / up_proj weights (the same function up to rounding).
+// Deviations: with a quantized KV cache P_k is drawn random orthogonal, not trained, and the
+// training objective has no KV quantizer (the reference trains both); q/k/v biases (Qwen2) are
+// not in the training graph (ShapeError). On the synthetic suite's layers (ALGORITHMS.md §5.6)
+// one transform per linear input is trained against the layer's output.
 //
 // Config keys: epochs (15), lr (5e-3), clip_lr_factor (10), weight_decay (0.01), diag_alpha
 // (0.3), add_diag, lwc, lac (true), train_transform (true; false keeps P at its random start),
-// seed (0), batch_tokens (128: calibration tokens per step on a standalone layer).
+// seed (0), batch_size (4 windows per step on a model), batch_tokens (128: calibration tokens per
+// step on a standalone layer).
 #pragma once
 
 namespace ql {
