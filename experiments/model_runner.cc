@@ -421,7 +421,8 @@ void apply_block_steps(ModelRun& m, int b, const std::vector<Matrix>& h, const s
       in.inputs = &h;
       in.targets = &fp_out;
     }
-    if (m.on_progress) in.progress = [&m, b](const std::string& what) { m.on_progress("block " + std::to_string(b) + " | " + what); };
+    if (m.on_progress)
+      in.progress = [&m, b](const std::string& what) { m.on_progress("block " + std::to_string(b) + " | " + what); };
     const auto& steps = m.pipeline.steps();
     for (std::size_t j = si + 1; j < steps.size() && !in.weight_spec; ++j)
       if (steps[j].config().weight.bits < 16) in.weight_spec = &steps[j].config().weight;

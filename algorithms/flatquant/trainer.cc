@@ -108,6 +108,25 @@ struct LayerParams {
   Vector ac_hi, ac_lo, gac_hi, gac_lo;  // LAC, one pair
 };
 
+/// After training (ALGORITHMS.md §5.1): P = diag(c)(P1 ⊗ P2) online, W merged in double, then
+/// the learned clipping of each of its first nw rows.
+void materialize_layer(LayerParams& p, const Matrix& W, bool add_diag, Index nw, FlatLayerResult& res) {
+  p.f1.materialize();
+  p.f2.materialize();
+  res.cond_p1 = p.f1.condition();
+  res.cond_p2 = p.f2.condition();
+  InputTransform P = InputTransform::kronecker(TransformFactor{p.f1.M, p.f1.M_inv_t}, TransformFactor{p.f2.M, p.f2.M_inv_t});
+  if (add_diag) P = P.with_channel_scale(p.c.cast<double>());
+  res.transform = std::make_shared<const InputTransform>(std::move(P));
+  res.weight = W;
+  merge_input_transform(res.weight, *res.transform);
+  for (Index r = 0; r < nw; ++r) {
+    auto row = res.weight.row(r);
+    const float hi = row.maxCoeff() * sigmoidf(p.wc_hi[r]), lo = row.minCoeff() * sigmoidf(p.wc_lo[r]);
+    row = row.cwiseMax(lo).cwiseMin(hi);
+  }
+}
+
 }  // namespace
 
 FlatLayerResult train_flat_layer(const Matrix& X, const Matrix& W, const QuantSpec* wspec, const ActQuantSpec* aspec,
@@ -213,22 +232,7 @@ FlatLayerResult train_flat_layer(const Matrix& X, const Matrix& W, const QuantSp
   }
   res.steps = static_cast<int>(total);
 
-  // Materialise (ALGORITHMS.md §5.1 "after training"): P = diag(c)(P1 ⊗ P2) online, W merged in
-  // double, then the learned clipping of each row.
-  p.f1.materialize();
-  p.f2.materialize();
-  res.cond_p1 = p.f1.condition();
-  res.cond_p2 = p.f2.condition();
-  InputTransform P = InputTransform::kronecker(TransformFactor{p.f1.M, p.f1.M_inv_t}, TransformFactor{p.f2.M, p.f2.M_inv_t});
-  if (o.add_diag) P = P.with_channel_scale(p.c.cast<double>());
-  res.transform = std::make_shared<const InputTransform>(std::move(P));
-  res.weight = W;
-  merge_input_transform(res.weight, *res.transform);
-  for (Index r = 0; r < nw; ++r) {
-    auto row = res.weight.row(r);
-    const float hi = row.maxCoeff() * sigmoidf(p.wc_hi[r]), lo = row.minCoeff() * sigmoidf(p.wc_lo[r]);
-    row = row.cwiseMax(lo).cwiseMin(hi);
-  }
+  materialize_layer(p, W, o.add_diag, nw, res);
   if (na > 0) res.act_clip = ActClip{sigmoidf(p.ac_lo[0]), sigmoidf(p.ac_hi[0])};
   return res;
 }
@@ -251,13 +255,8 @@ struct BlockState {
   std::array<SvdFactorParam*, 8> factors() { return {&a1, &a2, &u1, &u2, &d1, &d2, &v, &o}; }
 };
 
-/// Column-wise max |x| over all rows of all windows of one tape field (the reference's running
-/// max, initialised to 1e-5).
-Vector col_absmax(const std::vector<BlockTape<float>>& tapes, Matrix BlockTape<float>::*field) {
-  Vector m = Vector::Constant((tapes.front().*field).cols(), 1e-5f);
-  for (const auto& t : tapes) m = m.cwiseMax((t.*field).cwiseAbs().colwise().maxCoeff().transpose());
-  return m;
-}
+/// Column-wise max |x| over the rows of X.
+Vector col_absmax(const Matrix& X) { return X.cwiseAbs().colwise().maxCoeff().transpose(); }
 
 /// max over rows |W| of stacked weights, per input column.
 Vector weight_absmax(std::initializer_list<const Matrix*> ws) {
@@ -311,6 +310,71 @@ std::shared_ptr<const InputTransform> kron_transform(const SvdFactorParam& f1, c
           .with_channel_scale(c.cast<double>()));
 }
 
+/// The start of training (ALGORITHMS.md §5.1): random orthogonal factors (the factor is Cayley
+/// of them), σ = 1, SmoothQuant-style channel scales from the FP block's activations on the
+/// calibration windows, clipping logits 4.
+BlockState init_block_state(const ModelConfig& cfg, const DecoderBlock& w, const BlockParams<float>& fp,
+                            const BlockShape& shape, const std::vector<Matrix>& inputs, const FlatTrainOptions& o,
+                            bool wq, bool aq) {
+  const Index T = inputs.front().rows(), d = cfg.hidden_size, ff = cfg.intermediate_size;
+  BlockState st;
+  const auto [h1, h2] = kronecker_factor_sizes(d);
+  const auto [f1, f2] = kronecker_factor_sizes(ff);
+  uint64_t s = 0;
+  auto draw = [&](Index n) { return SvdFactorParam::random(n, o.seed, mix_stream(o.stream, ++s)); };
+  st.a1 = draw(h1), st.a2 = draw(h2), st.o = draw(cfg.num_heads), st.v = draw(cfg.head_dim);
+  st.u1 = draw(h1), st.u2 = draw(h2), st.d1 = draw(f1), st.d2 = draw(f2);
+  st.ca = st.cu = Vector::Ones(d);
+  st.cd = Vector::Ones(ff);
+  if (o.add_diag) {
+    // Running max |x| per channel (from 1e-5, as the reference) of each transform's FP input.
+    Vector m1 = Vector::Constant(d, 1e-5f), m2 = m1, m3 = Vector::Constant(ff, 1e-5f);
+    BlockTape<float> tape;
+    RopeTables tab;
+    for (const Matrix& x : inputs) {
+      block_fwd<float>(shape, fp, x, T, 0, tab, tape);
+      m1 = m1.cwiseMax(col_absmax(tape.xn1));
+      m2 = m2.cwiseMax(col_absmax(tape.xn2));
+      m3 = m3.cwiseMax(col_absmax(tape.a));
+    }
+    st.ca = smooth_scale(weight_absmax({&w.q.W, &w.k.W, &w.v.W}), m1, o.diag_alpha);
+    st.cu = smooth_scale(weight_absmax({&w.up.W, &w.gate.W}), m2, o.diag_alpha);
+    st.cd = smooth_scale(weight_absmax({&w.down.W}), m3, o.diag_alpha);
+  }
+  st.gca.setZero(d);
+  st.gcu.setZero(d);
+  st.gcd.setZero(ff);
+  for (int k = 0; k < kLinearKinds; ++k) {
+    const Index rows = w.linear(static_cast<LinearKind>(k)).W.rows();
+    st.lwc_hi[k] = st.lwc_lo[k] = Vector::Constant(o.lwc && wq ? rows : 0, 4.0f);
+    st.lac_hi[k] = st.lac_lo[k] = Vector::Constant(o.lac && aq ? 1 : 0, 4.0f);
+    st.glwc_hi[k] = st.glwc_lo[k] = Vector::Zero(st.lwc_hi[k].size());
+    st.glac_hi[k] = st.glac_lo[k] = Vector::Zero(st.lac_hi[k].size());
+  }
+
+  return st;
+}
+
+/// The trained state as the slots' transforms (scales included; QuantizedModel merges P⁻ᵀ and
+/// 1/c into the weights in double), the row clipping of each weight and the activation clipping.
+BlockTransforms materialize_block(BlockState& st, const ModelConfig& cfg) {
+  for (SvdFactorParam* f : st.factors()) f->materialize();
+  BlockTransforms out;
+  out[TransformSlot::QkvInput] = kron_transform(st.a1, st.a2, st.ca);
+  out[TransformSlot::GateUpInput] = kron_transform(st.u1, st.u2, st.cu);
+  out[TransformSlot::DownInput] = kron_transform(st.d1, st.d2, st.cd);
+  out[TransformSlot::VOutputPerHead] = std::make_shared<const InputTransform>(
+      InputTransform::per_head(TransformFactor{st.v.M, st.v.M_inv_t}, cfg.num_kv_heads));
+  out[TransformSlot::OInputAcrossHeads] = std::make_shared<const InputTransform>(
+      InputTransform::across_heads(TransformFactor{st.o.M, st.o.M_inv_t}, cfg.head_dim));
+  auto sig = [](const Vector& l) { return l.unaryExpr([](float a) { return sigmoidf(a); }).eval(); };
+  for (int k = 0; k < kLinearKinds; ++k) {
+    if (st.lwc_hi[k].size() > 0) out.weight_clip[k] = RowClip{sig(st.lwc_lo[k]), sig(st.lwc_hi[k])};
+    if (st.lac_hi[k].size() > 0) out.act_clip[k] = ActClip{sigmoidf(st.lac_lo[k][0]), sigmoidf(st.lac_hi[k][0])};
+  }
+  return out;
+}
+
 }  // namespace
 
 FlatBlockResult train_flat_block(const ModelConfig& cfg, const DecoderBlock& w, const std::vector<Matrix>& inputs,
@@ -332,38 +396,7 @@ FlatBlockResult train_flat_block(const ModelConfig& cfg, const DecoderBlock& w, 
   const BlockShape shape = BlockShape::of(cfg);
   const BlockParams<float> fp = BlockParams<float>::from(w);
 
-  // Start: random orthogonal factors (Cayley of them), σ = 1, SmoothQuant-style scales from the
-  // FP block's activations on the calibration windows, clipping logits 4.
-  BlockState st;
-  const auto [h1, h2] = kronecker_factor_sizes(d);
-  const auto [f1, f2] = kronecker_factor_sizes(ff);
-  uint64_t s = 0;
-  auto draw = [&](Index n) { return SvdFactorParam::random(n, o.seed, mix_stream(o.stream, ++s)); };
-  st.a1 = draw(h1), st.a2 = draw(h2), st.o = draw(cfg.num_heads), st.v = draw(cfg.head_dim);
-  st.u1 = draw(h1), st.u2 = draw(h2), st.d1 = draw(f1), st.d2 = draw(f2);
-  {
-    std::vector<BlockTape<float>> tapes(inputs.size());
-    RopeTables tab;
-    for (std::size_t i = 0; i < inputs.size(); ++i) block_fwd<float>(shape, fp, inputs[i], T, 0, tab, tapes[i]);
-    const double a = o.diag_alpha;
-    st.ca = o.add_diag ? smooth_scale(weight_absmax({&w.q.W, &w.k.W, &w.v.W}), col_absmax(tapes, &BlockTape<float>::xn1), a)
-                       : Vector::Ones(d);
-    st.cu = o.add_diag ? smooth_scale(weight_absmax({&w.up.W, &w.gate.W}), col_absmax(tapes, &BlockTape<float>::xn2), a)
-                       : Vector::Ones(d);
-    st.cd = o.add_diag ? smooth_scale(weight_absmax({&w.down.W}), col_absmax(tapes, &BlockTape<float>::a), a)
-                       : Vector::Ones(ff);
-  }
-  st.gca.setZero(d);
-  st.gcu.setZero(d);
-  st.gcd.setZero(ff);
-  for (int k = 0; k < kLinearKinds; ++k) {
-    const Index rows = w.linear(static_cast<LinearKind>(k)).W.rows();
-    st.lwc_hi[k] = st.lwc_lo[k] = Vector::Constant(o.lwc && wq ? rows : 0, 4.0f);
-    st.lac_hi[k] = st.lac_lo[k] = Vector::Constant(o.lac && aq ? 1 : 0, 4.0f);
-    st.glwc_hi[k] = st.glwc_lo[k] = Vector::Zero(st.lwc_hi[k].size());
-    st.glac_hi[k] = st.glac_lo[k] = Vector::Zero(st.lac_hi[k].size());
-  }
-
+  BlockState st = init_block_state(cfg, w, fp, shape, inputs, o, wq, aq);
   AdamWOptions main_opt, clip_opt;
   main_opt.lr = o.lr;
   main_opt.weight_decay = clip_opt.weight_decay = o.weight_decay;
@@ -438,22 +471,7 @@ FlatBlockResult train_flat_block(const ModelConfig& cfg, const DecoderBlock& w, 
   }
   res.steps = static_cast<int>(total);
 
-  // Materialise: the slots' transforms (scales included; QuantizedModel merges P⁻ᵀ and 1/c into
-  // the weights in double), the row clipping of each weight and the activation clipping.
-  for (SvdFactorParam* f : st.factors()) f->materialize();
-  BlockTransforms& out = res.transforms;
-  out[TransformSlot::QkvInput] = kron_transform(st.a1, st.a2, st.ca);
-  out[TransformSlot::GateUpInput] = kron_transform(st.u1, st.u2, st.cu);
-  out[TransformSlot::DownInput] = kron_transform(st.d1, st.d2, st.cd);
-  out[TransformSlot::VOutputPerHead] = std::make_shared<const InputTransform>(
-      InputTransform::per_head(TransformFactor{st.v.M, st.v.M_inv_t}, cfg.num_kv_heads));
-  out[TransformSlot::OInputAcrossHeads] = std::make_shared<const InputTransform>(
-      InputTransform::across_heads(TransformFactor{st.o.M, st.o.M_inv_t}, cfg.head_dim));
-  auto sig = [](const Vector& l) { return l.unaryExpr([](float a) { return sigmoidf(a); }).eval(); };
-  for (int k = 0; k < kLinearKinds; ++k) {
-    if (st.lwc_hi[k].size() > 0) out.weight_clip[k] = RowClip{sig(st.lwc_lo[k]), sig(st.lwc_hi[k])};
-    if (st.lac_hi[k].size() > 0) out.act_clip[k] = ActClip{sigmoidf(st.lac_lo[k][0]), sigmoidf(st.lac_hi[k][0])};
-  }
+  res.transforms = materialize_block(st, cfg);
   res.cond_a = st.a1.condition() * st.a2.condition();
   res.cond_ug = st.u1.condition() * st.u2.condition();
   res.cond_d = st.d1.condition() * st.d2.condition();
