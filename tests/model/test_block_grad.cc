@@ -17,45 +17,23 @@
 #include "core/model/transformer.h"
 #include "core/parallel.h"
 #include "core/rng.h"
+#include "tests/fd_util.h"
 
 namespace ql {
 namespace {
 
 namespace fs = std::filesystem;
 
-MatrixD rnd(Index r, Index c, uint64_t stream, double scale = 1.0) {
-  CounterRng rng(29, stream);
-  MatrixD m(r, c);
-  for (Index i = 0; i < m.size(); ++i) m.data()[i] = scale * rng.normal(static_cast<uint64_t>(i));
-  return m;
-}
+MatrixD rnd(Index r, Index c, uint64_t stream, double scale = 1.0) { return fd::gaussian(r, c, 29, stream, scale); }
 
 VectorD rndv(Index n, uint64_t stream, double scale = 1.0, double offset = 0.0) {
-  const MatrixD m = rnd(n, 1, stream, scale);
-  VectorD v(n);
-  for (Index i = 0; i < n; ++i) v[i] = offset + m(i, 0);
-  return v;
+  return fd::gaussian_vec(n, 29, stream, scale, offset);
 }
 
-/// ||analytic - numeric||_F / ||numeric||_F for the parameter at `x` (n elements), where
-/// loss() reads it; numeric = central differences with step h.
-double fd_error(const std::function<double()>& loss, double* x, Index n, const double* analytic, double h = 1e-6) {
-  double num = 0.0, den = 0.0;
-  for (Index i = 0; i < n; ++i) {
-    const double keep = x[i];
-    x[i] = keep + h;
-    const double lp = loss();
-    x[i] = keep - h;
-    const double lm = loss();
-    x[i] = keep;
-    const double g = (lp - lm) / (2 * h);
-    num += (analytic[i] - g) * (analytic[i] - g);
-    den += g * g;
-  }
-  return std::sqrt(num) / std::max(std::sqrt(den), 1e-300);
-}
-
-double dot(const MatrixD& a, const MatrixD& b) { return (a.array() * b.array()).sum(); }
+using fd::dot;
+const auto fd_error = [](const std::function<double()>& loss, double* x, Index n, const double* analytic) {
+  return fd::error(loss, x, n, analytic);
+};
 
 constexpr double kFdTol = 1e-7;
 
