@@ -146,6 +146,9 @@ struct KvCacheInput {
   /// diagnostics) and the row count of each stacked window (window w starts at position 0).
   const Matrix* queries = nullptr;
   std::vector<Index> window_rows;
+  /// Clipping of the per-token grids learned by an earlier block step against this cache's
+  /// scalar_grid() (FlatQuant); identity when none.
+  ActClip key_clip, value_clip;
   uint64_t seed = 0;
 };
 
@@ -177,6 +180,11 @@ class KvCacheAlgorithm : public Algorithm {
   /// split a head, a bit width no stage count reaches, ...): throws ConfigError whose key path
   /// is the option's key (the runner prefixes the step's path and line). Default: nothing.
   virtual void check_heads(const HeadLayout& heads) const { (void)heads; }
+  /// The scalar grid this step applies when a block-local objective can simulate it exactly
+  /// (asymmetric per-token grids over channel groups for post-RoPE keys and values, every token
+  /// quantized); an earlier trained block step (FlatQuant) then trains the key transform and
+  /// the grids' clipping against it. Default: none (nothing to simulate, e.g. vector codebooks).
+  virtual std::optional<ScalarKvSpec> scalar_grid() const { return std::nullopt; }
 
  private:
   virtual std::shared_ptr<const KvQuantizer> fit_quantizer(const KvCacheInput& in,
@@ -198,6 +206,8 @@ struct BlockInput {
   const ModelConfig* config = nullptr;
   const DecoderBlock* weights = nullptr;    ///< the block's current weights
   bool kv_quantized = false;                ///< a KV-cache step follows in the pipeline
+  /// That step's scalar grid when it has one to simulate (KvCacheAlgorithm::scalar_grid).
+  std::optional<ScalarKvSpec> kv_grid;
   uint64_t seed = 0;
   /// With needs.block_io: the block's calibration inputs (one T x hidden residual stream per
   /// window, as quantized upstream under calib.propagate: quantized) and the FP block's outputs

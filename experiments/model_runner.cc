@@ -403,8 +403,15 @@ InputGroupState group_state(ModelRun& m, int b, int g, BlockStats& st, std::arra
 /// the later steps quantize for (the FP Hessians of the layer rows stay in the original space).
 void apply_block_steps(ModelRun& m, int b, const std::vector<Matrix>& h, const std::vector<Matrix>& fp_out,
                        BlockStats& st) {
+  // The first KV-cache step of this block's attention, which a trained block step simulates.
   bool kv_quantized = false;
-  for (const PipelineStep& ps : m.pipeline.steps()) kv_quantized = kv_quantized || ps.scope() == Scope::KvCache;
+  std::optional<ScalarKvSpec> kv_grid;
+  const std::string attn_name = "model.layers." + std::to_string(b) + ".self_attn";
+  for (const PipelineStep& ps : m.pipeline.steps())
+    if (ps.scope() == Scope::KvCache && !kv_quantized) {
+      kv_quantized = true;
+      if (ps.applies_to(attn_name)) kv_grid = dynamic_cast<const KvCacheAlgorithm&>(ps.plugin()).scalar_grid();
+    }
   bool changed = false;
   for (std::size_t si = 0; si < m.pipeline.steps().size(); ++si) {
     const PipelineStep& ps = m.pipeline.steps()[si];
@@ -416,6 +423,7 @@ void apply_block_steps(ModelRun& m, int b, const std::vector<Matrix>& h, const s
     in.config = &m.model.config();
     in.weights = &m.model.block(b);
     in.kv_quantized = kv_quantized;
+    in.kv_grid = kv_grid;
     in.seed = mix_stream(m.pipeline.seed(), static_cast<uint64_t>(b) * 64 + 62);
     if (ps.needs().block_io) {
       in.inputs = &h;
@@ -430,9 +438,13 @@ void apply_block_steps(ModelRun& m, int b, const std::vector<Matrix>& h, const s
       if (steps[j].config().act.quantized()) in.act_spec = &steps[j].config().act;
     BlockResult r = dynamic_cast<const BlockAlgorithm&>(ps.plugin()).run(in);
     m.model.apply_transforms(b, r.transforms);
-    for (int s = 0; s < kTransformSlots; ++s)
-      if (r.transforms.slot[s])
-        m.rec.params.push_back({in.name + ".transform." + m.arch.transform_slots()[s].name, r.transforms.slot[s]->describe()});
+    for (int s = 0; s < kTransformSlots; ++s) {
+      if (!r.transforms.slot[s]) continue;
+      const std::string key = in.name + ".transform." + m.arch.transform_slots()[s].name;
+      m.rec.params.push_back({key, r.transforms.slot[s]->describe()});
+      const std::string& folded = m.model.scale_folded_into(b, static_cast<TransformSlot>(s));
+      if (!folded.empty()) m.rec.params.push_back({key + ".scale_folded_into", folded});
+    }
     for (auto& [name, value] : r.diagnostics)
       m.rec.diagnostics.push_back({in.name, static_cast<int>(si), ps.config().algorithm, name, value});
     m.rec.diagnostics.push_back({in.name, static_cast<int>(si), ps.config().algorithm, "seconds", r.seconds});
@@ -559,6 +571,8 @@ void apply_kv_steps(ModelRun& m, int b, const std::vector<Matrix>& h) {
     in.heads = m.arch.heads();
     in.rope = m.arch.rope();
     in.seed = mix_stream(m.pipeline.seed(), static_cast<uint64_t>(b) * 64 + 63 + si);
+    in.key_clip = m.model.transforms(b).key_clip;
+    in.value_clip = m.model.transforms(b).value_clip;
     if (ps.needs().kv && ps.applies_to(in.name)) {
       if (!captured) cap = capture_kv(m, b, h);
       captured = true;

@@ -224,6 +224,7 @@ void apply_kv_step(const Pipeline& pipeline, std::size_t si, const KvCacheInput&
   const auto& ka = dynamic_cast<const KvCacheAlgorithm&>(ps.plugin());
   KvCacheResult r = ka.run(in);
   slot = std::move(r.quantizer);
+  if (slot) rec.params.push_back({in.name + ".kv_cache", slot->describe()});
   const std::string& alg = ps.config().algorithm;
   for (auto& [name, value] : r.diagnostics) rec.diagnostics.push_back({in.name, static_cast<int>(si), alg, name, value});
   rec.diagnostics.push_back({in.name, static_cast<int>(si), alg, "kv_bits",

@@ -13,7 +13,8 @@ FlatBlockTransforms<S> FlatBlockTransforms<S>::zeros_like(const FlatBlockTransfo
   z.a1 = zm(t.a1), z.a2 = zm(t.a2), z.a1i = zm(t.a1i), z.a2i = zm(t.a2i), z.ca = zv(t.ca);
   z.u1 = zm(t.u1), z.u2 = zm(t.u2), z.u1i = zm(t.u1i), z.u2i = zm(t.u2i), z.cu = zv(t.cu);
   z.d1 = zm(t.d1), z.d2 = zm(t.d2), z.d1i = zm(t.d1i), z.d2i = zm(t.d2i), z.cd = zv(t.cd);
-  z.v = zm(t.v), z.vi = zm(t.vi), z.o = zm(t.o), z.oi = zm(t.oi);
+  z.v = zm(t.v), z.vi = zm(t.vi), z.o = zm(t.o), z.oi = zm(t.oi), z.k = zm(t.k), z.ki = zm(t.ki);
+  for (int i = 0; i < 2; ++i) z.kv_hi[i] = zv(t.kv_hi[i]), z.kv_lo[i] = zv(t.kv_lo[i]);
   for (int k = 0; k < kLinearKinds; ++k) {
     z.lwc_hi[k] = zv(t.lwc_hi[k]);
     z.lwc_lo[k] = zv(t.lwc_lo[k]);
@@ -167,6 +168,69 @@ void qlinear_bwd(const MatT<S>& dY, const MatT<S>& X, const MatT<S>& W, const Fl
   weight_bwd(dWq, W, t, kind, grids, lt, gr);
 }
 
+/// The cache grid on rows of groups: X (T x kv_dim) viewed as (T·kv_dim/g) x g, one grid per
+/// row of that view (a token's channel group).
+template <class S>
+MatT<S> as_groups(const MatT<S>& X, Index g) {
+  return Eigen::Map<const MatT<S>>(X.data(), X.size() / g, g);
+}
+
+template <class S>
+void kv_quant_fwd(const MatT<S>& X, const FakeQuantGrad& grid, const VecT<S>& hi, const VecT<S>& lo, Index g,
+                  MatT<S>& Y, FakeQuantTape<S>& tape) {
+  MatT<S> Yg;
+  fake_quant_fwd<S>(as_groups(X, g), grid, hi, lo, Yg, tape);
+  Y = Eigen::Map<const MatT<S>>(Yg.data(), X.rows(), X.cols());
+}
+
+template <class S>
+void kv_quant_bwd(const MatT<S>& dY, const MatT<S>& X, const FakeQuantGrad& grid, const VecT<S>& hi,
+                  const VecT<S>& lo, Index g, const FakeQuantTape<S>& tape, MatT<S>& dX, VecT<S>* dhi, VecT<S>* dlo) {
+  MatT<S> dXg;
+  fake_quant_bwd<S>(as_groups(dY, g), as_groups(X, g), grid, hi, lo, tape, dXg, dhi, dlo);
+  dX = Eigen::Map<const MatT<S>>(dXg.data(), X.rows(), X.cols());
+}
+
+/// After RoPE: P_k on the keys per head (P_k⁻ᵀ on the queries, scores unchanged), then the
+/// cache's grids on keys and values (FlatQuant's KV4 setting).
+template <class S>
+void keys_values_fwd(const BlockShape& s, const FlatBlockTransforms<S>& t, const FlatBlockGrids& grids,
+                     FlatBlockTape<S>& tp) {
+  if (t.k.size() > 0) {
+    tp.qr = std::move(tp.q);
+    tp.kr = std::move(tp.k);
+    kron_rows_fwd<S>(tp.qr, nullptr, &t.ki, tp.q);
+    kron_rows_fwd<S>(tp.kr, nullptr, &t.k, tp.k);
+  }
+  if (!grids.kv) return;
+  const Index g = grids.kv_group > 0 ? grids.kv_group : s.head_dim;
+  tp.kt = std::move(tp.k);
+  tp.vt = std::move(tp.v);
+  kv_quant_fwd(tp.kt, grids.key, t.kv_hi[0], t.kv_lo[0], g, tp.k, tp.ktape);
+  kv_quant_fwd(tp.vt, grids.value, t.kv_hi[1], t.kv_lo[1], g, tp.v, tp.vtape);
+}
+
+/// dq, dk, dv (attention's inputs) become the gradients of the post-RoPE q, k and of v.
+template <class S>
+void keys_values_bwd(const BlockShape& s, const FlatBlockTransforms<S>& t, const FlatBlockGrids& grids,
+                     const FlatBlockTape<S>& tp, MatT<S>& dq, MatT<S>& dk, MatT<S>& dv, FlatBlockTransforms<S>& gr) {
+  if (grids.kv) {
+    const Index g = grids.kv_group > 0 ? grids.kv_group : s.head_dim;
+    MatT<S> d;
+    kv_quant_bwd(dk, tp.kt, grids.key, t.kv_hi[0], t.kv_lo[0], g, tp.ktape, d, &gr.kv_hi[0], &gr.kv_lo[0]);
+    dk = std::move(d);
+    kv_quant_bwd(dv, tp.vt, grids.value, t.kv_hi[1], t.kv_lo[1], g, tp.vtape, d, &gr.kv_hi[1], &gr.kv_lo[1]);
+    dv = std::move(d);
+  }
+  if (t.k.size() > 0) {
+    MatT<S> d;
+    kron_rows_bwd<S>(dq, tp.qr, nullptr, &t.ki, &d, nullptr, &gr.ki);
+    dq = std::move(d);
+    kron_rows_bwd<S>(dk, tp.kr, nullptr, &t.k, &d, nullptr, &gr.k);
+    dk = std::move(d);
+  }
+}
+
 }  // namespace
 
 template <class S>
@@ -190,6 +254,7 @@ void flat_block_fwd(const BlockShape& s, const BlockParams<S>& w, const FlatBloc
   if (tab.pos0 != 0 || tab.rows < window) rope_tables(0, window, s.head_dim, s.rope_theta, tab);
   rope_fwd(tp.q, window, s.n_heads, s.head_dim, tab);
   rope_fwd(tp.k, window, s.n_kv_heads, s.head_dim, tab);
+  keys_values_fwd(s, t, grids, tp);
   attention_fwd(tp.q, tp.k, tp.v, window, s.n_heads, s.n_kv_heads, s.head_dim, tp.attn, tp.P);
   // o_proj reads attn (P_o ⊗ I): P_oᵀ mixes the heads of every token.
   kron_rows_fwd<S>(tp.attn, &t.o, nullptr, tp.ao);
@@ -232,6 +297,7 @@ void flat_block_bwd(const BlockShape& s, const BlockParams<S>& w, const FlatBloc
   qlinear_bwd(dh1, tp.ao, w.o, t, LinearKind::O, grids, L(LinearKind::O), gr, dao, false);
   kron_rows_bwd<S>(dao, tp.attn, &t.o, nullptr, &dattn, &gr.o, nullptr);
   attention_bwd(dattn, tp.q, tp.k, tp.v, tp.window, tp.P, s.n_heads, s.n_kv_heads, s.head_dim, dq, dk, dv);
+  keys_values_bwd(s, t, grids, tp, dq, dk, dv, gr);
   rope_bwd(dq, tp.window, s.n_heads, s.head_dim, tab);
   rope_bwd(dk, tp.window, s.n_kv_heads, s.head_dim, tab);
   qlinear_bwd(dq, tp.x1, w.q, t, LinearKind::Q, grids, L(LinearKind::Q), gr, dx1, false);

@@ -5,7 +5,9 @@
 //   x1 = RMSNorm(x) ⊙ c_a (P_a1 ⊗ P_a2)                      shared by q, k, v
 //   q, k = Q_a(x1) Q_w(clip((W / c_a)(P_a1⁻ᵀ ⊗ P_a2⁻ᵀ)))ᵀ     each linear its own LAC / LWC
 //   v    = Q_a(x1) Q_w((I ⊗ P_v)ᵀ clip((W_v / c_a)(P_a1⁻ᵀ ⊗ P_a2⁻ᵀ)))ᵀ   (P_v per KV head, after LWC)
-//   RoPE(q, k); attn = causal GQA attention
+//   RoPE(q, k); with a quantized KV cache q ← q (I ⊗ P_k⁻ᵀ), k ← Q_kv(k (I ⊗ P_k)), v ← Q_kv(v)
+//   (P_k per head; Q_kv asymmetric per token and channel group with LAC, the cache's grid)
+//   attn = causal GQA attention
 //   h1 = x + Q_a(attn (P_o ⊗ I)) Q_w(clip(W_o (P_o⁻ᵀ ⊗ P_v⁻ᵀ)))ᵀ
 //   x2 = RMSNorm(h1) ⊙ c_ug (P_ug1 ⊗ P_ug2); g, u as q (own LAC / LWC)
 //   y  = h1 + Q_a((silu(g) ⊙ u) ⊙ c_d (P_d1 ⊗ P_d2)) Q_w(clip((W_d / c_d)(P_d1⁻ᵀ ⊗ P_d2⁻ᵀ)))ᵀ
@@ -13,8 +15,8 @@
 // Q_a: per-token activation fake quantization with LAC, Q_w: per-row weight fake quantization
 // with LWC (core/quant_grad.h), both with the straight-through estimator. The graph reads
 // the transforms materialised (each factor M and its inverse-transpose as independent inputs);
-// the trainer maps their gradients to the SVD parameters. The FP weights and norms are
-// constants. KV-cache quantization (P_k, K/V fake quantization) is not in the graph.
+// the trainer maps their gradients to the factor parameters. The FP weights and norms are
+// constants.
 #pragma once
 #include <array>
 #include <vector>
@@ -36,6 +38,8 @@ struct FlatBlockTransforms {
   VecT<S> cd;
   MatT<S> v, vi;             ///< P_v, head_dim x head_dim
   MatT<S> o, oi;             ///< P_o, heads x heads
+  MatT<S> k, ki;             ///< P_k, head_dim x head_dim (empty: no key transform)
+  std::array<VecT<S>, 2> kv_hi, kv_lo;  ///< LAC of the K [0] and V [1] cache grids (empty: off)
   std::array<VecT<S>, kLinearKinds> lwc_hi, lwc_lo;  ///< per output row
   std::array<VecT<S>, kLinearKinds> lac_hi, lac_lo;  ///< one pair per linear input
 
@@ -46,6 +50,11 @@ struct FlatBlockTransforms {
 struct FlatBlockGrids {
   bool weights = true, acts = true;
   FakeQuantGrad w, a;
+  /// The KV cache's grids (asymmetric, per token and group of kv_group channels) on post-RoPE
+  /// keys and values; off: the cache stays exact.
+  bool kv = false;
+  FakeQuantGrad key, value;
+  Index kv_group = 0;
 };
 
 /// One quantized linear's saved state: its weight path and its input's quantizer.
@@ -61,7 +70,9 @@ struct FlatBlockTape {
   Index window = 0;
   MatT<S> x, xn1, xs1, x1, h1, xn2, xs2, x2, g, u, sig, a, xs3, x3, ao, y;
   VecT<S> rstd1, rstd2;
-  MatT<S> q, k, v, attn;
+  MatT<S> q, k, v, attn;         ///< what attention reads
+  MatT<S> qr, kr, kt, vt;         ///< post-RoPE q, k before P_k; k, v before the cache grid
+  FakeQuantTape<S> ktape, vtape;
   std::vector<MatT<S>> P;
   std::array<FlatLinearTape<S>, kLinearKinds> lin;
 };

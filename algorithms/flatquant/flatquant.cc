@@ -17,9 +17,12 @@ struct FlatQuantOptions {
   int seed = 0;
   int batch_tokens = 128;
   int batch_size = 4;
+  FactorForm form = FactorForm::Svd;
+  bool train_kv = true;
 
   FlatTrainOptions train(uint64_t stream) const {
     FlatTrainOptions o;
+    o.form = form;
     o.epochs = epochs;
     o.lr = lr;
     o.clip_lr_factor = clip_lr_factor;
@@ -49,11 +52,12 @@ class FlatQuant final : public BlockAlgorithm {
         in.progress("flatquant epoch " + std::to_string(epoch + 1) + "/" + std::to_string(epochs) + " loss " +
                     std::to_string(loss));
     };
+    const ScalarKvSpec* kv = in.kv_grid && opt_.train_kv ? &*in.kv_grid : nullptr;
     FlatBlockResult r = train_flat_block(*in.config, *in.weights, *in.inputs, *in.targets, in.weight_spec,
-                                         in.act_spec, opt_.batch_size, opt_.train(in.seed), progress);
-    // With a quantized KV cache: P_k per head on keys (P_k⁻ᵀ on queries) after RoPE, drawn
-    // random orthogonal, not trained (the training graph has no KV quantizer yet).
-    if (in.kv_quantized)
+                                         in.act_spec, kv, opt_.batch_size, opt_.train(in.seed), progress);
+    // A KV cache whose grid the graph cannot simulate (codebooks, per-channel keys) still gets
+    // P_k per head on keys (P_k⁻ᵀ on queries) after RoPE, random orthogonal as the rotation's.
+    if (in.kv_quantized && !kv)
       r.transforms[TransformSlot::KeysPerHead] = std::make_shared<const InputTransform>(InputTransform::per_head(
           TransformFactor::orthogonal(random_orthogonal(in.config->head_dim, static_cast<uint64_t>(opt_.seed),
                                                         mix_stream(in.seed, 97))),
@@ -65,8 +69,16 @@ class FlatQuant final : public BlockAlgorithm {
             {"cond_down_in", r.cond_d},
             {"cond_v_out", r.cond_v},
             {"cond_o_in", r.cond_o},
+            {"kv_trained", kv ? 1.0 : 0.0},
             {"steps", static_cast<double>(r.steps)},
             {"trained_params", static_cast<double>(r.trained_params)}};
+    if (kv) {
+      diag.push_back({"cond_k_post_rope", r.cond_k});
+      diag.push_back({"key_clip_lo", r.transforms.key_clip.lo});
+      diag.push_back({"key_clip_hi", r.transforms.key_clip.hi});
+      diag.push_back({"value_clip_lo", r.transforms.value_clip.lo});
+      diag.push_back({"value_clip_hi", r.transforms.value_clip.hi});
+    }
     return r.transforms;
   }
 
@@ -107,6 +119,13 @@ std::shared_ptr<OptionSchema<FlatQuantOptions>> make_schema() {
   s->add("lac", &FlatQuantOptions::lac, "learnable activation clipping per tensor");
   s->add("train_transform", &FlatQuantOptions::train_transform,
          "train P (false: P stays at its random orthogonal start; c and clipping still train)");
+  s->add_enum("parameterisation", &FlatQuantOptions::form,
+              "factors as U diag(s) V^T with Cayley-orthogonal U, V (svd), or the matrix itself with its inverse "
+              "computed in double (direct_inverse)",
+              {{"svd", FactorForm::Svd}, {"direct_inverse", FactorForm::DirectInverse}});
+  s->add("train_kv", &FlatQuantOptions::train_kv,
+         "with a later KV-cache step whose grid can be simulated (kv_rtn, per-token post-RoPE): train P_k and the "
+         "K/V grids' clipping with the block (false: P_k random orthogonal, no KV in the objective)");
   s->add("seed", &FlatQuantOptions::seed, "seed of the random starting factors", {0, 2147483647});
   s->add("batch_tokens", &FlatQuantOptions::batch_tokens, "calibration tokens per step on a standalone layer",
          {1, 1 << 30});

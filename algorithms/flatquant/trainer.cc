@@ -16,26 +16,40 @@
 
 namespace ql {
 
-SvdFactorParam SvdFactorParam::random(Index n, uint64_t seed, uint64_t stream) {
-  SvdFactorParam p;
+FactorParam FactorParam::random(Index n, uint64_t seed, uint64_t stream, FactorForm form) {
+  FactorParam p;
+  p.form = form;
   p.xu = random_orthogonal(n, seed, mix_stream(stream, 0)).cast<float>();
-  p.xv = random_orthogonal(n, seed, mix_stream(stream, 1)).cast<float>();
-  p.sigma = Vector::Ones(n);
+  if (form == FactorForm::Svd) {
+    p.xv = random_orthogonal(n, seed, mix_stream(stream, 1)).cast<float>();
+    p.sigma = Vector::Ones(n);
+  }
   p.zero_grad();
   return p;
 }
 
-void SvdFactorParam::materialize() {
+void FactorParam::materialize() {
+  if (form == FactorForm::DirectInverse) {
+    M = xu.cast<double>();
+    inverse_t_fwd(M, M_inv_t);
+    return;
+  }
   svd_factor_fwd(xu.cast<double>(), xv.cast<double>(), sigma.cast<double>(), M, M_inv_t, tape);
 }
 
-void SvdFactorParam::zero_grad() {
+void FactorParam::zero_grad() {
   gxu.setZero(xu.rows(), xu.cols());
   gxv.setZero(xv.rows(), xv.cols());
   gsigma.setZero(sigma.size());
 }
 
-void SvdFactorParam::backward(const Matrix& dM, const Matrix& dM_inv_t) {
+void FactorParam::backward(const Matrix& dM, const Matrix& dM_inv_t) {
+  if (form == FactorForm::DirectInverse) {
+    MatrixD d = dM.cast<double>();
+    inverse_t_bwd(dM_inv_t.cast<double>(), M_inv_t, d);
+    gxu += d.cast<float>();
+    return;
+  }
   const Index n = sigma.size();
   MatrixD dxu = MatrixD::Zero(n, n), dxv = MatrixD::Zero(n, n);
   VectorD ds = VectorD::Zero(n);
@@ -45,7 +59,11 @@ void SvdFactorParam::backward(const Matrix& dM, const Matrix& dM_inv_t) {
   gsigma += ds.cast<float>();
 }
 
-double SvdFactorParam::condition() const {
+double FactorParam::condition() const {
+  if (form == FactorForm::DirectInverse) {
+    const VectorD sv = Eigen::JacobiSVD<MatrixD>(M).singularValues();
+    return sv[0] / sv[sv.size() - 1];
+  }
   const VectorD a = sigma.cast<double>().cwiseAbs();
   return a.maxCoeff() / a.minCoeff();
 }
@@ -88,6 +106,23 @@ FakeQuantGrad act_grid(const ActQuantSpec& s) {
   return g;
 }
 
+/// The KV cache's grids (FlatQuant's K/V quantizers: asymmetric per token and channel group,
+/// LAC scaling each range) on post-RoPE keys.
+void set_kv_grids(const ScalarKvSpec& kv, const ModelConfig& cfg, FlatBlockGrids& grids) {
+  if (kv.keys_per_channel || kv.key_stage != KvStage::PostRope)
+    throw ShapeError("flatquant: simulates per-token post-RoPE KV grids only");
+  const Index g = kv.group_size > 0 ? kv.group_size : cfg.head_dim;
+  if (g <= 0 || (static_cast<Index>(cfg.num_kv_heads) * cfg.head_dim) % g != 0)
+    throw ShapeError("flatquant: KV channel group " + std::to_string(g) + " does not divide the KV width");
+  grids.kv = true;
+  grids.kv_group = g;
+  for (auto [grid, bits] : {std::pair{&grids.key, kv.key_bits}, {&grids.value, kv.value_bits}}) {
+    grid->bits = bits;
+    grid->symmetric = false;
+    grid->clip = ClipStyle::ScaleRange;
+  }
+}
+
 /// c_j = max(max|W_:j|^(1-α) / max|x_j|^α, 1e-5), max|x_j| over the calibration tokens (the
 /// reference's running max starts at 1e-5).
 Vector smooth_init(const Matrix& X, const Matrix& W, double alpha) {
@@ -102,7 +137,7 @@ Vector smooth_init(const Matrix& X, const Matrix& W, double alpha) {
 
 /// Trainable state of one layer and its two optimiser groups.
 struct LayerParams {
-  SvdFactorParam f1, f2;
+  FactorParam f1, f2;
   Vector c, gc;
   Vector wc_hi, wc_lo, gwc_hi, gwc_lo;  // LWC, per output row
   Vector ac_hi, ac_lo, gac_hi, gac_lo;  // LAC, one pair
@@ -138,8 +173,8 @@ FlatLayerResult train_flat_layer(const Matrix& X, const Matrix& W, const QuantSp
   const FakeQuantGrad ag = aq ? act_grid(*aspec) : FakeQuantGrad{};
   const auto [n1, n2] = kronecker_factor_sizes(d);
   LayerParams p;
-  p.f1 = SvdFactorParam::random(n1, o.seed, mix_stream(o.stream, 1));
-  p.f2 = SvdFactorParam::random(n2, o.seed, mix_stream(o.stream, 2));
+  p.f1 = FactorParam::random(n1, o.seed, mix_stream(o.stream, 1), o.form);
+  p.f2 = FactorParam::random(n2, o.seed, mix_stream(o.stream, 2), o.form);
   p.c = o.add_diag ? smooth_init(X, W, o.diag_alpha) : Vector::Ones(d);
   const Index nw = o.lwc && wq ? W.rows() : 0, na = o.lac && aq ? 1 : 0;
   p.wc_hi = p.wc_lo = Vector::Constant(nw, 4.0f);
@@ -152,11 +187,14 @@ FlatLayerResult train_flat_layer(const Matrix& X, const Matrix& W, const QuantSp
   AdamW opt_main(main_opt), opt_clip(clip_opt);
   std::vector<const float*> g_main, g_clip;
   if (o.train_transform)
-    for (SvdFactorParam* f : {&p.f1, &p.f2}) {
+    for (FactorParam* f : {&p.f1, &p.f2}) {
       opt_main.add(f->xu.data(), f->xu.size());
-      opt_main.add(f->xv.data(), f->xv.size());
-      opt_main.add(f->sigma.data(), f->sigma.size());
-      g_main.insert(g_main.end(), {f->gxu.data(), f->gxv.data(), f->gsigma.data()});
+      g_main.push_back(f->gxu.data());
+      if (f->form == FactorForm::Svd) {
+        opt_main.add(f->xv.data(), f->xv.size());
+        opt_main.add(f->sigma.data(), f->sigma.size());
+        g_main.insert(g_main.end(), {f->gxv.data(), f->gsigma.data()});
+      }
     }
   p.gc.setZero(d);
   if (o.add_diag) {
@@ -248,11 +286,17 @@ namespace {
 /// The trainable state of one block: eight SVD factors, three channel scales, LWC and LAC
 /// logits per linear, with their gradients.
 struct BlockState {
-  SvdFactorParam a1, a2, u1, u2, d1, d2, v, o;
+  FactorParam a1, a2, u1, u2, d1, d2, v, o, k;
+  bool has_k = false;  ///< P_k trains (a simulated KV cache)
   Vector ca, cu, cd, gca, gcu, gcd;
   std::array<Vector, kLinearKinds> lwc_hi, lwc_lo, lac_hi, lac_lo, glwc_hi, glwc_lo, glac_hi, glac_lo;
+  std::array<Vector, 2> kv_hi, kv_lo, gkv_hi, gkv_lo;  ///< K [0] and V [1] cache grids' LAC
 
-  std::array<SvdFactorParam*, 8> factors() { return {&a1, &a2, &u1, &u2, &d1, &d2, &v, &o}; }
+  std::vector<FactorParam*> factors() {
+    std::vector<FactorParam*> f = {&a1, &a2, &u1, &u2, &d1, &d2, &v, &o};
+    if (has_k) f.push_back(&k);
+    return f;
+  }
 };
 
 /// Column-wise max |x| over the rows of X.
@@ -273,14 +317,16 @@ Vector smooth_scale(const Vector& wmax, const Vector& xmax, double alpha) {
 }
 
 void fill_transforms(BlockState& st, FlatBlockTransforms<float>& t) {
-  for (SvdFactorParam* f : st.factors()) f->materialize();
-  auto m = [](const SvdFactorParam& f) { return f.M.cast<float>().eval(); };
-  auto mi = [](const SvdFactorParam& f) { return f.M_inv_t.cast<float>().eval(); };
+  for (FactorParam* f : st.factors()) f->materialize();
+  auto m = [](const FactorParam& f) { return f.M.cast<float>().eval(); };
+  auto mi = [](const FactorParam& f) { return f.M_inv_t.cast<float>().eval(); };
   t.a1 = m(st.a1), t.a2 = m(st.a2), t.a1i = mi(st.a1), t.a2i = mi(st.a2), t.ca = st.ca;
   t.u1 = m(st.u1), t.u2 = m(st.u2), t.u1i = mi(st.u1), t.u2i = mi(st.u2), t.cu = st.cu;
   t.d1 = m(st.d1), t.d2 = m(st.d2), t.d1i = mi(st.d1), t.d2i = mi(st.d2), t.cd = st.cd;
   t.v = m(st.v), t.vi = mi(st.v), t.o = m(st.o), t.oi = mi(st.o);
+  if (st.has_k) t.k = m(st.k), t.ki = mi(st.k);
   t.lwc_hi = st.lwc_hi, t.lwc_lo = st.lwc_lo, t.lac_hi = st.lac_hi, t.lac_lo = st.lac_lo;
+  t.kv_hi = st.kv_hi, t.kv_lo = st.kv_lo;
 }
 
 void take_grads(BlockState& st, const FlatBlockTransforms<float>& g) {
@@ -292,6 +338,8 @@ void take_grads(BlockState& st, const FlatBlockTransforms<float>& g) {
   st.d2.backward(g.d2, g.d2i);
   st.v.backward(g.v, g.vi);
   st.o.backward(g.o, g.oi);
+  if (st.has_k) st.k.backward(g.k, g.ki);
+  for (int i = 0; i < 2; ++i) st.gkv_hi[i] += g.kv_hi[i], st.gkv_lo[i] += g.kv_lo[i];
   st.gca += g.ca;
   st.gcu += g.cu;
   st.gcd += g.cd;
@@ -303,7 +351,7 @@ void take_grads(BlockState& st, const FlatBlockTransforms<float>& g) {
   }
 }
 
-std::shared_ptr<const InputTransform> kron_transform(const SvdFactorParam& f1, const SvdFactorParam& f2,
+std::shared_ptr<const InputTransform> kron_transform(const FactorParam& f1, const FactorParam& f2,
                                                      const Vector& c) {
   return std::make_shared<const InputTransform>(
       InputTransform::kronecker(TransformFactor{f1.M, f1.M_inv_t}, TransformFactor{f2.M, f2.M_inv_t})
@@ -315,15 +363,21 @@ std::shared_ptr<const InputTransform> kron_transform(const SvdFactorParam& f1, c
 /// calibration windows, clipping logits 4.
 BlockState init_block_state(const ModelConfig& cfg, const DecoderBlock& w, const BlockParams<float>& fp,
                             const BlockShape& shape, const std::vector<Matrix>& inputs, const FlatTrainOptions& o,
-                            bool wq, bool aq) {
+                            bool wq, bool aq, bool kv) {
   const Index T = inputs.front().rows(), d = cfg.hidden_size, ff = cfg.intermediate_size;
   BlockState st;
   const auto [h1, h2] = kronecker_factor_sizes(d);
   const auto [f1, f2] = kronecker_factor_sizes(ff);
   uint64_t s = 0;
-  auto draw = [&](Index n) { return SvdFactorParam::random(n, o.seed, mix_stream(o.stream, ++s)); };
+  auto draw = [&](Index n) { return FactorParam::random(n, o.seed, mix_stream(o.stream, ++s), o.form); };
   st.a1 = draw(h1), st.a2 = draw(h2), st.o = draw(cfg.num_heads), st.v = draw(cfg.head_dim);
   st.u1 = draw(h1), st.u2 = draw(h2), st.d1 = draw(f1), st.d2 = draw(f2);
+  st.has_k = kv;
+  if (kv) st.k = draw(cfg.head_dim);
+  for (int i = 0; i < 2; ++i) {
+    st.kv_hi[i] = st.kv_lo[i] = Vector::Constant(kv && o.lac ? 1 : 0, 4.0f);
+    st.gkv_hi[i] = st.gkv_lo[i] = Vector::Zero(st.kv_hi[i].size());
+  }
   st.ca = st.cu = Vector::Ones(d);
   st.cd = Vector::Ones(ff);
   if (o.add_diag) {
@@ -358,7 +412,7 @@ BlockState init_block_state(const ModelConfig& cfg, const DecoderBlock& w, const
 /// The trained state as the slots' transforms (scales included; QuantizedModel merges P⁻ᵀ and
 /// 1/c into the weights in double), the row clipping of each weight and the activation clipping.
 BlockTransforms materialize_block(BlockState& st, const ModelConfig& cfg) {
-  for (SvdFactorParam* f : st.factors()) f->materialize();
+  for (FactorParam* f : st.factors()) f->materialize();
   BlockTransforms out;
   out[TransformSlot::QkvInput] = kron_transform(st.a1, st.a2, st.ca);
   out[TransformSlot::GateUpInput] = kron_transform(st.u1, st.u2, st.cu);
@@ -367,6 +421,13 @@ BlockTransforms materialize_block(BlockState& st, const ModelConfig& cfg) {
       InputTransform::per_head(TransformFactor{st.v.M, st.v.M_inv_t}, cfg.num_kv_heads));
   out[TransformSlot::OInputAcrossHeads] = std::make_shared<const InputTransform>(
       InputTransform::across_heads(TransformFactor{st.o.M, st.o.M_inv_t}, cfg.head_dim));
+  if (st.has_k)
+    out[TransformSlot::KeysPerHead] = std::make_shared<const InputTransform>(
+        InputTransform::per_head(TransformFactor{st.k.M, st.k.M_inv_t}, cfg.num_kv_heads));
+  if (st.kv_hi[0].size() > 0) {
+    out.key_clip = ActClip{sigmoidf(st.kv_lo[0][0]), sigmoidf(st.kv_hi[0][0])};
+    out.value_clip = ActClip{sigmoidf(st.kv_lo[1][0]), sigmoidf(st.kv_hi[1][0])};
+  }
   auto sig = [](const Vector& l) { return l.unaryExpr([](float a) { return sigmoidf(a); }).eval(); };
   for (int k = 0; k < kLinearKinds; ++k) {
     if (st.lwc_hi[k].size() > 0) out.weight_clip[k] = RowClip{sig(st.lwc_lo[k]), sig(st.lwc_hi[k])};
@@ -379,7 +440,7 @@ BlockTransforms materialize_block(BlockState& st, const ModelConfig& cfg) {
 
 FlatBlockResult train_flat_block(const ModelConfig& cfg, const DecoderBlock& w, const std::vector<Matrix>& inputs,
                                  const std::vector<Matrix>& targets, const QuantSpec* wspec, const ActQuantSpec* aspec,
-                                 int batch_size, const FlatTrainOptions& o,
+                                 const ScalarKvSpec* kv, int batch_size, const FlatTrainOptions& o,
                                  const std::function<void(int, double)>& progress) {
   if (inputs.empty() || inputs.size() != targets.size() || batch_size < 1)
     throw ShapeError("flatquant: block training needs calibration inputs and their FP outputs");
@@ -393,10 +454,11 @@ FlatBlockResult train_flat_block(const ModelConfig& cfg, const DecoderBlock& w, 
   grids.acts = aq;
   if (wq) grids.w = weight_grid(*wspec, o.lwc);
   if (aq) grids.a = act_grid(*aspec);
+  if (kv) set_kv_grids(*kv, cfg, grids);
   const BlockShape shape = BlockShape::of(cfg);
   const BlockParams<float> fp = BlockParams<float>::from(w);
 
-  BlockState st = init_block_state(cfg, w, fp, shape, inputs, o, wq, aq);
+  BlockState st = init_block_state(cfg, w, fp, shape, inputs, o, wq, aq, kv != nullptr);
   AdamWOptions main_opt, clip_opt;
   main_opt.lr = o.lr;
   main_opt.weight_decay = clip_opt.weight_decay = o.weight_decay;
@@ -411,7 +473,7 @@ FlatBlockResult train_flat_block(const ModelConfig& cfg, const DecoderBlock& w, 
     res.trained_params += n;
   };
   if (o.train_transform)
-    for (SvdFactorParam* f : st.factors()) {
+    for (FactorParam* f : st.factors()) {
       reg(opt_main, g_main, f->xu.data(), f->xu.size(), f->gxu.data());
       reg(opt_main, g_main, f->xv.data(), f->xv.size(), f->gxv.data());
       reg(opt_main, g_main, f->sigma.data(), f->sigma.size(), f->gsigma.data());
@@ -426,6 +488,10 @@ FlatBlockResult train_flat_block(const ModelConfig& cfg, const DecoderBlock& w, 
     reg(opt_clip, g_clip, st.lwc_lo[k].data(), st.lwc_lo[k].size(), st.glwc_lo[k].data());
     reg(opt_clip, g_clip, st.lac_hi[k].data(), st.lac_hi[k].size(), st.glac_hi[k].data());
     reg(opt_clip, g_clip, st.lac_lo[k].data(), st.lac_lo[k].size(), st.glac_lo[k].data());
+  }
+  for (int i = 0; i < 2; ++i) {
+    reg(opt_clip, g_clip, st.kv_hi[i].data(), st.kv_hi[i].size(), st.gkv_hi[i].data());
+    reg(opt_clip, g_clip, st.kv_lo[i].data(), st.kv_lo[i].size(), st.gkv_lo[i].data());
   }
 
   const Index n_win = static_cast<Index>(inputs.size());
@@ -458,12 +524,13 @@ FlatBlockResult train_flat_block(const ModelConfig& cfg, const DecoderBlock& w, 
       take_grads(st, gr);
       if (!g_main.empty()) opt_main.step(g_main, cosine_lr(o.lr, step, total));
       if (!g_clip.empty()) opt_clip.step(g_clip, cosine_lr(o.lr * o.clip_lr_factor, step, total));
-      for (SvdFactorParam* f : st.factors()) f->zero_grad();
+      for (FactorParam* f : st.factors()) f->zero_grad();
       st.gca.setZero();
       st.gcu.setZero();
       st.gcd.setZero();
       for (int k = 0; k < kLinearKinds; ++k)
         for (Vector* g : {&st.glwc_hi[k], &st.glwc_lo[k], &st.glac_hi[k], &st.glac_lo[k]}) g->setZero();
+      for (int i = 0; i < 2; ++i) st.gkv_hi[i].setZero(), st.gkv_lo[i].setZero();
     }
     if (epoch == 0) res.loss_sum_first_epoch = loss_sum;
     res.loss_sum_last_epoch = loss_sum;
@@ -477,6 +544,7 @@ FlatBlockResult train_flat_block(const ModelConfig& cfg, const DecoderBlock& w, 
   res.cond_d = st.d1.condition() * st.d2.condition();
   res.cond_v = st.v.condition();
   res.cond_o = st.o.condition();
+  res.cond_k = st.has_k ? st.k.condition() : 0.0;
   return res;
 }
 

@@ -15,6 +15,19 @@ struct KvRtnOptions {
   int token_group = 32;
   int residual_length = 0;
   KvStage key_stage = KvStage::PostRope;
+  bool learned_clip = true;
+
+  ScalarKvSpec spec() const {
+    ScalarKvSpec s;
+    s.key_bits = k_bits;
+    s.value_bits = v_bits;
+    s.keys_per_channel = keys == KeyAxis::Channel;
+    s.group_size = group_size;
+    s.token_group = token_group;
+    s.residual_length = residual_length;
+    s.key_stage = key_stage;
+    return s;
+  }
 };
 
 class KvRtn final : public KvCacheAlgorithm {
@@ -27,15 +40,18 @@ class KvRtn final : public KvCacheAlgorithm {
     if (opt_.k_bits == 16 || opt_.v_bits == 16)
       throw ConfigError(SourceLoc{}, "k_bits", "'" + in.name + "': kv_rtn quantizes keys and values together; " +
                                                    "k_bits and v_bits must both be 16 or both 1..8");
-    ScalarKvSpec s;
-    s.key_bits = opt_.k_bits;
-    s.value_bits = opt_.v_bits;
-    s.keys_per_channel = opt_.keys == KeyAxis::Channel;
-    s.group_size = opt_.group_size;
-    s.token_group = opt_.token_group;
-    s.residual_length = opt_.residual_length;
-    s.key_stage = opt_.key_stage;
+    ScalarKvSpec s = opt_.spec();
+    if (opt_.learned_clip && scalar_grid()) {
+      s.key_clip = in.key_clip;
+      s.value_clip = in.value_clip;
+    }
     return make_scalar_kv_quantizer(s, in.heads.head_dim, in.heads.kv_dim());
+  }
+  // Per-token post-RoPE grids are what a block-local objective can simulate (residual tokens
+  // are few next to a window; training quantizes every token).
+  std::optional<ScalarKvSpec> scalar_grid() const override {
+    if (opt_.keys != KeyAxis::Token || opt_.key_stage != KvStage::PostRope || opt_.k_bits == 16) return std::nullopt;
+    return opt_.spec();
   }
   KvRtnOptions opt_;
 };
@@ -56,6 +72,9 @@ std::shared_ptr<OptionSchema<KvRtnOptions>> make_schema() {
          {0, 1 << 30});
   s->add_enum("key_stage", &KvRtnOptions::key_stage, "quantize keys after RoPE (KIVI) or before it (KVQuant)",
               {{"post_rope", KvStage::PostRope}, {"pre_rope", KvStage::PreRope}});
+  s->add("learned_clip", &KvRtnOptions::learned_clip,
+         "use the grids' clipping learned by an earlier trained block step (flatquant), when the grids are per "
+         "token after RoPE");
   s->validator([bits_ok](const KvRtnOptions& o, const ConfigNode& map, const std::string& path) {
     for (auto [key, b] : {std::pair<const char*, int>{"k_bits", o.k_bits}, {"v_bits", o.v_bits}})
       if (!bits_ok(b))

@@ -15,9 +15,13 @@
 // in incremental decoding (the cache then holds codes). kv_bits (summary) counts code bits,
 // fp16 scales and zero-points and the exact tokens, at the evaluation window length.
 //
+// With per-token post-RoPE grids an earlier trained block step (flatquant) can learn the
+// grids' clipping ratios against them (FlatQuant's LAC on K and V); they are used unless
+// learned_clip is false.
+//
 // Config keys (no weight grid): k_bits, v_bits (1..8 or 16 = exact; default 4), keys
 // (token | channel), channel_group, token_group (default 32), residual_length (default 0),
-// key_stage (post_rope | pre_rope). The step's targets/ignore regexes match the block's
+// key_stage (post_rope | pre_rope), learned_clip (true). The step's targets/ignore regexes match the block's
 // attention, "model.layers.<b>.self_attn" (e.g. ignore: ["model\\.layers\\.0\\..*"] keeps block
 // 0's cache exact).
 #pragma once

@@ -14,7 +14,7 @@ const std::vector<InputGroup>& llama_groups() {
       {InputSite::AttnIn, "attn_in", {LinearKind::Q, LinearKind::K, LinearKind::V}, "input_layernorm"},
       {InputSite::AttnOut, "attn_out", {LinearKind::O}, nullptr},
       {InputSite::MlpIn, "mlp_in", {LinearKind::Gate, LinearKind::Up}, "post_attention_layernorm"},
-      {InputSite::MlpHidden, "mlp_hidden", {LinearKind::Down}, nullptr}};
+      {InputSite::MlpHidden, "mlp_hidden", {LinearKind::Down}, nullptr, LinearKind::Up}};
   return g;
 }
 

@@ -8,6 +8,7 @@
 // q/k/v biases (Qwen2) and sizes, not in structure.
 #pragma once
 #include <array>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -33,6 +34,10 @@ struct InputGroup {
   /// The RMSNorm whose weight produces the input ("input_layernorm"), where a per-channel
   /// equivalence transform can be folded exactly, or nullptr when no norm sits there.
   const char* norm;
+  /// Without a norm: the linear whose output rows produce the input channel by channel, so a
+  /// per-channel scale folds into its rows (up_proj for the down input: silu(gate) ⊙ up is
+  /// linear in up); none: the scale stays online.
+  std::optional<LinearKind> scale_rows = std::nullopt;
 };
 
 /// Where an online (evaluation-time) or merged transform may sit, FlatQuant's placement

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <numeric>
 
 #include "core/error.h"
@@ -65,13 +66,13 @@ double KvQuantizer::kv_bits(int64_t n, Index kv_dim) const {
 namespace {
 
 /// One asymmetric grid on [min(x, 0), max(x, 0)] of n strided values, through core/quantize.h.
-Grid kv_grid(const float* x, Index n, Index stride, const QuantSpec& spec) {
+Grid kv_grid(const float* x, Index n, Index stride, const QuantSpec& spec, const ActClip& clip) {
   float lo = 0.0f, hi = 0.0f;
   for (Index i = 0; i < n; ++i) {
     lo = std::min(lo, x[i * stride]);
     hi = std::max(hi, x[i * stride]);
   }
-  return grid_from_range(lo, hi, spec);
+  return grid_from_range(lo * clip.lo, hi * clip.hi, spec);
 }
 
 class ScalarKvQuantizer final : public KvQuantizer {
@@ -86,6 +87,11 @@ class ScalarKvQuantizer final : public KvQuantizer {
     if (s.keys_per_channel && s.token_group < 1)
       throw ShapeError("kv quantizer: token_group " + std::to_string(s.token_group) + " < 1");
     if (s.residual_length < 0) throw ShapeError("kv quantizer: negative residual_length");
+    if (s.keys_per_channel && !s.key_clip.identity())
+      throw ShapeError("kv quantizer: learned key clipping is for per-token key grids, not per-channel ones");
+    for (const ActClip& c : {s.key_clip, s.value_clip})
+      if (!(c.lo > 0.0f && c.lo <= 1.0f && c.hi > 0.0f && c.hi <= 1.0f))
+        throw ShapeError("kv quantizer: clip ratios outside (0, 1]");
   }
   KvStage key_stage() const override { return s_.key_stage; }
   int key_chunk() const override { return s_.keys_per_channel ? s_.token_group : 1; }
@@ -100,10 +106,11 @@ class ScalarKvQuantizer final : public KvQuantizer {
     c.cols = X.cols();
     c.bits = kind == KvKind::Key ? s_.key_bits : s_.value_bits;
     const QuantSpec spec = spec_of(c.bits);
+    const ActClip& clip = kind == KvKind::Key ? s_.key_clip : s_.value_clip;
     c.codes.resize(static_cast<size_t>(X.size()));
     std::vector<int32_t> q(static_cast<size_t>(std::max<Index>(X.rows(), group_)));
     auto put = [&](const float* x, Index n, Index stride, uint8_t* out, Index out_stride) {
-      const Grid g = kv_grid(x, n, stride, spec);
+      const Grid g = kv_grid(x, n, stride, spec, clip);
       quantize_with_grid(x, n, stride, g, q.data(), nullptr, 1);
       for (Index i = 0; i < n; ++i) out[i * out_stride] = static_cast<uint8_t>(q[i]);
       c.scales.push_back(g.scale);
@@ -157,10 +164,17 @@ class ScalarKvQuantizer final : public KvQuantizer {
            (s_.keys_per_channel ? " keys per channel/" + std::to_string(s_.token_group) + " tokens"
                                 : " keys per token") +
            ", values per token, channel group " + std::to_string(group_) + ", R=" +
-           std::to_string(s_.residual_length) + (s_.key_stage == KvStage::PreRope ? ", pre-RoPE keys" : ", post-RoPE keys");
+           std::to_string(s_.residual_length) + (s_.key_stage == KvStage::PreRope ? ", pre-RoPE keys" : ", post-RoPE keys") +
+           clip_text("key", s_.key_clip) + clip_text("value", s_.value_clip);
   }
 
  private:
+  static std::string clip_text(const char* what, const ActClip& c) {
+    if (c.identity()) return "";
+    char buf[96];
+    std::snprintf(buf, sizeof buf, ", learned %s clip [%.4f, %.4f]", what, c.lo, c.hi);
+    return buf;
+  }
   static QuantSpec spec_of(int bits) {
     QuantSpec q;
     q.bits = bits;

@@ -19,6 +19,7 @@
 #include <string>
 #include <vector>
 
+#include "core/quantize.h"
 #include "core/tensor.h"
 
 namespace ql {
@@ -121,10 +122,14 @@ struct ScalarKvSpec {
   int token_group = 32;   ///< tokens per grid (and chunk) for per-channel keys
   int residual_length = 0;
   KvStage key_stage = KvStage::PostRope;
+  /// Learned range ratios of the per-token grids (FlatQuant's LAC on the KV cache, trained by
+  /// a block step): each grid's lo and hi are multiplied by lo and hi before the grid is built.
+  /// Per-channel keys take no key clipping (ShapeError).
+  ActClip key_clip, value_clip;
 };
 
-/// Grids: asymmetric, range [min(x, 0), max(x, 0)] ([-1, 1] when both are 0), scale = (hi -
-/// lo)/(2^b - 1), zero = round(-lo/scale), through core/quantize.h. kv_dim must be a multiple of
+/// Grids: asymmetric, range [min(x, 0)·clip.lo, max(x, 0)·clip.hi] ([-1, 1] when both are 0),
+/// scale = (hi - lo)/(2^b - 1), zero = round(-lo/scale), through core/quantize.h. kv_dim must be a multiple of
 /// the channel group (ShapeError).
 std::unique_ptr<KvQuantizer> make_scalar_kv_quantizer(const ScalarKvSpec& spec, int head_dim,
                                                       Index kv_dim);

@@ -8,7 +8,9 @@ namespace ql {
 bool BlockTransforms::empty() const {
   for (auto& s : slot)
     if (s) return false;
-  return true;
+  for (int k = 0; k < kLinearKinds; ++k)
+    if (!weight_clip[k].empty() || !act_clip[k].identity()) return false;
+  return key_clip.identity() && value_clip.identity();
 }
 
 namespace {
@@ -54,6 +56,8 @@ QuantizedModel::QuantizedModel(std::shared_ptr<const ModelWeights> fp)
   if (!fp_) throw Error("QuantizedModel: no FP weights");
   current_ = *fp_;
   transforms_.resize(static_cast<std::size_t>(fp_->config.num_layers));
+  online_.resize(transforms_.size());
+  folded_.resize(transforms_.size());
   // The slot whose transform acts on each linear's input (the architecture table's placement).
   for (int k = 0; k < kLinearKinds; ++k) {
     input_slot_[k] = -1;
@@ -118,10 +122,39 @@ void QuantizedModel::apply_transforms(int b, const BlockTransforms& t) {
   for (int k = 0; k < kLinearKinds; ++k)
     if (!t.act_clip[k].identity()) act_.at(b)[k].clip = t.act_clip[k];
   for (int s = 0; s < kTransformSlots; ++s)
-    if (t.slot[s]) have.slot[s] = t.slot[s];
+    if (t.slot[s]) have.slot[s] = online_.at(b)[s] = t.slot[s];
+  fold_scales(b);
+  for (auto [mine, theirs] : {std::pair{&have.key_clip, &t.key_clip}, {&have.value_clip, &t.value_clip}})
+    if (!theirs->identity()) *mine = *theirs;
   // Merged weights are off any earlier grid.
   if (!t.empty())
     for (auto& c : codes_.at(b)) c.reset();
+}
+
+void QuantizedModel::fold_scales(int b) {
+  DecoderBlock& blk = current_.blocks.at(b);
+  for (const TransformSlotInfo& info : arch_.transform_slots()) {
+    const int s = static_cast<int>(info.slot);
+    const auto& p = online_.at(b)[s];
+    if (!p || p->channel_scale().size() == 0 || info.input_group < 0) continue;
+    const InputGroup& g = arch_.input_groups()[static_cast<std::size_t>(info.input_group)];
+    const VectorD& c = p->channel_scale();
+    if (g.norm) {
+      Vector& gamma = norm_weight(blk, g);
+      for (Index j = 0; j < gamma.size(); ++j) gamma[j] = static_cast<float>(static_cast<double>(gamma[j]) * c[j]);
+      folded_.at(b)[s] = g.norm;
+    } else if (g.scale_rows) {
+      Linear& l = blk.linear(*g.scale_rows);
+      for (Index i = 0; i < l.W.rows(); ++i) {
+        for (Index j = 0; j < l.W.cols(); ++j) l.W(i, j) = static_cast<float>(static_cast<double>(l.W(i, j)) * c[i]);
+        if (l.b.size()) l.b[i] = static_cast<float>(static_cast<double>(l.b[i]) * c[i]);
+      }
+      folded_.at(b)[s] = std::string(linear_suffix(*g.scale_rows)) + " rows";
+    } else {
+      continue;
+    }
+    online_.at(b)[s] = std::make_shared<const InputTransform>(p->without_channel_scale());
+  }
 }
 
 Matrix QuantizedModel::effective_weight(int b, LinearKind kind, const Matrix& W) const {
@@ -132,6 +165,14 @@ Matrix QuantizedModel::effective_weight(int b, LinearKind kind, const Matrix& W)
   if (M.size()) Wd = matmul_nn(Wd, MatrixD(M.transpose()));
   if (kind == LinearKind::V && t[TransformSlot::VOutputPerHead])
     Wd = matmul_nn(t[TransformSlot::VOutputPerHead]->inverse_transpose(), Wd);
+  // A channel scale folded into this linear's output rows is undone (rows over c).
+  for (const TransformSlotInfo& info : arch_.transform_slots()) {
+    if (info.input_group < 0) continue;
+    const InputGroup& g = arch_.input_groups()[static_cast<std::size_t>(info.input_group)];
+    const int s = static_cast<int>(info.slot);
+    if (g.scale_rows == kind && !folded_.at(b)[s].empty())
+      Wd = t.slot[s]->channel_scale().cwiseInverse().asDiagonal() * Wd;
+  }
   return Wd.cast<float>();
 }
 
@@ -144,7 +185,7 @@ ForwardHooks QuantizedModel::hooks() const {
     for (int k = 0; k < kLinearKinds; ++k) any_input = any_input || (input_slot_[k] >= 0 && t.slot[input_slot_[k]]);
   if (any_input) h.transform_input = [this](int b, LinearKind k, Matrix& X) {
     const int slot = input_slot_[static_cast<int>(k)];
-    if (slot >= 0 && transforms_[b].slot[slot]) transforms_[b].slot[slot]->apply(X);
+    if (slot >= 0 && online_[b][slot]) online_[b][slot]->apply(X);
     const ActQuantizer& a = act(b, k);
     if (a.active())
       fake_quant_activations(X, *a.spec, a.spec->mode == ActRangeMode::Static ? &a.range : nullptr,

@@ -52,6 +52,9 @@ struct BlockTransforms {
   /// clipping (installed in the linear's activation quantizer); none by default.
   std::array<RowClip, kLinearKinds> weight_clip;
   std::array<ActClip, kLinearKinds> act_clip;
+  /// Learned clipping of the KV cache's per-token grids (FlatQuant's KV LAC): not applied here;
+  /// a later KV-cache step reads it (KvCacheInput::key_clip / value_clip).
+  ActClip key_clip, value_clip;
   std::shared_ptr<const InputTransform>& operator[](TransformSlot s) { return slot[static_cast<int>(s)]; }
   const std::shared_ptr<const InputTransform>& operator[](TransformSlot s) const {
     return slot[static_cast<int>(s)];
@@ -70,12 +73,21 @@ class QuantizedModel {
   /// gate/up, down and o inputs: W <- W P⁻ᵀ; v_out: W_v <- P_vᵀ W_v per kv head with o_proj
   /// absorbing P_v⁻ᵀ on every query head), the online ones kept for evaluation. Weight clipping
   /// is applied after the input-side merges and before v_out's (FlatQuant's order); activation
-  /// clipping goes into the linears' activation quantizers. A slot that
+  /// clipping goes into the linears' activation quantizers. A transform's channel scale c
+  /// (x ↦ (x ⊙ c) P) is then folded where the architecture table says the input is produced
+  /// (FlatQuant's deployment, ALGORITHMS.md §5.1): into the RMSNorm weight (γ ← γ ⊙ c), or
+  /// into the producing linear's rows (down input: up_proj, W_up[i,:] ← c_i W_up[i,:]), in
+  /// double rounded once, and only P stays online; without a producer c stays online. A slot that
   /// already holds a transform is a ShapeError (compose transforms in one step), as is a
   /// transform whose width does not fit its slot. The block's function is unchanged up to
   /// rounding; the block's codes() are cleared.
   void apply_transforms(int b, const BlockTransforms& t);
   const BlockTransforms& transforms(int b) const { return transforms_.at(b); }
+  /// Where slot s's channel scale of block b was folded ("input_layernorm", "mlp.up_proj
+  /// rows"), or "" when it has none or it stays online.
+  const std::string& scale_folded_into(int b, TransformSlot s) const {
+    return folded_.at(b)[static_cast<int>(s)];
+  }
   /// A weight W' of linear `kind` in block b's transformed space mapped back into the FP
   /// model's input/output space (W' Mᵀ for an input transform M, P⁻ᵀ W' for an output transform
   /// P), in float; W' itself when the block has no transforms.
@@ -125,7 +137,12 @@ class QuantizedModel {
   std::shared_ptr<const ModelWeights> fp_;
   Architecture arch_;
   ModelWeights current_;
-  std::vector<BlockTransforms> transforms_;
+  std::vector<BlockTransforms> transforms_;  // as installed (channel scales included)
+  // What the forward pass applies per slot: the transform, without its channel scale where
+  // that was folded into weights (folded_ says where).
+  std::vector<std::array<std::shared_ptr<const InputTransform>, kTransformSlots>> online_;
+  std::vector<std::array<std::string, kTransformSlots>> folded_;
+  void fold_scales(int b);
   std::array<int, kLinearKinds> input_slot_{};  // slot acting on each linear's input, or -1
   std::vector<std::array<ActQuantizer, kLinearKinds>> act_;
   std::vector<std::array<std::optional<QuantizedTensor>, kLinearKinds>> codes_;

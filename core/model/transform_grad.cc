@@ -207,6 +207,21 @@ void svd_factor_bwd(const MatrixD& dM, const MatrixD& dM_inv_t, const SvdFactorT
   cayley_bwd(dV, tape.V, tape.Lv, dXv);
 }
 
+void inverse_t_fwd(const MatrixD& M, MatrixD& M_inv_t) {
+  if (M.rows() != M.cols() || M.rows() == 0) throw ShapeError("inverse_t: factor is not square");
+  // Full pivoting: its rank test (pivots below n·eps of the largest) catches a factor that
+  // training has made singular, which partial pivoting would invert into huge entries.
+  const Eigen::FullPivLU<MatrixD> lu(M);
+  if (!lu.isInvertible() || !M.allFinite())
+    throw NumericError("direct-inverse factor is singular (rank " + std::to_string(lu.rank()) + " of " +
+                       std::to_string(M.rows()) + ")");
+  M_inv_t = lu.inverse().transpose();
+}
+
+void inverse_t_bwd(const MatrixD& G, const MatrixD& M_inv_t, MatrixD& dM) {
+  dM.noalias() -= M_inv_t * G.transpose() * M_inv_t;
+}
+
 #define QL_TRANSFORM_GRAD_INSTANTIATE(S)                                                                        \
   template void kron_rows_fwd<S>(const MatT<S>&, const MatT<S>*, const MatT<S>*, MatT<S>&);                   \
   template void kron_rows_bwd<S>(const MatT<S>&, const MatT<S>&, const MatT<S>*, const MatT<S>*, MatT<S>*,    \

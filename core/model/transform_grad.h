@@ -55,4 +55,11 @@ void svd_factor_fwd(const MatrixD& Xu, const MatrixD& Xv, const VectorD& sigma, 
 void svd_factor_bwd(const MatrixD& dM, const MatrixD& dM_inv_t, const SvdFactorTape& tape, MatrixD& dXu,
                     MatrixD& dXv, VectorD& dsigma);
 
+/// FlatQuant's "direct inverse" factor: M is the trained matrix itself and M⁻ᵀ its inverse-
+/// transpose by LU in double (the reference inverts in float64). NumericError when M is
+/// singular to double precision (full-pivoting LU rank below n).
+void inverse_t_fwd(const MatrixD& M, MatrixD& M_inv_t);
+/// dM += ∂L/∂M through M⁻ᵀ given G = ∂L/∂M⁻ᵀ: with N = M⁻ᵀ, dN = -N dMᵀ N, so ∂L/∂M = -N Gᵀ N.
+void inverse_t_bwd(const MatrixD& G, const MatrixD& M_inv_t, MatrixD& dM);
+
 }  // namespace ql

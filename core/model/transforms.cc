@@ -93,6 +93,13 @@ InputTransform InputTransform::with_channel_scale(VectorD c) const {
   return t;
 }
 
+InputTransform InputTransform::without_channel_scale() const {
+  InputTransform t = *this;
+  t.scale_.resize(0);
+  t.scalef_.resize(0);
+  return t;
+}
+
 std::string InputTransform::describe() const {
   const std::string a = std::to_string(a_.size()) + "x" + std::to_string(a_.size());
   const std::string diag = scale_.size() > 0 ? "diag · " : "";

@@ -45,6 +45,9 @@ class InputTransform {
   /// and finite, of the transform's width (ShapeError / NumericError).
   InputTransform with_channel_scale(VectorD c) const;
   const VectorD& channel_scale() const { return scale_; }  ///< empty: none
+  /// The same transform without its channel scale (what stays online once the scale is folded
+  /// into the producer of the input).
+  InputTransform without_channel_scale() const;
 
   Kind kind() const { return kind_; }
   Index width() const { return width_; }

@@ -7,6 +7,7 @@
 #include <cmath>
 #include <functional>
 
+#include "core/error.h"
 #include "core/model/transform_grad.h"
 #include "core/model/transforms.h"
 #include "core/rng.h"
@@ -121,6 +122,30 @@ TEST(TransformGrad, SvdFactorInverseTransposeAndGradients) {
   EXPECT_LT(fd_error(loss, Xu.data(), Xu.size(), dXu.data()), 1e-7);
   EXPECT_LT(fd_error(loss, Xv.data(), Xv.size(), dXv.data()), 1e-7);
   EXPECT_LT(fd_error(loss, sigma.data(), sigma.size(), ds.data()), 1e-7);
+}
+
+TEST(TransformGrad, DirectInverseTransposeAndGradient) {
+  MatrixD M = (rnd(5, 5, 21, 0.3) + MatrixD::Identity(5, 5)).eval();
+  MatrixD Mi;
+  inverse_t_fwd(M, Mi);
+  EXPECT_LT((M * Mi.transpose() - MatrixD::Identity(5, 5)).norm(), 1e-12);
+  const MatrixD R = rnd(5, 5, 22);
+  auto loss = [&] {
+    MatrixD mi;
+    inverse_t_fwd(M, mi);
+    return dot(mi, R);
+  };
+  MatrixD dM = MatrixD::Zero(5, 5);
+  inverse_t_bwd(R, Mi, dM);
+  EXPECT_LT(fd_error(loss, M.data(), M.size(), dM.data()), 1e-7);
+  // Accumulates.
+  MatrixD twice = dM;
+  inverse_t_bwd(R, Mi, twice);
+  EXPECT_LT((twice - 2 * dM).norm(), 1e-12 * dM.norm());
+  // A singular factor is refused, not inverted into infinities.
+  MatrixD S = M;
+  S.row(3) = S.row(1);
+  EXPECT_THROW(inverse_t_fwd(S, Mi), NumericError);
 }
 
 }  // namespace

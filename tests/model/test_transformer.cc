@@ -978,5 +978,62 @@ TEST(QuantizedModel, RotationInEverySlotLeavesTheFpFunctionUnchanged) {
   }
 }
 
+// FlatQuant's channel scales (x ↦ (x ⊙ c) P) fold where the architecture table says the input
+// is produced: into input_layernorm / post_attention_layernorm (γ ⊙ c) and into up_proj's rows
+// for the down input; o_proj's input has no producer to fold into, so its scale stays online.
+// The model's function is unchanged and every weight maps back to the FP weight.
+TEST(QuantizedModel, ChannelScalesFoldIntoTheNormsAndUpProj) {
+  TinySpec s;
+  auto fp = std::make_shared<const ModelWeights>(tiny_model(s));
+  const auto tokens = random_tokens(48, s.vocab, 13);
+  const Matrix ref = Transformer(*fp).forward(tokens);
+  QuantizedModel qm(fp);
+  const ConfigNode opts = ConfigNode::parse("seed: 3\n", "rotation.yaml");
+  const AlgorithmInfo& info = default_registry().get("rotation");
+  std::any o = info.options->defaults();
+  for (const auto& [k, v] : opts.entries()) info.options->parse_key(o, k, v, k);
+  const auto rot = info.create(o);
+  auto scale = [](Index n, uint64_t stream) {
+    VectorD c(n);
+    for (Index j = 0; j < n; ++j) c[j] = 0.5 + 1.5 * static_cast<double>((j * 7 + stream) % 11) / 10.0;
+    return c;
+  };
+  const int b = 1;
+  BlockInput in;
+  in.block = b;
+  in.name = "model.layers.1";
+  in.arch = &qm.architecture();
+  in.config = &qm.config();
+  in.weights = &qm.block(b);
+  BlockTransforms t = dynamic_cast<const BlockAlgorithm&>(*rot).run(in).transforms;
+  std::array<VectorD, kTransformSlots> c;
+  for (TransformSlot slot : {TransformSlot::QkvInput, TransformSlot::GateUpInput, TransformSlot::DownInput,
+                             TransformSlot::OInputAcrossHeads}) {
+    auto& p = t[slot];
+    ASSERT_TRUE(p);
+    c[static_cast<int>(slot)] = scale(p->width(), static_cast<uint64_t>(slot));
+    p = std::make_shared<const InputTransform>(p->with_channel_scale(c[static_cast<int>(slot)]));
+  }
+  qm.apply_transforms(b, t);
+  EXPECT_EQ(qm.scale_folded_into(b, TransformSlot::QkvInput), "input_layernorm");
+  EXPECT_EQ(qm.scale_folded_into(b, TransformSlot::GateUpInput), "post_attention_layernorm");
+  EXPECT_EQ(qm.scale_folded_into(b, TransformSlot::DownInput), "mlp.up_proj rows");
+  EXPECT_EQ(qm.scale_folded_into(b, TransformSlot::OInputAcrossHeads), "");
+  const VectorD& ca = c[static_cast<int>(TransformSlot::QkvInput)];
+  const VectorD& cu = c[static_cast<int>(TransformSlot::GateUpInput)];
+  for (Index j = 0; j < ca.size(); ++j) {
+    EXPECT_EQ(qm.block(b).input_norm[j], static_cast<float>(fp->blocks[b].input_norm[j] * ca[j]));
+    EXPECT_EQ(qm.block(b).post_attn_norm[j], static_cast<float>(fp->blocks[b].post_attn_norm[j] * cu[j]));
+  }
+  for (int k = 0; k < kLinearKinds; ++k) {
+    const LinearKind kind = static_cast<LinearKind>(k);
+    const Matrix back = qm.effective_weight(b, kind, qm.block(b).linear(kind).W);
+    EXPECT_LT(max_abs_diff(back, fp->blocks[b].linear(kind).W), 1e-5f) << linear_name(b, kind);
+  }
+  const ForwardHooks h = qm.hooks();
+  const Matrix out = Transformer(qm.current()).forward(tokens, &h);
+  EXPECT_LT(max_abs_diff(out, ref), 1e-4f * ref.cwiseAbs().maxCoeff());
+}
+
 }  // namespace
 }  // namespace ql
