@@ -494,11 +494,17 @@ SliceReport evaluate_slices(const UnitTable& units, const std::vector<SliceMetri
     const bool has_ref = static_cast<bool>(metrics[m].reference);
     const bool hib = metrics[m].higher_is_better;
     for (const Family& fam : L.families) {
-      const size_t V = fam.values.size();
-      if (V < 2) continue;
+      // The family's slices with a value in the point estimate: a slice no unit falls into
+      // (flagged empty in its row) has no value to compare, so it does not turn every summary
+      // of its family into NaN; the replicates summarise the same slices.
       const size_t s0 = static_cast<size_t>(fam.slice_offset);
+      std::vector<size_t> keep;
+      for (size_t v = 0; v < fam.values.size(); ++v)
+        if (std::isfinite(pval[m * S + s0 + v])) keep.push_back(v);
+      if (keep.size() < 2) continue;
       auto family = [&](const double* val, const double* ref) {
-        std::vector<double> x(val + s0, val + s0 + V), r(ref + s0, ref + s0 + V);
+        std::vector<double> x, r;
+        for (size_t v : keep) x.push_back(val[s0 + v]), r.push_back(ref[s0 + v]);
         return summarize(x, r, val[0], ref[0], has_ref, hib);
       };
       const FamilySummary obs = family(pval.data() + m * S, pref.data() + m * S);
@@ -523,7 +529,7 @@ SliceReport evaluate_slices(const UnitTable& units, const std::vector<SliceMetri
                       const double* obs_vals, bool on_delta) {
         const double pw = p_worst(observed, on_delta);
         const std::string worst =
-            observed < 0 ? std::string() : fam.values[static_cast<size_t>(observed)];
+            observed < 0 ? std::string() : fam.values[keep[static_cast<size_t>(observed)]];
         for (int i = 0; i < n_summ; ++i) {
           if (!on_delta && i == kAmplification && !has_ref) continue;
           DisparityRow d;

@@ -100,7 +100,9 @@ struct SliceRow {
 /// gap_to_overall (max |slice - overall|), ratio_min_max (min/max folded to <= 1; NaN if signs
 /// differ or max is 0), amplification (gap_between(variant) - gap_between(reference), levels
 /// only). Each is recomputed on every replicate for its CI; p_worst is the share of replicates
-/// in which the observed worst slice is still the worst.
+/// in which the observed worst slice is still the worst. The family's slices are those with a
+/// value in the point estimate (an empty slice is left out, not NaN for the whole family);
+/// families with fewer than two such slices have no summaries.
 struct DisparityRow {
   std::string metric, slice_key, summary, on;
   std::string worst_slice;

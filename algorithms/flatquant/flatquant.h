@@ -16,8 +16,9 @@
 // scale), P_v per KV head on v_proj's output (merged into v and o) and P_o across heads before
 // o_proj; every linear its own LWC and LAC. Trained block by block on the block's calibration
 // inputs against the FP block's outputs (set calib.propagate: fp, as the reference), batches of
-// batch_size windows in order. The channel scales stay part of the online transforms instead of
-// being folded into the RMSNorm / up_proj weights (the same function up to rounding).
+// batch_size windows in order. When installed (QuantizedModel::apply_transforms) the channel
+// scales are folded into input_layernorm, post_attention_layernorm and up_proj's rows, so only
+// the Kronecker products stay online, as the reference deploys them.
 // With a later kv_rtn step of per-token post-RoPE grids (FlatQuant's W4A4KV4 setting), P_k per
 // head after RoPE (P_k⁻ᵀ on the queries) and the K and V grids' clipping train with the block
 // against those grids, and kv_rtn uses the learned clipping; a KV cache the graph cannot

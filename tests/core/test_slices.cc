@@ -637,6 +637,35 @@ TEST(SlicesTokenFamilies, DisparityRowsForATokenFamily) {
   }
 }
 
+// A bucket no unit has tokens in (the shared model's token_freq '>10k' on a short stream) is
+// an empty row; the family's summaries are over the other buckets, not NaN.
+TEST(SlicesTokenFamilies, AnEmptyBucketIsLeftOutOfItsFamilysSummaries) {
+  UnitTable t = hand_token_table();
+  const Index n0 = static_cast<Index>(t.columns.size());
+  for (const char* n : {"n_tokens", "nll", "nll_ref", "agree", "ones"}) t.columns.push_back(std::string("mid/") + n);
+  t.sums.conservativeResize(t.n_units(), n0 + kNCols);
+  t.sums.rightCols(kNCols).setZero();
+  t.token_families = {{"freq", {"rare", "mid", "common"}, {kNCols, n0, 2 * kNCols}}};
+  BootstrapOptions o;
+  o.n_boot = 100;
+  const SliceReport r = evaluate_slices(t, {nll_metric()}, o);
+  const SliceRow& mid = find_row(r, "nll", "freq", "mid");
+  EXPECT_EQ(mid.n_units, 0);
+  EXPECT_TRUE(mid.flags & kFlagEmpty);
+  EXPECT_TRUE(std::isnan(mid.value));
+  // As without the empty bucket (DisparityRowsForATokenFamily).
+  const DisparityRow& w = find_disp(r, "nll", "freq", "worst", "level");
+  EXPECT_EQ(w.worst_slice, "rare");
+  EXPECT_NEAR(w.value, 3.7, 1e-12);
+  EXPECT_TRUE(std::isfinite(w.ci_low) && std::isfinite(w.ci_high));
+  EXPECT_NEAR(find_disp(r, "nll", "freq", "gap_between", "level").value, 1.825, 1e-12);
+  EXPECT_NEAR(find_disp(r, "nll", "freq", "worst", "delta").value, 1.2, 1e-12);
+  // With one bucket left there is nothing to compare: no summaries for the family.
+  for (Index u = 0; u < t.n_units(); ++u) t.sums.block(u, kNCols, 1, kNCols).setZero();
+  const SliceReport one = evaluate_slices(t, {nll_metric()}, o);
+  for (const auto& d : one.disparity) EXPECT_NE(d.slice_key, "freq") << d.summary;
+}
+
 TEST(SlicesTokenFamilies, DesignRowsUnchangedByBlocks) {
   // The blocked table and a plain table holding only its all-tokens block must give bitwise
   // the same overall and design rows and design disparity (same draws, same totals).
