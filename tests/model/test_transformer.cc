@@ -892,6 +892,43 @@ TEST(KvCacheQuant, CacheBytesFollowTheFormula) {
   EXPECT_THROW(make_scalar_kv_quantizer(spec, 16, 60), ShapeError);  // 16 does not divide 60
 }
 
+// Learned clipping (FlatQuant's KV LAC) scales each per-token grid's range: with ratios r the
+// grid is the plain grid of [lo·r_lo, hi·r_hi], values beyond it clamp to its ends, and the
+// ratios apply to keys and values separately. Per-channel keys refuse key clipping.
+TEST(KvCacheQuant, LearnedClippingScalesEachTokensRange) {
+  ScalarKvSpec spec;
+  spec.key_bits = spec.value_bits = 4;
+  spec.key_clip = ActClip{0.5f, 0.75f};
+  const auto q = make_scalar_kv_quantizer(spec, 8, 8);
+  const auto plain = make_scalar_kv_quantizer(ScalarKvSpec{}, 8, 8);
+  Matrix X(2, 8);
+  X << -4, -1, 0, 0.5, 1, 2, 3, 8, -2, -0.5, 0.25, 0.75, 1.5, 2.5, 3.5, 6;
+  Matrix K = X, V = X;
+  q->fake_quant_complete_chunks(KvKind::Key, K);
+  q->fake_quant_complete_chunks(KvKind::Value, V);
+  Matrix Vp = X;
+  plain->fake_quant_complete_chunks(KvKind::Value, Vp);
+  EXPECT_EQ(V, Vp) << "values keep their plain grid";
+  QuantSpec g;
+  g.bits = 4;
+  g.scheme = QuantScheme::Asym;
+  g.granularity = Granularity::PerTensor;
+  g.scale_dtype = ScaleDtype::F32;
+  for (Index r = 0; r < 2; ++r) {
+    const float lo = X.row(r).minCoeff() * 0.5f, hi = X.row(r).maxCoeff() * 0.75f;
+    const Grid grid = grid_from_range(lo, hi, g);
+    for (Index j = 0; j < 8; ++j)
+      EXPECT_EQ(K(r, j), dequantize_value(quantize_value(X(r, j), grid), grid)) << r << "," << j;
+    EXPECT_LT(K.row(r).maxCoeff(), X.row(r).maxCoeff());  // the clipped maximum
+  }
+  EXPECT_NE(q->describe().find("learned key clip [0.5000, 0.7500]"), std::string::npos) << q->describe();
+  spec.keys_per_channel = true;
+  EXPECT_THROW(make_scalar_kv_quantizer(spec, 8, 8), ShapeError);
+  spec.keys_per_channel = false;
+  spec.value_clip = ActClip{0.0f, 1.0f};
+  EXPECT_THROW(make_scalar_kv_quantizer(spec, 8, 8), ShapeError);
+}
+
 // ---- transforms in the forward pass ----
 
 TransformFactor random_factor(Index n, uint64_t stream) {
