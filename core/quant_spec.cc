@@ -76,7 +76,7 @@ std::string QuantSpec::str() const {
   switch (range) {
     case RangeMethod::MinMax: o << " minmax"; break;
     case RangeMethod::Percentile: o << " p" << format_double(percentile); break;
-    case RangeMethod::Mse: o << " mse"; break;
+    case RangeMethod::Mse: o << (mse_weights == MseWeights::Imatrix ? " mse-imatrix" : " mse"); break;
   }
   if (scale_dtype == ScaleDtype::F32) o << " fp32-scale";
   return o.str();
@@ -127,6 +127,18 @@ const OptionSchema<QuantSpec>& quant_spec_schema() {
     add_interval(s, "mse_norm", &QuantSpec::mse_norm,
                  "exponent of the MSE search objective sum |x^ - x|^norm (range mse)", 0.0, true,
                  std::numeric_limits<double>::infinity(), true);
+    s.add_enum("mse_weights", &QuantSpec::mse_weights,
+               "weights of the MSE search's objective: none, or imatrix (each input column by the "
+               "calibration mean x^2 of the layer's input, llama.cpp's importance matrix)",
+               std::vector<std::pair<std::string, MseWeights>>{{"none", MseWeights::None},
+                                                               {"imatrix", MseWeights::Imatrix}});
+    s.validator([](const QuantSpec& q, const ConfigNode& map, const std::string& path) {
+      if (q.mse_weights != MseWeights::None && q.range != RangeMethod::Mse) {
+        const ConfigNode* k = map.find("mse_weights");
+        throw ConfigError(k ? k->loc() : map.loc(), join_path(path, "mse_weights"),
+                          "weights the MSE range search: set range: mse with mse_weights: imatrix");
+      }
+    });
     s.add_enum("scale_dtype", &QuantSpec::scale_dtype,
                "storage type of scales; fp16 rounds each scale as stored",
                std::vector<std::pair<std::string, ScaleDtype>>{{"fp16", ScaleDtype::F16},

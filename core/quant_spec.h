@@ -43,6 +43,11 @@ enum class Granularity { PerTensor, PerChannel, PerGroup };
 /// Whatever the method, a final range [0, 0] becomes [-1, 1] (see QuantScheme).
 enum class RangeMethod { MinMax, Percentile, Mse };
 
+/// Per-element weights of the Mse search's objective: none, or llama.cpp's importance matrix
+/// (input column j of a weight row weighs by the calibration mean x_j² of the layer's input:
+/// the diagonal of the Hessian, so the search minimises the diagonal-H output error).
+enum class MseWeights { None, Imatrix };
+
 /// Storage type of scales (and float zero-points): F16 rounds every scale to IEEE half on
 /// fitting, exactly as it would be stored; F32 keeps float (what the PyTorch references do).
 enum class ScaleDtype { F16, F32 };
@@ -57,6 +62,7 @@ struct QuantSpec {
   int mse_grid = 100;
   double mse_maxshrink = 0.8;
   double mse_norm = 2.4;
+  MseWeights mse_weights = MseWeights::None;  ///< with range Mse only
   ScaleDtype scale_dtype = ScaleDtype::F16;
 
   bool quantized() const { return bits < 16; }
@@ -67,8 +73,9 @@ struct QuantSpec {
 };
 
 /// The YAML keys of a QuantSpec (bits, scheme, granularity, group_size, range, percentile,
-/// mse_grid, mse_maxshrink, mse_norm, scale_dtype), with the cross-field checks
-/// (bits in 2..8 or 16, group_size >= 1 with granularity group, ...).
+/// mse_grid, mse_maxshrink, mse_norm, mse_weights, scale_dtype), with the cross-field checks
+/// (bits in 2..8 or 16, group_size >= 1 with granularity group, mse_weights only with range
+/// mse, ...).
 const OptionSchema<QuantSpec>& quant_spec_schema();
 
 /// Activation quantization at a linear's input (SmoothQuant/FlatQuant use these).

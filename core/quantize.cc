@@ -181,8 +181,19 @@ float abs_percentile_scoped(const float* x, Index n, Index stride, double pct) {
 /// One chunk of sum |x^ - x|^norm, summed in order; stops early once `bound` is exceeded (the
 /// partial sums of non-negative terms never decrease, so the caller's strict comparison
 /// against `bound` is decided exactly as with the full sum).
+/// Per-element weights of the MSE objective: element i of a slice has weight
+/// w[(offset + i) mod period] (a weight row's columns: the input channels' importance).
+struct SliceWeights {
+  const float* w = nullptr;
+  Index period = 1, offset = 0;
+  float at(Index i) const { return w[(offset + i) % period]; }
+  SliceWeights shifted(Index by) const { return {w, period, offset + by}; }
+};
+
+/// One chunk of sum w_i |x^_i - x_i|^norm (w_i = 1 without weights; a weight of exactly 1
+/// leaves every term's bits as they are).
 double objective_chunk(const float* x, Index n, Index stride, const Grid& g, float norm,
-                       double bound) {
+                       double bound, const SliceWeights* sw) {
   const float s = g.scale, z = g.zero;
   const float lo = static_cast<float>(g.qmin), hi = static_cast<float>(g.qmax);
   double sum = 0.0;
@@ -190,14 +201,15 @@ double objective_chunk(const float* x, Index n, Index stride, const Grid& g, flo
     for (Index i = 0; i < n; ++i) {
       float v = x[i * stride];
       float e = s * (code_of(v, s, z, lo, hi) - z) - v;
-      sum += static_cast<double>(e * e);
+      sum += sw ? static_cast<double>(sw->at(i)) * static_cast<double>(e * e) : static_cast<double>(e * e);
       if ((i & 63) == 63 && sum > bound) return sum;
     }
   } else {
     for (Index i = 0; i < n; ++i) {
       float v = x[i * stride];
       float e = std::fabs(s * (code_of(v, s, z, lo, hi) - z) - v);
-      sum += detmath::pow(static_cast<double>(e), norm);
+      const double t = detmath::pow(static_cast<double>(e), norm);
+      sum += sw ? static_cast<double>(sw->at(i)) * t : t;
       if ((i & 63) == 63 && sum > bound) return sum;
     }
   }
@@ -205,16 +217,17 @@ double objective_chunk(const float* x, Index n, Index stride, const Grid& g, flo
 }
 
 double objective(const float* x, Index n, Index stride, const Grid& g, float norm,
-                 double bound) {
-  if (n <= kObjectiveChunk) return objective_chunk(x, n, stride, g, norm, bound);
+                 double bound, const SliceWeights* sw) {
+  if (n <= kObjectiveChunk) return objective_chunk(x, n, stride, g, norm, bound, sw);
   const Index chunks = (n + kObjectiveChunk - 1) / kObjectiveChunk;
   std::vector<double> part(static_cast<size_t>(chunks));
   const bool par = !omp_in_parallel();
 #pragma omp parallel for schedule(static) if (par)
   for (Index c = 0; c < chunks; ++c) {
     Index b = c * kObjectiveChunk, len = std::min(kObjectiveChunk, n - b);
+    const SliceWeights shifted = sw ? sw->shifted(b) : SliceWeights{};
     part[c] = objective_chunk(x + b * stride, len, stride, g, norm,
-                              std::numeric_limits<double>::infinity());
+                              std::numeric_limits<double>::infinity(), sw ? &shifted : nullptr);
   }
   double sum = 0.0;
   for (double p : part) sum += p;
@@ -226,17 +239,17 @@ double objective(const float* x, Index n, Index stride, const Grid& g, float nor
 /// grid rebuilt from the shrunk range (Asym: new zero; Sym/SymOffset: zero fixed by the
 /// scheme). Candidates are scored with their stored (e.g. fp16) scales; ties keep the larger p.
 Grid mse_search(const float* x, Index n, Index stride, float lo, float hi, const GridParams& p,
-                const QuantSpec& spec) {
+                const QuantSpec& spec, const SliceWeights* sw) {
   Grid best = grid_of_range(lo, hi, p);
   const float norm = static_cast<float>(spec.mse_norm);
-  double best_err = objective(x, n, stride, best, norm, std::numeric_limits<double>::infinity());
+  double best_err = objective(x, n, stride, best, norm, std::numeric_limits<double>::infinity(), sw);
   const long candidates =
       std::max(1L, static_cast<long>(std::floor(spec.mse_maxshrink * spec.mse_grid)));
   for (long i = 1; i < candidates; ++i) {
     const float shrink =
         static_cast<float>(1.0 - static_cast<double>(i) / static_cast<double>(spec.mse_grid));
     Grid g = grid_of_range(shrink * lo, shrink * hi, p);
-    double err = objective(x, n, stride, g, norm, best_err);
+    double err = objective(x, n, stride, g, norm, best_err, sw);
     if (err < best_err) {
       best_err = err;
       best = g;
@@ -247,7 +260,7 @@ Grid mse_search(const float* x, Index n, Index stride, float lo, float hi, const
 
 /// fit_grid without the spec checks (callers check once per matrix).
 inline Grid fit_unchecked(const float* x, Index n, Index stride, const QuantSpec& spec,
-                          const GridParams& p) {
+                          const GridParams& p, const SliceWeights* sw = nullptr) {
   float lo, hi;
   minmax_of(x, n, stride, lo, hi);
   lo = std::min(lo, 0.0f);
@@ -258,7 +271,7 @@ inline Grid fit_unchecked(const float* x, Index n, Index stride, const QuantSpec
     hi = std::min(hi, c);
   }
   normalise_range(lo, hi);
-  if (spec.range == RangeMethod::Mse) return mse_search(x, n, stride, lo, hi, p, spec);
+  if (spec.range == RangeMethod::Mse) return mse_search(x, n, stride, lo, hi, p, spec, sw);
   return grid_of_range(lo, hi, p);
 }
 
@@ -308,8 +321,10 @@ void grid_shape(const QuantSpec& s, Index rows, Index cols, Index& gr, Index& gc
 /// for any thread count.
 template <bool kCodes, bool kXhat>
 void rtn(const Matrix& W, const QuantSpec& spec, IntMatrix* codes, Matrix* xhat, Matrix* scales,
-         Matrix* zeros) {
+         Matrix* zeros, const Vector* importance) {
   const Index rows = W.rows(), cols = W.cols();
+  const SliceWeights all{importance ? importance->data() : nullptr, std::max<Index>(cols, 1), 0};
+  const SliceWeights* sw = importance ? &all : nullptr;
   const GridParams p = params_of(spec);
   Index gr, gc;
   grid_shape(spec, rows, cols, gr, gc);
@@ -318,7 +333,7 @@ void rtn(const Matrix& W, const QuantSpec& spec, IntMatrix* codes, Matrix* xhat,
 
   Grid tensor_grid;
   if (spec.granularity == Granularity::PerTensor) {
-    tensor_grid = fit_unchecked(W.data(), W.size(), 1, spec, p);
+    tensor_grid = fit_unchecked(W.data(), W.size(), 1, spec, p, sw);
     if (scales) (*scales)(0, 0) = tensor_grid.scale;
     if (zeros) (*zeros)(0, 0) = tensor_grid.zero;
   }
@@ -342,7 +357,8 @@ void rtn(const Matrix& W, const QuantSpec& spec, IntMatrix* codes, Matrix* xhat,
       }
       for (Index b = 0, j = 0; b < cols; b += gsize, ++j) {
         const Index len = std::min(gsize, cols - b);
-        const Grid g = fit_unchecked(x + b, len, 1, spec, p);
+        const SliceWeights group = all.shifted(b);
+        const Grid g = fit_unchecked(x + b, len, 1, spec, p, sw ? &group : nullptr);
         if (scales) (*scales)(r, j) = g.scale;
         if (zeros) (*zeros)(r, j) = g.zero;
         apply_grid<kCodes, kXhat>(x + b, len, g, kCodes ? c + b : nullptr,
@@ -363,10 +379,22 @@ void qrange(QuantScheme scheme, int bits, int& qmin, int& qmax) {
 
 }  // namespace
 
-Grid fit_grid(const float* x, Index n, Index stride, const QuantSpec& spec) {
+Grid fit_grid(const float* x, Index n, Index stride, const QuantSpec& spec, const float* weights) {
   check_spec(spec, "fit_grid");
-  return fit_unchecked(x, n, stride, spec, params_of(spec));
+  const SliceWeights sw{weights, std::max<Index>(n, 1), 0};
+  return fit_unchecked(x, n, stride, spec, params_of(spec), weights ? &sw : nullptr);
 }
+
+namespace {
+void check_importance(const Vector* importance, Index cols, const char* fn) {
+  if (!importance) return;
+  if (importance->size() != cols)
+    throw ShapeError(std::string(fn) + ": importance of " + std::to_string(importance->size()) +
+                     " channels for " + std::to_string(cols) + " input columns");
+  if (!importance->allFinite() || (importance->size() > 0 && importance->minCoeff() < 0))
+    throw NumericError(std::string(fn) + ": importance weights must be finite and non-negative");
+}
+}  // namespace
 
 Grid grid_from_range(float lo, float hi, const QuantSpec& spec) {
   check_spec(spec, "grid_from_range");
@@ -417,12 +445,13 @@ Grid QuantizedTensor::grid(Index r, Index c) const {
   return g;
 }
 
-QuantizedTensor quantize(const Matrix& W, const QuantSpec& spec) {
+QuantizedTensor quantize(const Matrix& W, const QuantSpec& spec, const Vector* importance) {
   check_spec(spec, "quantize");
+  check_importance(importance, W.cols(), "quantize");
   QuantizedTensor q;
   q.spec = spec;
   q.codes.resize(W.rows(), W.cols());
-  rtn<true, false>(W, spec, &q.codes, nullptr, &q.scales, &q.zeros);
+  rtn<true, false>(W, spec, &q.codes, nullptr, &q.scales, &q.zeros, importance);
   return q;
 }
 
@@ -480,11 +509,12 @@ Matrix dequantize(const QuantizedTensor& q) {
   return out;
 }
 
-Matrix fake_quant(const Matrix& W, const QuantSpec& spec) {
+Matrix fake_quant(const Matrix& W, const QuantSpec& spec, const Vector* importance) {
   if (!spec.quantized()) return W;
   check_spec(spec, "fake_quant");
+  check_importance(importance, W.cols(), "fake_quant");
   Matrix out(W.rows(), W.cols());
-  rtn<false, true>(W, spec, nullptr, &out, nullptr, nullptr);
+  rtn<false, true>(W, spec, nullptr, &out, nullptr, nullptr, importance);
   return out;
 }
 

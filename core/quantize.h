@@ -25,8 +25,10 @@ struct Grid {
 /// Fit a grid to n values x[0], x[stride], ..., x[(n-1)*stride] with spec's scheme and range
 /// method (spec.bits in 2..8, 1..8 for Asym; else ConfigError). Scales are rounded to fp16 when
 /// spec.scale_dtype is F16 (a scale outside half's range is clamped to the smallest normal /
-/// largest finite half). n == 0 gives the grid of the range [-1, 1].
-Grid fit_grid(const float* x, Index n, Index stride, const QuantSpec& spec);
+/// largest finite half). n == 0 gives the grid of the range [-1, 1]. With `weights` (n values,
+/// weights[i] for x[i*stride]) the Mse range search minimises sum w_i |x^_i - x_i|^norm; other
+/// range methods do not read them. Weights of exactly 1 give the unweighted search bitwise.
+Grid fit_grid(const float* x, Index n, Index stride, const QuantSpec& spec, const float* weights = nullptr);
 
 /// Fit a grid to an explicit range [lo, hi] (e.g. a learned clipping range) with spec's scheme
 /// and scale dtype: the range is first forced to contain 0 ([-1, 1] if both ends are 0), as
@@ -72,16 +74,20 @@ struct QuantizedTensor {
 };
 
 /// THE quantize entry point: fit grids per spec.granularity and round (spec.bits in 2..8, else
-/// ConfigError). Grids are fitted on the weights alone (fit_grid per slice). W must be finite
-/// (Algorithm::run checks); NaN/inf are not rejected here but still give in-range codes.
-QuantizedTensor quantize(const Matrix& W, const QuantSpec& spec);
+/// ConfigError). Grids are fitted on the weights alone (fit_grid per slice), or, with
+/// `importance` (one finite non-negative weight per input column, e.g. the calibration mean x_j²
+/// of llama.cpp's importance matrix), the Mse range search weighs column j's error by
+/// importance_j (ShapeError for a wrong size, NumericError for a negative or non-finite weight).
+/// W must be finite (Algorithm::run checks); NaN/inf are not rejected here but still give
+/// in-range codes.
+QuantizedTensor quantize(const Matrix& W, const QuantSpec& spec, const Vector* importance = nullptr);
 /// Reconstruct float weights from codes and grids: scale*(float(q) - zero) per weight, so
 /// dequantize(quantize(W)) == fake_quant(W) bitwise. Honours g_idx. ShapeError if scales/zeros
 /// do not have the layout above, or g_idx is non-empty and not cols entries in [0, n_groups)
 /// of a PerGroup tensor.
 Matrix dequantize(const QuantizedTensor& q);
 /// quantize + dequantize without materialising codes; the identity copy when spec.bits == 16.
-Matrix fake_quant(const Matrix& W, const QuantSpec& spec);
+Matrix fake_quant(const Matrix& W, const QuantSpec& spec, const Vector* importance = nullptr);
 
 /// Pack codes for storage: each code stored as (code - qmin) in `bits` bits, LSB-first,
 /// row-major, rows not padded: ceil(rows*cols*bits/8) bytes, the last byte's high bits 0.

@@ -179,7 +179,8 @@ Pipeline::Pipeline(const RunConfig& run, const AlgorithmRegistry& registry)
     const AlgorithmInfo& info = registry.get(step.algorithm);
     identity_ = identity_ && info.identity && !step.act.quantized();
     channel_stats_ = channel_stats_ || info.needs.channel_stats ||
-                     (step.act.quantized() && step.act.mode == ActRangeMode::Static);
+                     (step.act.quantized() && step.act.mode == ActRangeMode::Static) ||
+                     step.weight.mse_weights == MseWeights::Imatrix;
     steps_.emplace_back(step, info);
   }
 }

@@ -526,6 +526,10 @@ class Gptq final : public LayerAlgorithm {
 
 LayerOutput Gptq::quantize_layer(const LayerInput& in) const {
   const GptqOptions& opt = opt_;
+  // GPTQ already weighs the error by the full Hessian; its grid fits take no importance.
+  if (in.spec.mse_weights != MseWeights::None)
+    throw ConfigError(SourceLoc{}, "mse_weights",
+                      "'" + in.name + "': gptq weighs errors by the full Hessian; mse_weights imatrix is for rtn");
   LayerOutput out;
   if (!in.spec.quantized()) {  // bits: 16 keeps the layer in float, as for rtn
     out.W = *in.W;

@@ -422,6 +422,65 @@ TEST(Quantize, MseSearchAlsoFitsPerGroupAndPerTensor) {
   EXPECT_LT(objective(W.data(), W.size(), gs, 2.4), objective(W.data(), W.size(), gm, 2.4));
 }
 
+// llama.cpp's importance matrix as weights of the MSE search: uniform weights are the plain
+// search bitwise (per tensor, channel and group, including a per-tensor objective split into
+// chunks); with real weights every slice's chosen grid is the best candidate of the weighted
+// objective, so never above the unweighted choice on it, and a heavily weighted column is
+// reproduced at least as closely.
+double weighted_objective(const float* x, const float* w, Index n, const Grid& g, double norm) {
+  double s = 0;
+  for (Index i = 0; i < n; ++i) {
+    const float xh = dequantize_value(quantize_value(x[i], g), g);
+    s += static_cast<double>(w[i]) * std::pow(std::fabs(static_cast<double>(xh) - x[i]), norm);
+  }
+  return s;
+}
+
+TEST(Quantize, ImatrixWeightedMseSearch) {
+  const Matrix W = random_matrix(40, 300, 23, true);
+  const Vector ones = Vector::Ones(300);
+  Vector imp(300);
+  CounterRng rng(4, 9);
+  for (Index j = 0; j < 300; ++j) imp[j] = static_cast<float>(std::exp(2.0 * rng.normal(static_cast<uint64_t>(j))));
+  for (Granularity gran : {Granularity::PerTensor, Granularity::PerChannel, Granularity::PerGroup}) {
+    SCOPED_TRACE(static_cast<int>(gran));
+    QuantSpec s = make_spec(3, QuantScheme::Asym, gran, 64, RangeMethod::Mse);
+    const QuantizedTensor plain = quantize(W, s), uniform = quantize(W, s, &ones), weighted = quantize(W, s, &imp);
+    EXPECT_TRUE(bitwise_equal(dequantize(plain), dequantize(uniform)));
+    EXPECT_TRUE(bitwise_equal(fake_quant(W, s, &ones), dequantize(plain)));
+    EXPECT_FALSE(bitwise_equal(dequantize(plain), dequantize(weighted)));
+    if (gran == Granularity::PerTensor) continue;
+    const Index g = gran == Granularity::PerGroup ? 64 : 300;
+    for (Index r = 0; r < W.rows(); ++r)
+      for (Index c0 = 0; c0 < 300; c0 += g) {
+        const Index n = std::min<Index>(g, 300 - c0);
+        const float* x = W.data() + r * 300 + c0;
+        EXPECT_LE(weighted_objective(x, imp.data() + c0, n, weighted.grid(r, c0), s.mse_norm),
+                  weighted_objective(x, imp.data() + c0, n, plain.grid(r, c0), s.mse_norm));
+      }
+  }
+  // The per-tensor objective over 65,536-element chunks keeps the column weights aligned.
+  const Matrix big = random_matrix(300, 500, 24, true);
+  QuantSpec t = make_spec(4, QuantScheme::Asym, Granularity::PerTensor, 128, RangeMethod::Mse);
+  const Vector ones500 = Vector::Ones(500);
+  EXPECT_TRUE(bitwise_equal(fake_quant(big, t, &ones500), fake_quant(big, t)));
+  // fit_grid with weights: one column of weight 1e6 among zeros is fitted for itself.
+  std::vector<float> x = {-3.0f, 0.1f, 0.2f, 0.37f, 0.5f, 2.0f, 2.9f, 3.0f};
+  std::vector<float> w(8, 0.0f);
+  w[3] = 1e6f;
+  QuantSpec q = make_spec(2, QuantScheme::Asym, Granularity::PerTensor, 128, RangeMethod::Mse);
+  const Grid gw = fit_grid(x.data(), 8, 1, q, w.data()), gp = fit_grid(x.data(), 8, 1, q);
+  const auto err = [&](const Grid& gr) { return std::fabs(dequantize_value(quantize_value(x[3], gr), gr) - x[3]); };
+  EXPECT_LE(err(gw), err(gp));
+  // Bad importance vectors.
+  Vector neg = ones;
+  neg[5] = -1.0f;
+  EXPECT_THROW(quantize(W, make_spec(3, QuantScheme::Asym, Granularity::PerChannel, 64, RangeMethod::Mse), &neg),
+               NumericError);
+  const Vector short_imp = Vector::Ones(299);
+  EXPECT_THROW(quantize(W, make_spec(3, QuantScheme::Asym), &short_imp), ShapeError);
+}
+
 TEST(Quantize, Fp16ScaleRounding) {
   // x = {0, 1}, 4-bit asym: scale = 1/15 = 0.06666667f. Nearest half: 2^-4 * (1 + 68/1024) =
   // 0.066650390625 (spacing 2^-14 in [2^-4, 2^-3); 0.0041667/2^-14 = 68.27 -> 68).
@@ -749,6 +808,17 @@ TEST(QuantSpecSchema, ParsesAllKeys) {
   EXPECT_EQ(quant_spec_schema().emit(back).to_yaml(), emitted.to_yaml());
   EXPECT_EQ(parse_spec("bits: 16\n").bits, 16);
   EXPECT_EQ(parse_spec("bits: 2\n").bits, 2);
+  // mse_weights: only with range mse, and the error points at its line.
+  const QuantSpec im = parse_spec("bits: 3\nrange: mse\nmse_weights: imatrix\n");
+  EXPECT_EQ(im.mse_weights, MseWeights::Imatrix);
+  EXPECT_NE(im.str().find("mse-imatrix"), std::string::npos) << im.str();
+  try {
+    parse_spec("bits: 3\nrange: minmax\nmse_weights: imatrix\n");
+    ADD_FAILURE() << "mse_weights without range mse accepted";
+  } catch (const ConfigError& e) {
+    EXPECT_NE(std::string(e.what()).find("exp.yaml:3"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("quant.0.mse_weights"), std::string::npos) << e.what();
+  }
 }
 
 TEST(QuantSpecSchema, RejectsBadBitsWithPathAndLine) {
