@@ -48,6 +48,8 @@ const OptionSchema<CalibConfig>& synthetic_calib_schema() {
   return s;
 }
 
+CalibSource parse_calib_source(const ConfigNode& n, const std::string& path);
+
 const OptionSchema<CalibConfig>& model_calib_schema() {
   static const OptionSchema<CalibConfig> s = [] {
     OptionSchema<CalibConfig> o;
@@ -63,6 +65,25 @@ const OptionSchema<CalibConfig>& model_calib_schema() {
           c.ids = resolve_path(n, read_string(n, p));
         },
         [](const CalibConfig& c) { return ConfigNode::scalar(c.ids); });
+    o.add_custom(
+        "sources", "list of {name, text | ids, share}",
+        "a calibration mixture instead of text / ids: windows from each source in proportion to its share "
+        "(e.g. 0.9 wikitext2 + 0.1 austen), each tagged with its source",
+        [](CalibConfig& c, const ConfigNode& n, const std::string& p) {
+          if (!n.is_sequence() || n.size() == 0) throw ConfigError(n.loc(), p, "expected a list of {name, text, share}");
+          for (std::size_t i = 0; i < n.size(); ++i) c.sources.push_back(parse_calib_source(n.at(i), join_path(p, std::to_string(i))));
+        },
+        [](const CalibConfig& c) {
+          ConfigNode l = ConfigNode::sequence();
+          for (const CalibSource& s : c.sources) {
+            ConfigNode m = ConfigNode::map();
+            m.set("name", ConfigNode::scalar(s.name));
+            m.set(s.ids.empty() ? "text" : "ids", ConfigNode::scalar(s.ids.empty() ? s.text : s.ids));
+            m.set("share", ConfigNode::scalar(format_double(s.share)));
+            l.push_back(m);
+          }
+          return l;
+        });
     o.add("n_samples", &CalibConfig::n_samples, "calibration windows", {1, 1 << 20});
     o.add("seq_len", &CalibConfig::seq_len, "tokens per calibration window", {2, 1 << 20});
     o.add("seed", &CalibConfig::seed, "seed of the random window rule", {0, 9.2e18});
@@ -97,9 +118,14 @@ const OptionSchema<CalibConfig>& model_calib_schema() {
                           join_path(path, "draw"),
                           "expected a draw in [0, draws) = [0, " + std::to_string(c.draws) +
                               "), found " + std::to_string(c.draw));
-      if (c.text.empty() == c.ids.empty())
+      if (static_cast<int>(!c.text.empty()) + static_cast<int>(!c.ids.empty()) + static_cast<int>(!c.sources.empty()) != 1)
         throw ConfigError(map.loc(), join_path(path, "text"),
-                          "expected exactly one of 'text' (a text file) or 'ids' (a token-id file)");
+                          "expected exactly one of 'text' (a text file), 'ids' (a token-id file) or 'sources' (a "
+                          "mixture)");
+      if (!c.sources.empty() && static_cast<std::size_t>(c.n_samples) < c.sources.size())
+        throw ConfigError(map.find("n_samples") ? map.find("n_samples")->loc() : map.loc(), join_path(path, "n_samples"),
+                          "expected at least one window per source (" + std::to_string(c.sources.size()) +
+                              " sources), found " + std::to_string(c.n_samples));
     });
     return o;
   }();
@@ -115,6 +141,26 @@ const OptionSchema<EvalConfig>& synthetic_eval_schema() {
     o.add("unit_tokens", &EvalConfig::unit_tokens, "tokens per evaluation unit", {1, 1 << 20});
     return o;
   }();
+  return s;
+}
+
+CalibSource parse_calib_source(const ConfigNode& n, const std::string& path) {
+  if (!n.is_map())
+    throw ConfigError(n.loc(), path, "expected a map {name, text | ids, share}, found '" + n.to_flow() + "'");
+  CalibSource s;
+  for (auto& [k, v] : n.entries()) {
+    const std::string kp = join_path(path, k);
+    if (k == "name") s.name = read_string(v, kp);
+    else if (k == "text") s.text = resolve_path(v, read_string(v, kp));
+    else if (k == "ids") s.ids = resolve_path(v, read_string(v, kp));
+    else if (k == "share") s.share = read_double(v, kp, 0.0, std::numeric_limits<double>::max());
+    else throw_unknown_key(n, k, path, {"name", "text", "ids", "share"});
+  }
+  if (s.name.empty() || s.text.empty() == s.ids.empty())
+    throw ConfigError(n.loc(), path, "expected 'name' and exactly one of 'text' or 'ids'");
+  if (!(s.share > 0))
+    throw ConfigError(n.find("share") ? n.find("share")->loc() : n.loc(), join_path(path, "share"),
+                      "expected a positive share of the windows, found " + format_double(s.share));
   return s;
 }
 
@@ -453,8 +499,12 @@ RunConfig parse_run_config(const ConfigNode& root, const std::string& label,
     else if (model)
       throw ConfigError(root.loc(), "eval", "expected an 'eval' section with streams and/or slices");
     if (model && rc.eval.freq_corpus.empty()) {
-      rc.eval.freq_corpus = rc.calib.text.empty() ? rc.calib.ids : rc.calib.text;
-      rc.eval.freq_corpus_is_ids = rc.calib.text.empty();
+      const CalibConfig& c = rc.calib;
+      rc.eval.freq_corpus = !c.text.empty() ? c.text
+                            : !c.ids.empty() ? c.ids
+                            : c.sources.front().ids.empty() ? c.sources.front().text
+                                                            : c.sources.front().ids;
+      rc.eval.freq_corpus_is_ids = !c.ids.empty() || (c.text.empty() && c.ids.empty() && !c.sources.front().ids.empty());
     }
     for (auto& [key, value] : root.entries()) {
       if (key == "seed") {

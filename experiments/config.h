@@ -57,11 +57,22 @@ struct WorkloadConfig {
 enum class Propagate { Quantized, Fp };
 
 /// `calib:` — calibration data. Synthetic suites use tokens/populations; models use the rest.
+/// One source of a calibration mixture: a text (stream protocol) or a token-id file, and its
+/// share of the windows.
+struct CalibSource {
+  std::string name, text, ids;
+  double share = 0;
+};
+
 struct CalibConfig {
   long long tokens = 1024;               ///< synthetic: calibration tokens per layer
   std::vector<std::string> populations;  ///< synthetic: populations drawn from (empty = all)
   std::string text;             ///< model: calibration text (stream protocol)
   std::string ids;              ///< model: or a token-id file (one document per line), instead of text
+  /// model: or a mixture: n_samples windows split over the sources by their shares
+  /// (mixture_counts), each source's windows drawn by `rule` from its own text, interleaved
+  /// (mixture_order); every window is tagged with its source.
+  std::vector<CalibSource> sources;
   int n_samples = 128;          ///< model: calibration windows
   int seq_len = 256;            ///< model: tokens per calibration window
   long long seed = 0;           ///< model: seed of the random window rule

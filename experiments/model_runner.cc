@@ -82,6 +82,8 @@ struct ModelCache::State {
   std::shared_ptr<const Tokenizer> tokenizer;
   std::string calib_key;
   std::vector<std::vector<int32_t>> calib_windows;
+  std::vector<int> calib_source;               // per window: index into calib_source_names
+  std::vector<std::string> calib_source_names;
   std::string eval_key;
   std::vector<EvalData> eval;
   std::string freq_key;
@@ -184,6 +186,31 @@ EvalData eval_data(const EvalSet& s, int64_t seq_len, ModelCache::State& st) {
   return d;
 }
 
+/// A calibration mixture: n_samples windows split over the sources by their shares, each
+/// source's windows drawn by the run's rule from its own text (random offsets from a seed of
+/// their own per source), then interleaved so every stretch holds the mixture's proportions.
+void mixture_windows(const CalibConfig& c, ModelCache::State& st) {
+  std::vector<double> shares;
+  for (const CalibSource& s : c.sources) shares.push_back(s.share);
+  const std::vector<int> counts = mixture_counts(shares, c.n_samples);
+  std::vector<std::vector<std::vector<int32_t>>> per(c.sources.size());
+  st.calib_source_names.clear();
+  for (std::size_t k = 0; k < c.sources.size(); ++k) {
+    const CalibSource& s = c.sources[k];
+    st.calib_source_names.push_back(s.name);
+    const std::vector<int32_t>& ids = s.ids.empty() ? st.stream(s.text) : st.id_stream(s.ids);
+    per[k] = calibration_windows(ids, counts[k], c.seq_len, c.rule, mix_stream(static_cast<uint64_t>(c.seed), k + 1),
+                                 CalibDraw{c.draw, c.draws});
+  }
+  st.calib_windows.clear();
+  st.calib_source.clear();
+  std::vector<std::size_t> next(c.sources.size(), 0);
+  for (int k : mixture_order(counts)) {
+    st.calib_windows.push_back(std::move(per[static_cast<std::size_t>(k)][next[static_cast<std::size_t>(k)]++]));
+    st.calib_source.push_back(k);
+  }
+}
+
 void prepare(const RunConfig& run, ModelCache::State& st, double* seconds) {
   auto t0 = std::chrono::steady_clock::now();
   const ModelWorkload& mw = run.workload.model;
@@ -206,13 +233,19 @@ void prepare(const RunConfig& run, ModelCache::State& st, double* seconds) {
   const int vocab = st.fp->config.vocab_size;
 
   const CalibConfig& c = run.calib;
-  const std::string calib_key = c.text + "|" + c.ids + "|" + std::to_string(c.n_samples) + "|" +
-                                std::to_string(c.seq_len) + "|" + std::to_string(c.seed) + "|" + std::to_string(static_cast<int>(c.rule)) + "|" +
-                                std::to_string(c.draw) + "/" + std::to_string(c.draws);
+  std::string calib_key = c.text + "|" + c.ids + "|" + std::to_string(c.n_samples) + "|" +
+                          std::to_string(c.seq_len) + "|" + std::to_string(c.seed) + "|" + std::to_string(static_cast<int>(c.rule)) + "|" +
+                          std::to_string(c.draw) + "/" + std::to_string(c.draws);
+  for (const CalibSource& s : c.sources) calib_key += "|" + s.name + ":" + s.text + ":" + s.ids + ":" + format_double(s.share);
   if (st.calib_key != calib_key) {
-    st.calib_windows = calibration_windows(c.ids.empty() ? st.stream(c.text) : st.id_stream(c.ids), c.n_samples, c.seq_len,
-                                           c.rule,
-                                           static_cast<uint64_t>(c.seed), CalibDraw{c.draw, c.draws});
+    if (c.sources.empty()) {
+      st.calib_windows = calibration_windows(c.ids.empty() ? st.stream(c.text) : st.id_stream(c.ids), c.n_samples,
+                                             c.seq_len, c.rule, static_cast<uint64_t>(c.seed), CalibDraw{c.draw, c.draws});
+      st.calib_source.assign(st.calib_windows.size(), 0);
+      st.calib_source_names = {c.ids.empty() ? c.text : c.ids};
+    } else {
+      mixture_windows(c, st);
+    }
     st.calib_key = calib_key;
   }
 
@@ -820,6 +853,11 @@ void execute_model_run(const RunConfig& run, ModelCache& cache, const AlgorithmR
              Pipeline(run, registry), QuantizedModel(st.fp), rec};
   m.pipeline.check_heads(m.arch.heads());
 
+  // A mixture's windows per source, so results can be read against what calibration saw.
+  if (!run.calib.sources.empty())
+    for (std::size_t k = 0; k < st.calib_source_names.size(); ++k)
+      rec.params.push_back({"calib.source." + st.calib_source_names[k] + ".windows",
+                            std::to_string(std::count(st.calib_source.begin(), st.calib_source.end(), static_cast<int>(k)))});
   const auto t_cal = std::chrono::steady_clock::now();
   rec.seconds_quant = calibrate_and_quantize(m, st.calib_windows, on_layer);
   rec.seconds_quant += apply_model_steps(m, st.calib_windows);

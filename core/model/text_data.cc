@@ -1,11 +1,13 @@
 #include "core/model/text_data.h"
 
 #include <algorithm>
+#include <cmath>
 #include <fstream>
 #include <map>
 #include <nlohmann/json.hpp>
 #include <numeric>
 #include <sstream>
+#include <tuple>
 
 #include "core/error.h"
 #include "core/hash.h"
@@ -301,6 +303,39 @@ std::vector<std::vector<int32_t>> calibration_windows(const std::vector<int32_t>
   windows.reserve(starts.size());
   for (int64_t s : starts) windows.emplace_back(ids.begin() + s, ids.begin() + s + seq);
   return windows;
+}
+
+std::vector<int> mixture_counts(const std::vector<double>& shares, int n) {
+  if (shares.empty()) throw ShapeError("calibration mixture: no sources");
+  double total = 0;
+  for (double s : shares) {
+    if (!(s > 0) || !std::isfinite(s)) throw ShapeError("calibration mixture: shares must be positive and finite");
+    total += s;
+  }
+  std::vector<int> counts(shares.size());
+  std::vector<std::pair<double, std::size_t>> rest;
+  int used = 0;
+  for (std::size_t k = 0; k < shares.size(); ++k) {
+    const double exact = static_cast<double>(n) * shares[k] / total;
+    counts[k] = static_cast<int>(std::floor(exact));
+    used += counts[k];
+    rest.push_back({exact - counts[k], k});
+  }
+  std::stable_sort(rest.begin(), rest.end(), [](const auto& a, const auto& b) { return a.first > b.first; });
+  for (int i = 0; i < n - used; ++i) ++counts[rest[static_cast<std::size_t>(i)].second];
+  return counts;
+}
+
+std::vector<int> mixture_order(const std::vector<int>& counts) {
+  std::vector<std::tuple<double, int, int>> pos;  // (fraction through, source, index)
+  for (std::size_t s = 0; s < counts.size(); ++s)
+    for (int j = 0; j < counts[s]; ++j)
+      pos.emplace_back((j + 0.5) / counts[s], static_cast<int>(s), j);
+  std::sort(pos.begin(), pos.end());
+  std::vector<int> order;
+  order.reserve(pos.size());
+  for (auto& p : pos) order.push_back(std::get<1>(p));
+  return order;
 }
 
 namespace {

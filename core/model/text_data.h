@@ -115,6 +115,18 @@ std::vector<std::vector<int32_t>> calibration_windows(const std::vector<int32_t>
                                                       int seq, CalibRule rule, uint64_t seed,
                                                       CalibDraw draw = {});
 
+/// A calibration mixture (windows from several sources in given proportions): how many of n
+/// windows each source gets. Shares must be positive and finite (ShapeError); they are
+/// normalised to sum 1, each source gets floor(n·share) and the remaining windows go to the
+/// largest fractional parts (ties: the earlier source), so the counts sum to n and are a pure
+/// function of (shares, n).
+std::vector<int> mixture_counts(const std::vector<double>& shares, int n);
+/// The order in which the sources' windows are interleaved: window j of source s (of counts[s])
+/// sits at (j + 0.5) / counts[s] of the way through, merged in that order (ties: the earlier
+/// source), so every stretch of consecutive windows (FlatQuant's batches) holds the mixture's
+/// proportions. Returns the source of each position; within a source windows keep their order.
+std::vector<int> mixture_order(const std::vector<int>& counts);
+
 // ---- built-in token slices ------------------------------------------------------------------
 
 /// Frequency-rank buckets of token ids, counted on a reference corpus (the calibration text).
