@@ -23,13 +23,14 @@
 // head after RoPE (P_k⁻ᵀ on the queries) and the K and V grids' clipping train with the block
 // against those grids, and kv_rtn uses the learned clipping; a KV cache the graph cannot
 // simulate (CommVQ, per-channel keys) gets a random orthogonal P_k. Deviation: q/k/v biases
-// (Qwen2) are not in the training graph (ShapeError). On the synthetic suite's layers (ALGORITHMS.md §5.6)
-// one transform per linear input is trained against the layer's output.
+// (Qwen2) are not in the training graph (ShapeError). On the synthetic suite's layers
+// (ALGORITHMS.md §5.6) one transform per linear input is trained against the layer's output.
 //
-// Config keys: parameterisation (svd; direct_inverse), epochs (15), lr (5e-3), clip_lr_factor (10), weight_decay (0.01), diag_alpha
+// Config keys: parameterisation (svd | direct_inverse: the factor matrices themselves, inverted
+// in double), epochs (15), lr (5e-3), clip_lr_factor (10), weight_decay (0.01), diag_alpha
 // (0.3), add_diag, lwc, lac (true), train_transform (true; false keeps P at its random start),
-// seed (0), batch_size (4 windows per step on a model), batch_tokens (128: calibration tokens per
-// step on a standalone layer).
+// train_kv (true), seed (0), batch_size (4 windows per step on a model), batch_tokens (128:
+// calibration tokens per step on a standalone layer).
 #pragma once
 
 namespace ql {

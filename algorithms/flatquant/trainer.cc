@@ -283,8 +283,8 @@ namespace ql {
 
 namespace {
 
-/// The trainable state of one block: eight SVD factors, three channel scales, LWC and LAC
-/// logits per linear, with their gradients.
+/// The trainable state of one block: eight factors (nine with P_k), three channel scales, LWC
+/// and LAC logits per linear, the KV grids' LAC logits, with their gradients.
 struct BlockState {
   FactorParam a1, a2, u1, u2, d1, d2, v, o, k;
   bool has_k = false;  ///< P_k trains (a simulated KV cache)

@@ -21,9 +21,9 @@
 //
 // Config keys (no weight grid): k_bits, v_bits (1..8 or 16 = exact; default 4), keys
 // (token | channel), channel_group, token_group (default 32), residual_length (default 0),
-// key_stage (post_rope | pre_rope), learned_clip (true). The step's targets/ignore regexes match the block's
-// attention, "model.layers.<b>.self_attn" (e.g. ignore: ["model\\.layers\\.0\\..*"] keeps block
-// 0's cache exact).
+// key_stage (post_rope | pre_rope), learned_clip (true). The step's targets/ignore regexes
+// match the block's attention, "model.layers.<b>.self_attn" (e.g. ignore:
+// ["model\\.layers\\.0\\..*"] keeps block 0's cache exact).
 #pragma once
 
 namespace ql {
