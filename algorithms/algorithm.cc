@@ -91,14 +91,33 @@ ChannelScaleTransform NormConsumerAlgorithm::run(const NormConsumerInput& in) co
       throw ShapeError("'" + in.name + "': consumers read inputs of different widths");
   if (in.input_stats && in.input_stats->dim() != d)
     throw ShapeError("'" + in.name + "': input statistics do not match the consumers' d_in");
+  if (in.hessian && in.hessian->dim() != d)
+    throw ShapeError("'" + in.name + "': input Hessian does not match the consumers' d_in");
   ChannelScaleTransform t = compute_transform(in);
   if (t.scales.size() != d)
     throw ShapeError("'" + in.name + "': transform has " + std::to_string(t.scales.size()) +
                      " scales for " + std::to_string(d) + " channels");
   for (Index j = 0; j < d; ++j)
-    if (!(t.scales[j] > 0) || !std::isfinite(t.scales[j]))
+    if (!(t.scales[j] > 0) || !std::isfinite(t.scales[j]) || (!in.can_scale && t.scales[j] != 1.0))
       throw NumericError("'" + in.name + "': channel scale " + std::to_string(j) +
-                         " is not positive and finite");
+                         (in.can_scale ? " is not positive and finite" : " is not 1 on an input nothing absorbs"));
+  if (t.weights.empty()) return t;
+  if (t.weights.size() != in.consumers.size() || t.quantized.size() != in.consumers.size())
+    throw ShapeError("'" + in.name + "': plugin returned " + std::to_string(t.weights.size()) + " weights / " +
+                     std::to_string(t.quantized.size()) + " codes for " + std::to_string(in.consumers.size()) +
+                     " consumers");
+  for (std::size_t i = 0; i < t.weights.size(); ++i) {
+    const std::string who = "'" + (i < in.consumer_names.size() ? in.consumer_names[i] : in.name) + "'";
+    const Matrix& W = t.weights[i];
+    if (W.rows() != in.consumers[i]->rows() || W.cols() != d)
+      throw ShapeError(who + ": plugin returned weights of the wrong shape");
+    if (!all_finite(W)) throw NumericError(who + ": returned weights contain NaN or Inf");
+    if (const auto& q = t.quantized[i]) {
+      if (q->rows() != W.rows() || q->cols() != W.cols() || q->codes.minCoeff() < q->spec.qmin() ||
+          q->codes.maxCoeff() > q->spec.qmax() || dequantize(*q) != W)
+        throw NumericError(who + ": codes out of range or not reconstructing the returned weights");
+    }
+  }
   return t;
 }
 

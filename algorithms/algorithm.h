@@ -105,6 +105,13 @@ class LayerAlgorithm : public Algorithm {
 struct ChannelScaleTransform {
   VectorD scales;  ///< s_j > 0, finite
   Diagnostics diagnostics;
+  /// Plugins that take a weight grid (AWQ): the consumers' weights to use from now on, already
+  /// in the scaled space (W diag(s), then e.g. clipped or quantized), one per consumer; the
+  /// runner then folds s into the producer only. Empty: the runner folds s into the weights.
+  std::vector<Matrix> weights;
+  /// Parallel to weights when set: their codes where they lie on the step's grid
+  /// (dequantize(codes) == weights, checked by run()), else nullopt.
+  std::vector<std::optional<QuantizedTensor>> quantized;
 };
 
 struct NormConsumerInput {
@@ -112,13 +119,24 @@ struct NormConsumerInput {
   std::vector<std::string> consumer_names;
   std::vector<const Matrix*> consumers;    ///< weights of the linears reading the input
   const ChannelStats* input_stats = nullptr;  ///< statistics of the shared input
+  /// For plugins whose info declares needs.hessian: H = XᵀX/n of the shared input (the input
+  /// the current weights read), else null.
+  const HessianAccumulator* hessian = nullptr;
+  /// For plugins that take a weight grid: the step's grid, and whether the consumers should be
+  /// left on it (false when a later step quantizes them, e.g. [awq, gptq]).
+  const QuantSpec* spec = nullptr;
+  bool quantize = false;
+  /// False when no producer can absorb a channel scale (a model's o_proj input): the plugin
+  /// must return scales of 1 (it may still clip and quantize).
+  bool can_scale = true;
 };
 
 class NormConsumerAlgorithm : public Algorithm {
  public:
   Scope scope() const final { return Scope::NormConsumers; }
-  /// Checks consumers share d_in and stats match it; checks the returned scales are positive
-  /// and finite.
+  /// Checks consumers share d_in and stats / H match it; checks the returned scales are
+  /// positive and finite (exactly 1 when !can_scale), and returned weights: one per consumer,
+  /// same shapes, finite, codes (when given) in range and reconstructing the weights bitwise.
   ChannelScaleTransform run(const NormConsumerInput& in) const;
 
  private:
@@ -335,6 +353,11 @@ struct AlgorithmInfo {
   /// Block scope: the plugin also transforms the input of a standalone linear
   /// (BlockAlgorithm::run_standalone), so the synthetic layer suite can drive it.
   bool standalone_inputs = false;
+  /// Norm->consumers scope: a scale of an input without a norm may also fold into the rows of
+  /// the linear producing it (the table's scale_rows: up_proj for down's input), AWQ's up->down;
+  /// SmoothQuant's reference folds into norms only. (A norm->consumers plugin that takes a
+  /// weight grid runs on every input group, with can_scale false where nothing absorbs s.)
+  bool scales_linear_producers = false;
   CalibNeeds needs;
   /// Option entries ("k: v, ..."; no commas inside values) under which the plugin applies to
   /// the conformance tests' tiny shapes (KV widths 4-32, a few hundred calibration tokens), when

@@ -2,6 +2,7 @@
 // a static library silently drops. A new plugin adds its register_* call here and is then
 // covered by the registry and conformance tests.
 #include "algorithms/algorithm.h"
+#include "algorithms/awq/awq.h"
 #include "algorithms/commvq/commvq.h"
 #include "algorithms/flatquant/flatquant.h"
 #include "algorithms/fp/fp.h"
@@ -18,6 +19,7 @@ void register_all(AlgorithmRegistry& registry) {
   register_rtn(registry);
   register_gptq(registry);
   register_smoothquant(registry);
+  register_awq(registry);
   register_kv_rtn(registry);
   register_rotation(registry);
   register_flatquant(registry);

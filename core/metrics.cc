@@ -108,6 +108,17 @@ double relative_output_error(const Matrix& W, const Matrix& Wq, const Matrix& H)
   return num / den;
 }
 
+double output_error(const Matrix& dW, const Matrix& H) {
+  if (H.rows() != dW.cols() || H.cols() != dW.cols())
+    throw ShapeError("output_error: H is " + std::to_string(H.rows()) + "x" + std::to_string(H.cols()) +
+                     ", expected " + std::to_string(dW.cols()) + "x" + std::to_string(dW.cols()));
+  if (dW.size() == 0) return 0.0;
+  const Matrix AH = matmul_nn(dW, H);
+  const float* pa = dW.data();
+  const float* ph = AH.data();
+  return fixed_order_sum(dW.size(), [&](Index i) { return static_cast<double>(pa[i]) * static_cast<double>(ph[i]); });
+}
+
 double output_mse(const Matrix& Y, const Matrix& Yq) {
   check_same_shape("output_mse", Y, Yq);
   return sum_sq_diff(Y, Yq) / static_cast<double>(Y.size());

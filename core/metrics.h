@@ -12,6 +12,10 @@ double weight_mse(const Matrix& W, const Matrix& Wq);
 /// Relative output error under a Hessian proxy H (d_in x d_in):
 /// tr(ΔW H ΔWᵀ) / tr(W H Wᵀ) with ΔW = W - Wq (GPTQ's layer objective, normalised).
 double relative_output_error(const Matrix& W, const Matrix& Wq, const Matrix& H);
+/// tr(ΔW H ΔWᵀ) for ΔW (rows x d_in) and H (d_in x d_in): the output error Σ_t |ΔW x_t|² / n
+/// of inputs with second moment H = XᵀX/n (GPTQ's layer objective, unnormalised). In double,
+/// thread-count independent. ShapeError for mismatched sizes.
+double output_error(const Matrix& dW, const Matrix& H);
 /// mean over entries of (Y - Yq)² for outputs Y = X Wᵀ on evaluation inputs X.
 double output_mse(const Matrix& Y, const Matrix& Yq);
 /// Signal-to-quantization-noise ratio 10 log10(Σ ref² / Σ (ref - q)²) in dB; +inf when equal.

@@ -427,6 +427,12 @@ InputGroupState group_state(ModelRun& m, int b, int g, BlockStats& st, std::arra
   s.scale = &st.scale[g];
   s.norm = grp.norm ? &norm_weight(blk, grp) : nullptr;
   s.absorbs_scale = grp.norm != nullptr;
+  if (!grp.norm && grp.scale_rows) {
+    Linear& producer = blk.linear(*grp.scale_rows);
+    s.producer_rows = &producer.W;
+    s.producer_bias = &producer.b;
+    s.producer_codes = &m.model.codes(b, *grp.scale_rows);
+  }
   return s;
 }
 
@@ -622,12 +628,18 @@ void apply_kv_steps(ModelRun& m, int b, const std::vector<Matrix>& h) {
 /// The weight-space metrics of linear `kind` of block b into row (rel_err_h under H when given,
 /// else NaN): errors of the effective weights W' diag(1/s) mapped back through the block's
 /// transforms, against the FP weights.
-void measure_row(const ModelRun& m, int b, LinearKind kind, const VectorD& scale, const Matrix* H, LayerRow& row) {
+void measure_row(const ModelRun& m, int b, LinearKind kind, const std::vector<VectorD>& scales, const Matrix* H,
+                 LayerRow& row) {
   const double nan = std::numeric_limits<double>::quiet_NaN();
   const Matrix& W0 = m.model.fp_block(b).linear(kind).W;
-  // Channel scales act in the transformed space (block transforms come first in a pipeline).
-  const Matrix W_eff =
-      m.model.effective_weight(b, kind, m.model.block(b).linear(kind).W * scale.cwiseInverse().cast<float>().asDiagonal());
+  // Channel scales act in the transformed space (block transforms come first in a pipeline):
+  // columns over the scale of this linear's input, rows times the scale of an input whose
+  // scale folded into this linear's rows (AWQ's up rows for down's input).
+  Matrix W = m.model.block(b).linear(kind).W * scales.at(m.arch.group_of(kind)).cwiseInverse().cast<float>().asDiagonal();
+  for (std::size_t g = 0; g < m.arch.input_groups().size(); ++g)
+    if (m.arch.input_groups()[g].scale_rows == kind && !m.arch.input_groups()[g].norm)
+      W = scales.at(g).cast<float>().asDiagonal() * W;
+  const Matrix W_eff = m.model.effective_weight(b, kind, W);
   row.weight_mse = weight_mse(W0, W_eff);
   row.rel_err_h = H ? relative_output_error(W0, W_eff, *H) : nan;
   row.rel_err_eval = row.out_mse = row.max_abs = nan;
@@ -643,7 +655,7 @@ void record_block_rows(ModelRun& m, int b, const BlockStats& st, std::array<Laye
   for (int k = 0; k < kLinearKinds; ++k) {
     const LinearKind kind = static_cast<LinearKind>(k);
     const int g = m.arch.group_of(kind);
-    measure_row(m, b, kind, st.scale[g], &H[g], rows[k]);
+    measure_row(m, b, kind, st.scale, &H[g], rows[k]);
     m.rec.layers.push_back(rows[k]);
   }
   m.input_scale.push_back(st.scale);
@@ -675,7 +687,7 @@ double apply_model_steps(ModelRun& m, const std::vector<std::vector<int32_t>>& w
       const std::size_t i = static_cast<std::size_t>(b) * kLinearKinds + static_cast<std::size_t>(k);
       if (fingerprint(b, kind) == before[i]) continue;
       LayerRow& row = m.rec.layers.at(i);
-      measure_row(m, b, kind, m.input_scale.at(b).at(m.arch.group_of(kind)), nullptr, row);
+      measure_row(m, b, kind, m.input_scale.at(b), nullptr, row);
       const auto& codes = m.model.codes(b, kind);
       row.bits = codes ? codes->spec.bits : 16;
       row.scheme = codes ? scheme_name(codes->spec.scheme) : "none";

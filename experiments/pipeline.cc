@@ -50,29 +50,75 @@ void apply_layer_step(const Pipeline& p, std::size_t si, const LayerAlgorithm& a
   }
 }
 
+/// Folds 1/s into the rows of the linear producing g's input (W_p = diag(1/s) W_p, bias / s).
+/// Quantized rows keep their codes: row j's grid scales become scale / s_j and the weights
+/// dequantize(codes), which is the fold up to float rounding of the product.
+void fold_into_producer_rows(InputGroupState& g, const VectorD& s) {
+  Matrix& W = *g.producer_rows;
+  if (W.rows() != s.size()) throw ShapeError("'" + g.input_name + "': producer rows do not match the scales");
+  for (Index j = 0; j < W.rows(); ++j) {
+    const float sj = static_cast<float>(s[j]);  // as the norm fold: one float division by float(s_j)
+    W.row(j) /= sj;
+    if (g.producer_bias && g.producer_bias->size()) (*g.producer_bias)[j] /= sj;
+    if (g.producer_codes && *g.producer_codes) (*g.producer_codes)->scales.row(j) /= sj;
+  }
+  if (g.producer_codes && *g.producer_codes) W = dequantize(**g.producer_codes);
+}
+
 void apply_norm_step(const Pipeline& p, std::size_t si, const NormConsumerAlgorithm& algo,
                      InputGroupState& g, RunRecord& rec) {
   const PipelineStep& ps = p.steps()[si];
-  if (!g.absorbs_scale || !ps.applies_to(g.names.front())) return;
+  const QuantStep& step = ps.config();
+  const bool rows = !g.absorbs_scale && g.producer_rows && ps.scales_linear_producers();
+  const bool can_scale = g.absorbs_scale || rows;
+  // A plugin with a weight grid quantizes every group; a pure scaling plugin only acts where
+  // a producer absorbs s.
+  const bool quantizes = ps.uses_weight_spec() && step.weight.quantized();
+  if ((!can_scale && !quantizes) || !ps.applies_to(g.names.front())) return;
   NormConsumerInput in;
   in.name = g.input_name;
   in.consumer_names = g.names;
   for (Matrix* W : g.weights) in.consumers.push_back(W);
   in.input_stats = g.S;
+  if (ps.needs().hessian) in.hessian = g.H;
+  if (ps.uses_weight_spec()) in.spec = &step.weight;
+  in.can_scale = can_scale;
+  // Left on the grid unless a later step quantizes these consumers ([awq, gptq]).
+  in.quantize = quantizes;
+  for (std::size_t j = si + 1; j < p.steps().size(); ++j)
+    if (p.steps()[j].uses_weight_spec() && p.steps()[j].config().weight.quantized() &&
+        p.steps()[j].applies_to(g.names.front()))
+      in.quantize = false;
   const auto t0 = std::chrono::steady_clock::now();
   ChannelScaleTransform tr = algo.run(in);
   const double dt = seconds_since(t0);
   for (LayerRow* row : g.rows) row->seconds += dt / static_cast<double>(g.rows.size());
-  // Fold exactly once (core/model/fold.h): W_i' = W_i diag(s), norm' = norm / s, so the
-  // statistics of x' = x / s are the calibration statistics rescaled.
-  fold_channel_scales(g.norm, g.weights, tr.scales);
-  for (auto* c : g.codes) c->reset();  // the folded weights are off their grids
+  // Fold exactly once (core/model/fold.h): W_i' = W_i diag(s), norm' = norm / s (or the
+  // producer's rows / s), so the statistics of x' = x / s are the calibration statistics rescaled.
+  if (tr.weights.empty()) {
+    fold_channel_scales(g.norm, g.weights, tr.scales);
+    for (auto* c : g.codes) c->reset();  // the folded weights are off their grids
+  } else {
+    if (g.norm) fold_channel_scales(*g.norm, {}, tr.scales);
+    for (std::size_t m = 0; m < g.weights.size(); ++m) {
+      *g.weights[m] = std::move(tr.weights[m]);
+      *g.codes[m] = std::move(tr.quantized[m]);
+      if (const auto& q = *g.codes[m]) {
+        LayerRow& row = *g.rows[m];
+        row.bits = q->spec.bits;
+        row.scheme = scheme_name(q->spec.scheme);
+        row.group_size = layer_group_size(q->spec);
+        row.bpw = bits_per_weight(*q);
+      }
+    }
+  }
+  if (rows) fold_into_producer_rows(g, tr.scales);
   const VectorD inv = tr.scales.cwiseInverse();
   g.H->scale_channels(inv);
   g.S->scale_channels(inv);
   *g.scale = g.scale->cwiseProduct(tr.scales);
   for (auto& [name, value] : tr.diagnostics)
-    rec.diagnostics.push_back({in.name, static_cast<int>(si), ps.config().algorithm, name, value});
+    rec.diagnostics.push_back({in.name, static_cast<int>(si), step.algorithm, name, value});
 }
 
 /// Block-scope step on a standalone input (validate_pipeline admits only plugins with
@@ -125,7 +171,12 @@ void apply_standalone_step(const Pipeline& p, std::size_t si, const BlockAlgorit
 }  // namespace
 
 PipelineStep::PipelineStep(const QuantStep& step, const AlgorithmInfo& info)
-    : step_(&step), plugin_(info.create(step.options)), scope_(info.scope), needs_(info.needs) {
+    : step_(&step),
+      plugin_(info.create(step.options)),
+      scope_(info.scope),
+      needs_(info.needs),
+      uses_weight_spec_(info.uses_weight_spec),
+      scales_linear_producers_(info.scales_linear_producers) {
   for (auto& r : step.targets) targets_.emplace_back(r);
   for (auto& r : step.ignore) ignore_.emplace_back(r);
 }

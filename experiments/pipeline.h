@@ -31,6 +31,9 @@ class PipelineStep {
   const Algorithm& plugin() const { return *plugin_; }
   Scope scope() const { return scope_; }
   const CalibNeeds& needs() const { return needs_; }
+  /// The plugin's info (AlgorithmInfo::uses_weight_spec, scales_linear_producers).
+  bool uses_weight_spec() const { return uses_weight_spec_; }
+  bool scales_linear_producers() const { return scales_linear_producers_; }
   /// The step acts on the layer: its name fully matches a target and no ignore regex.
   bool applies_to(const std::string& layer) const;
 
@@ -39,6 +42,8 @@ class PipelineStep {
   std::unique_ptr<Algorithm> plugin_;
   Scope scope_;
   CalibNeeds needs_;
+  bool uses_weight_spec_ = true;
+  bool scales_linear_producers_ = false;
   std::vector<std::regex> targets_, ignore_;
 };
 
@@ -97,6 +102,13 @@ struct InputGroupState {
   /// the workload dividing the input by `scale` itself. False for inputs no producer can
   /// absorb exactly (a model's o_proj and down_proj inputs): norm->consumers steps skip them.
   bool absorbs_scale = false;
+  /// Without a norm: the linear whose output rows produce the input channel by channel (the
+  /// architecture table's scale_rows: up_proj for down's input), which absorbs a scale as
+  /// rows / s for plugins that declare scales_linear_producers; its codes follow (grid scales
+  /// of row j / s_j, weights = dequantize(codes)). Null elsewhere.
+  Matrix* producer_rows = nullptr;
+  Vector* producer_bias = nullptr;
+  std::optional<QuantizedTensor>* producer_codes = nullptr;
   /// A standalone linear's input (the synthetic suite, one consumer): where a block-scope
   /// step's input transform goes, and the calibration inputs its statistics are recomputed
   /// from. Null for a model's groups, whose block steps act per block (the model runner).
@@ -107,7 +119,9 @@ struct InputGroupState {
 
 /// Runs step `si` on group g: a layer-scope step quantizes every consumer it applies to; a
 /// norm->consumers step (when it applies to the first consumer) computes s, folds it into the
-/// consumers (and 1/s into the norm), and rescales H, S and the cumulative scale; a block-scope
+/// consumers (and 1/s into the norm or the producer's rows), and rescales H, S and the
+/// cumulative scale; one that takes a weight grid (AWQ) runs on every group (scales of 1 where
+/// nothing absorbs them) and its returned weights / codes replace the consumers'; a block-scope
 /// step on a standalone input (g.transform set) draws its transform P, merges P⁻ᵀ into the
 /// weights (double) and recomputes H and S from X_calib P; a step with activation quantization
 /// sets the consumers' act spec; KV-cache, model and per-block steps do nothing here (their

@@ -10,6 +10,8 @@
 #include "algorithms/algorithm.h"
 #include "core/config_node.h"
 #include "core/error.h"
+#include "core/metrics.h"
+#include "core/quantize.h"
 #include "core/model/fold.h"
 #include "core/model/transformer.h"
 #include "core/rng.h"
@@ -142,8 +144,14 @@ TEST_P(NormConsumersConformance, Contract) {
   in.consumer_names = {"conf.a", "conf.b"};
   in.consumers = {&l.W, &W2};
   in.input_stats = &l.stats;
+  in.hessian = &l.H;
+  if (info.uses_weight_spec) {  // a plugin with a grid (AWQ) quantizes the consumers itself
+    in.spec = &step.weight;
+    in.quantize = true;
+  }
   const ChannelScaleTransform a = na->run(in);
   const ChannelScaleTransform b = na->run(in);
+  EXPECT_EQ(a.weights, b.weights) << "not deterministic";
 
   ASSERT_EQ(a.scales.size(), l.W.cols());
   for (Index j = 0; j < a.scales.size(); ++j)
@@ -160,6 +168,21 @@ TEST_P(NormConsumersConformance, Contract) {
   for (auto [W, V] : {std::pair<const Matrix*, const Matrix*>{&l.W, &V1}, {&W2, &V2}}) {
     const Matrix Y = l.X * W->transpose();
     EXPECT_LT((Xs * V->transpose() - Y).cwiseAbs().maxCoeff(), 1e-5 * Y.cwiseAbs().maxCoeff());
+  }
+  // Returned weights act on x' = x / s: their codes reconstruct them, and the outputs are no
+  // worse than RTN's of the unscaled weights on the same grid.
+  if (info.uses_weight_spec && step.weight.quantized()) {
+    ASSERT_EQ(a.weights.size(), 2u) << name << " quantizes through its returned weights";
+    const Matrix Xq = l.X * a.scales.cwiseInverse().cast<float>().asDiagonal();
+    for (std::size_t i = 0; i < 2; ++i) {
+      const Matrix& W = i ? W2 : l.W;
+      ASSERT_TRUE(a.quantized[i].has_value());
+      EXPECT_EQ(dequantize(*a.quantized[i]), a.weights[i]);
+      const Matrix Y = l.X * W.transpose();
+      const double mine = output_mse(Y, Matrix(Xq * a.weights[i].transpose()));
+      const double rtn = output_mse(Y, Matrix(l.X * fake_quant(W, step.weight).transpose()));
+      EXPECT_LE(mine, rtn * kNoWorseThanRtnTolerance) << "consumer " << i;
+    }
   }
 
   // Statistics of another width are a ShapeError from run(), before the plugin.
