@@ -83,6 +83,40 @@ LayerResult LayerAlgorithm::run(const LayerInput& in) const {
   return r;
 }
 
+TokenImportance LayerAlgorithm::compute_token_importance(const TokenImportanceInput& in) const {
+  throw Error("'" + in.name + "': this plugin does not weigh calibration tokens");
+}
+
+TokenImportance LayerAlgorithm::token_importance(const TokenImportanceInput& in) const {
+  if (!in.inputs || !in.targets || in.inputs->size() != in.targets->size() || in.inputs->empty() ||
+      !((in.weights && in.config) || in.linear))
+    throw ShapeError("'" + in.name + "': token importance needs the block or linear, its calibration inputs and FP outputs");
+  for (std::size_t w = 0; w < in.inputs->size(); ++w) {
+    const Matrix &x = (*in.inputs)[w], &y = (*in.targets)[w];
+    const bool ok = in.linear ? x.cols() == in.linear->cols() && y.cols() == in.linear->rows() : x.cols() == y.cols();
+    if (x.rows() != y.rows() || !ok)
+      throw ShapeError("'" + in.name + "': window " + std::to_string(w) + " has inputs and targets of other shapes");
+  }
+  TokenImportance r = compute_token_importance(in);
+  if (r.weights.size() != in.inputs->size())
+    throw ShapeError("'" + in.name + "': " + std::to_string(r.weights.size()) + " importance vectors for " +
+                     std::to_string(in.inputs->size()) + " windows");
+  double total = 0;
+  for (std::size_t w = 0; w < r.weights.size(); ++w) {
+    if (r.weights[w].size() != (*in.inputs)[w].rows())
+      throw ShapeError("'" + in.name + "': window " + std::to_string(w) + " has a wrong number of token weights");
+    for (Index t = 0; t < r.weights[w].size(); ++t) {
+      const float g = r.weights[w][t];
+      if (!(g >= 0.0f) || !std::isfinite(g))
+        throw NumericError("'" + in.name + "': token weight " + std::to_string(t) + " of window " +
+                           std::to_string(w) + " is not finite and >= 0");
+      total += g;
+    }
+  }
+  if (!(total > 0)) throw NumericError("'" + in.name + "': every token weight is 0");
+  return r;
+}
+
 ChannelScaleTransform NormConsumerAlgorithm::run(const NormConsumerInput& in) const {
   if (in.consumers.empty()) throw ShapeError("'" + in.name + "': no consumer linears");
   const Index d = in.consumers.front()->cols();

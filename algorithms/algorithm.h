@@ -81,9 +81,40 @@ struct LayerResult {
   LayerMetrics metrics;
 };
 
+/// What a layer plugin that weighs its calibration tokens (needs.token_importance: VLMQ) sees
+/// once per block, before the block's layer steps. References stay valid for the call.
+struct TokenImportanceInput {
+  int block = 0;
+  std::string name;                               ///< "model.layers.3", or the standalone linear
+  const ModelConfig* config = nullptr;
+  const DecoderBlock* weights = nullptr;          ///< the block's current (unquantized) weights
+  /// A standalone linear instead (the synthetic suite, no block; config and weights null): its
+  /// weights, and then inputs / targets are its calibration inputs per population block and
+  /// the FP outputs X Wᵀ on them.
+  const Matrix* linear = nullptr;
+  const std::vector<Matrix>* inputs = nullptr;    ///< calibration inputs, one T x hidden per window
+  const std::vector<Matrix>* targets = nullptr;   ///< the FP block's outputs on exactly those inputs
+  QuantSpec spec;                                 ///< the step's weight grid
+  /// Per window: index into source_names (the calibration source it was drawn from).
+  std::vector<int> window_source;
+  std::vector<std::string> source_names;
+};
+
+struct TokenImportance {
+  /// Per window, one weight g_t >= 0 per token (finite, not all zero). The runner accumulates
+  /// the block's Hessians as Σ g_t x_t x_tᵀ / Σ g_t (VLMQ's H̃ = Xᵀ G X, mean-normalised).
+  std::vector<Vector> weights;
+  Diagnostics diagnostics;
+};
+
 class LayerAlgorithm : public Algorithm {
  public:
   Scope scope() const final { return Scope::Layer; }
+  /// For plugins whose info declares needs.token_importance: the importance of every
+  /// calibration token of one block. Checks the input (inputs and targets of equal shapes) and
+  /// the result (one finite non-negative weight per token, a positive total); ShapeError /
+  /// NumericError naming the block.
+  TokenImportance token_importance(const TokenImportanceInput& in) const;
   /// Checks W (finite, non-empty) and H (matching d_in), times quantize_layer, checks the
   /// output shape and finiteness, that codes lie in [qmin, qmax] and that W equals
   /// dequantize(codes) when codes are given, then computes LayerMetrics. Throws ShapeError /
@@ -92,6 +123,8 @@ class LayerAlgorithm : public Algorithm {
 
  private:
   virtual LayerOutput quantize_layer(const LayerInput& in) const = 0;
+  /// Default: Error (a plugin that declares needs.token_importance overrides it).
+  virtual TokenImportance compute_token_importance(const TokenImportanceInput& in) const;
 };
 
 // ------------------------------------------------------------------------------------------
@@ -338,6 +371,10 @@ struct CalibNeeds {
   bool channel_stats = false;  ///< per-input-channel absmax / mean|x| / mean x² / min / max
   bool kv = false;             ///< each block's calibration keys (pre/post RoPE) and values
   bool block_io = false;       ///< each block's calibration inputs and FP outputs (BlockInput)
+  /// Layer scope: the plugin weighs calibration tokens (LayerAlgorithm::token_importance); the
+  /// first such step's weights then define every Hessian of the block the run's steps read
+  /// (layer rows keep measuring under the unweighted FP Hessian).
+  bool token_importance = false;
 };
 
 struct AlgorithmInfo {

@@ -11,6 +11,7 @@
 #include "algorithms/rotation/rotation.h"
 #include "algorithms/rtn/rtn.h"
 #include "algorithms/smoothquant/smoothquant.h"
+#include "algorithms/vlmq/vlmq.h"
 
 namespace ql {
 
@@ -20,6 +21,7 @@ void register_all(AlgorithmRegistry& registry) {
   register_gptq(registry);
   register_smoothquant(registry);
   register_awq(registry);
+  register_vlmq(registry);
   register_kv_rtn(registry);
   register_rotation(registry);
   register_flatquant(registry);

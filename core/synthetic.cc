@@ -565,6 +565,8 @@ SyntheticSuite generate_suite(const SyntheticSpec& spec, uint64_t seed) {
   std::vector<double> cshares;
   for (auto& n : cnames) cshares.push_back(spec.populations[population_index(spec, n)].share);
   const auto cb = split_bounds(cshares, spec.calib_tokens);
+  suite.calib_population_names = cnames;
+  for (std::size_t k = 0; k + 1 < cb.size(); ++k) suite.calib_population_rows.push_back(static_cast<Index>(cb[k + 1] - cb[k]));
   std::vector<double> shares;
   for (auto& p : spec.populations) shares.push_back(p.share);
   const auto ub = split_bounds(shares, spec.eval_units);

@@ -123,6 +123,9 @@ struct SyntheticSuite {
   std::vector<std::string> unit_population;    ///< population name of each unit
   Index unit_tokens = 0;
   std::vector<std::string> population_names;  ///< declaration order
+  /// The calibration rows' population blocks: names in calib_populations order and row counts.
+  std::vector<std::string> calib_population_names;
+  std::vector<Index> calib_population_rows;
 };
 
 /// Generate the suite (validates `spec` first). Memory: per layer d_out*d_in +

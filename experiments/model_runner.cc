@@ -285,6 +285,9 @@ struct BlockStats {
   std::vector<HessianAccumulator> H, H_fp;
   std::vector<ChannelStats> S;
   std::vector<VectorD> scale;
+  /// Per window, one weight per token when a step weighs calibration tokens (VLMQ): H then
+  /// accumulates Σ g_t x_t x_tᵀ / Σ g_t. Empty: every token weighs 1.
+  std::vector<Vector> token_weights;
 };
 
 /// Everything one model run shares between its phases.
@@ -299,6 +302,10 @@ struct ModelRun {
   std::vector<std::vector<VectorD>> input_scale = {};
   /// The progress line's callback (may be empty): block plugins report training there.
   std::function<void(const std::string&)> on_progress = {};
+  /// Per calibration window: index into calib_source_names (what token-importance plugins
+  /// report per source).
+  std::vector<int> calib_source = {};
+  std::vector<std::string> calib_source_names = {};
 };
 
 /// Rows of calibration inputs stacked per statistics update: windows are taken whole until
@@ -342,6 +349,24 @@ std::vector<ForwardHooks> chunk_capture_hooks(const ModelRun& m, const ForwardHo
   return per;
 }
 
+/// Adds one chunk's captured inputs X of group g to its Hessian: with token weights, each row
+/// weighs its token's g_t (the chunk's windows in order).
+void add_to_hessian(BlockStats& st, int g, const CaptureChunk& c, const Matrix& X) {
+  if (st.token_weights.empty()) {
+    st.H[g].add(X);
+    return;
+  }
+  Vector w(X.rows());
+  Index r = 0;
+  for (std::size_t win = c.w0; win < c.w1; ++win) {
+    const Vector& tw = st.token_weights.at(win);
+    w.segment(r, tw.size()) = tw;
+    r += tw.size();
+  }
+  if (r != X.rows()) throw ShapeError("token weights do not cover the captured rows");
+  st.H[g].add_weighted(X, w);
+}
+
 /// Resets the statistics of the wanted groups.
 void reset_stats(const ModelRun& m, const std::vector<bool>& want, BlockStats& st) {
   for (std::size_t g = 0; g < want.size(); ++g)
@@ -379,7 +404,7 @@ void capture_block(const ModelRun& m, const Transformer& tf, int b, const std::v
     tf.block_batch(b, io, per, &weights);
     for (int g = 0; g < G; ++g)
       if (want[g]) {
-        st.H[g].add(X[g]);
+        add_to_hessian(st, g, c, X[g]);
         if (m.pipeline.needs_channel_stats()) st.S[g].add(X[g]);
       }
   }
@@ -402,7 +427,7 @@ void capture_stage(const ModelRun& m, const Transformer& tf, int b, int g, std::
     std::vector<BlockStageState*> ws;
     for (std::size_t w = c.w0; w < c.w1; ++w) ws.push_back(&state[w]);
     tf.block_stage_inputs(b, g, ws, per);
-    st.H[g].add(X[g]);
+    add_to_hessian(st, g, c, X[g]);
     if (m.pipeline.needs_channel_stats()) st.S[g].add(X[g]);
   }
 }
@@ -494,6 +519,38 @@ void apply_block_steps(ModelRun& m, int b, const std::vector<Matrix>& h, const s
   const ForwardHooks hooks = m.model.hooks();
   capture_block(m, tf, b, h, m.model.block(b), &hooks, std::vector<bool>(m.arch.input_groups().size(), true), st,
                 nullptr);
+}
+
+/// Phase 2a': the first layer step that weighs calibration tokens (VLMQ) computes block b's
+/// token importance from its inputs h and the FP block's outputs on them; the block's Hessians
+/// are then captured again as Σ g_t x_t x_tᵀ / Σ g_t for every later step.
+void apply_token_importance(ModelRun& m, int b, const std::vector<Matrix>& h, const std::vector<Matrix>& fp_out,
+                            BlockStats& st) {
+  for (std::size_t si = 0; si < m.pipeline.steps().size(); ++si) {
+    const PipelineStep& ps = m.pipeline.steps()[si];
+    TokenImportanceInput in;
+    in.block = b;
+    in.name = "model.layers." + std::to_string(b);
+    if (ps.scope() != Scope::Layer || !ps.needs().token_importance) continue;
+    in.config = &m.model.config();
+    in.weights = &m.model.block(b);
+    in.inputs = &h;
+    in.targets = &fp_out;
+    in.spec = ps.config().weight;
+    in.window_source = m.calib_source;
+    in.source_names = m.calib_source_names;
+    const auto t0 = std::chrono::steady_clock::now();
+    TokenImportance r = dynamic_cast<const LayerAlgorithm&>(ps.plugin()).token_importance(in);
+    const std::string& alg = ps.config().algorithm;
+    for (auto& [name, value] : r.diagnostics) m.rec.diagnostics.push_back({in.name, static_cast<int>(si), alg, name, value});
+    st.token_weights = std::move(r.weights);
+    const Transformer tf = m.model.transformer();
+    const ForwardHooks hooks = m.model.hooks();
+    capture_block(m, tf, b, h, m.model.block(b), &hooks, std::vector<bool>(m.arch.input_groups().size(), true), st,
+                  nullptr);
+    m.rec.diagnostics.push_back({in.name, static_cast<int>(si), alg, "importance_seconds", seconds_since(t0)});
+    return;
+  }
 }
 
 /// Static activation ranges of group g's linears from its calibration inputs (after its
@@ -725,6 +782,7 @@ double calibrate_and_quantize(ModelRun& m, const std::vector<std::vector<int32_t
     std::array<LayerRow, kLinearKinds> rows;
     for (int k = 0; k < kLinearKinds; ++k) rows[k] = initial_layer_row(m.run, linear_name(b, static_cast<LinearKind>(k)));
     apply_block_steps(m, b, h, next, st);
+    apply_token_importance(m, b, h, next, st);
     std::vector<Matrix> staged;
     apply_block(m, b, h, st, rows, staged);
     apply_kv_steps(m, b, h);
@@ -864,6 +922,8 @@ void execute_model_run(const RunConfig& run, ModelCache& cache, const AlgorithmR
   ModelRun m{run, Architecture::of(st.fp->config),
              Pipeline(run, registry), QuantizedModel(st.fp), rec};
   m.pipeline.check_heads(m.arch.heads());
+  m.calib_source = st.calib_source;
+  m.calib_source_names = st.calib_source_names;
 
   // A mixture's windows per source, so results can be read against what calibration saw.
   if (!run.calib.sources.empty())

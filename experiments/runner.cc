@@ -61,6 +61,8 @@ struct WorkloadCache::Prepared {
     VectorD sig;            // ‖y_t‖² per evaluation token, double
   };
   std::vector<Layer> layers;
+  std::vector<std::string> calib_population_names;  // the calibration rows' population blocks
+  std::vector<Index> calib_population_rows;
   std::vector<std::string> unit_ids;
   std::vector<std::string> unit_population;
   Index unit_tokens = 0;
@@ -86,6 +88,8 @@ std::shared_ptr<WorkloadCache::Prepared> prepare(const RunConfig& run) {
   p->unit_ids = suite.unit_ids;
   p->unit_population = suite.unit_population;
   p->unit_tokens = suite.unit_tokens;
+  p->calib_population_names = suite.calib_population_names;
+  p->calib_population_rows = suite.calib_population_rows;
   for (auto& l : suite.layers) {
     WorkloadCache::Prepared::Layer L;
     L.name = l.name;
@@ -166,10 +170,53 @@ struct SyntheticLayerState {
   ActClip act_clip;  ///< learned clipping of the activation quantizer (FlatQuant's LAC)
 };
 
+/// The first step that weighs calibration tokens (VLMQ) computes the layer's token importance
+/// from its FP weights and calibration inputs (one window per calibration population, so
+/// importance is reported per population); the layer's Hessian becomes Σ g_t x_t x_tᵀ / Σ g_t.
+void apply_synthetic_importance(const Pipeline& pipeline, const WorkloadCache::Prepared& wl,
+                                const WorkloadCache::Prepared::Layer& layer, SyntheticLayerState& ls, RunRecord& rec) {
+  for (std::size_t si = 0; si < pipeline.steps().size(); ++si) {
+    const PipelineStep& ps = pipeline.steps()[si];
+    if (ps.scope() != Scope::Layer || !ps.needs().token_importance || !ps.applies_to(layer.name)) continue;
+    TokenImportanceInput in;
+    in.name = layer.name;
+    in.linear = &layer.W;
+    in.spec = ps.config().weight;
+    in.source_names = wl.calib_population_names;
+    std::vector<Matrix> X, Y;
+    Index r0 = 0;
+    for (std::size_t k = 0; k < wl.calib_population_rows.size(); ++k) {
+      const Index n = wl.calib_population_rows[k];
+      if (n == 0) continue;
+      X.push_back(layer.X_calib.middleRows(r0, n));
+      Y.push_back(matmul_nt(X.back(), layer.W));
+      in.window_source.push_back(static_cast<int>(k));
+      r0 += n;
+    }
+    in.inputs = &X;
+    in.targets = &Y;
+    const auto t0 = std::chrono::steady_clock::now();
+    TokenImportance r = dynamic_cast<const LayerAlgorithm&>(ps.plugin()).token_importance(in);
+    Vector g(layer.X_calib.rows());
+    Index o = 0;
+    for (const Vector& v : r.weights) {
+      g.segment(o, v.size()) = v;
+      o += v.size();
+    }
+    ls.H = HessianAccumulator(layer.X_calib.cols());
+    ls.H.add_weighted(layer.X_calib, g);
+    const std::string& alg = ps.config().algorithm;
+    for (auto& [name, value] : r.diagnostics) rec.diagnostics.push_back({layer.name, static_cast<int>(si), alg, name, value});
+    rec.diagnostics.push_back({layer.name, static_cast<int>(si), alg, "importance_seconds",
+                               std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count()});
+    return;
+  }
+}
+
 /// The pipeline on layer li. The layer's input has no producer in the suite: evaluation
 /// divides it by s.
-SyntheticLayerState quantize_synthetic_layer(const Pipeline& pipeline, const WorkloadCache::Prepared::Layer& layer, Index li,
-                                             RunRecord& rec) {
+SyntheticLayerState quantize_synthetic_layer(const Pipeline& pipeline, const WorkloadCache::Prepared& wl,
+                                             const WorkloadCache::Prepared::Layer& layer, Index li, RunRecord& rec) {
   SyntheticLayerState ls{layer.W, VectorD::Ones(layer.W.cols()), layer.H, layer.stats,
                          initial_layer_row(pipeline.run(), layer.name), nullptr, std::nullopt, nullptr, ActClip{}};
   InputGroupState g;
@@ -187,6 +234,7 @@ SyntheticLayerState quantize_synthetic_layer(const Pipeline& pipeline, const Wor
   g.transform = &ls.transform;
   g.X_calib = &layer.X_calib;
   g.act_clip = &ls.act_clip;
+  apply_synthetic_importance(pipeline, wl, layer, ls, rec);
   for (std::size_t si = 0; si < pipeline.steps().size(); ++si) apply_step(pipeline, si, g, rec);
   return ls;
 }
@@ -308,7 +356,7 @@ void execute_synthetic_run(const RunConfig& run, WorkloadCache& cache, const Alg
     const auto& layer = wl->layers[li];
     if (on_layer) on_layer(layer.name);
     const auto t_q = std::chrono::steady_clock::now();
-    SyntheticLayerState ls = quantize_synthetic_layer(pipeline, layer, li, rec);
+    SyntheticLayerState ls = quantize_synthetic_layer(pipeline, *wl, layer, li, rec);
     rec.seconds_quant += seconds_since(t_q);
     const auto t_e = std::chrono::steady_clock::now();
     evaluate_synthetic_layer(*wl, layer, li, ls, units);

@@ -547,6 +547,8 @@ LayerOutput Gptq::quantize_layer(const LayerInput& in) const {
   return out;
 }
 
+}  // namespace
+
 ConfigNode damp_schedule_node(const std::vector<double>& v) {
   ConfigNode s = ConfigNode::sequence();
   for (double x : v) s.push_back(ConfigNode::scalar(format_double(x)));
@@ -573,34 +575,9 @@ void parse_damp_schedule(GptqOptions& o, const ConfigNode& n, const std::string&
   o.damp_schedule = std::move(v);
 }
 
-}  // namespace
-
 void register_gptq(AlgorithmRegistry& registry) {
   auto schema = std::make_shared<OptionSchema<GptqOptions>>();
-  schema
-      ->add("percdamp", &GptqOptions::percdamp,
-            "damping added to diag H as a fraction of its mean (first value tried)", {0, 1})
-      .add("blocksize", &GptqOptions::blocksize,
-           "lazy-update block size B: columns per deferred GEMM", {1, 1 << 20})
-      .add("act_order", &GptqOptions::act_order,
-           "quantize columns in order of descending diag H (dynamic groups then store g_idx)")
-      .add("static_groups", &GptqOptions::static_groups,
-           "fit all group grids on the weights before any update (granularity group)")
-      .add_custom("damp_schedule", "list of floats",
-                  "percdamp values tried in order after a failed Cholesky (increasing, each in "
-                  "(0, 1]; values not above percdamp are skipped); [] = fail at once",
-                  parse_damp_schedule,
-                  [](const GptqOptions& o) { return damp_schedule_node(o.damp_schedule); })
-      .add_enum("group_fit", &GptqOptions::group_fit,
-                "dynamic groups: fit each grid on the fully updated weights (updated: result "
-                "independent of blocksize) or, for a group starting inside a block, on the "
-                "weights as they were at the block start (block_start: IST-DASLab/gptq's "
-                "behaviour, to reproduce its numbers)",
-                std::vector<std::pair<std::string, GptqGroupFit>>{
-                    {"updated", GptqGroupFit::Updated}, {"block_start", GptqGroupFit::BlockStart}})
-      .add("compare_rtn", &GptqOptions::compare_rtn,
-           "also report RTN's and GPTQ's error under H and the gain over RTN (one extra "
-           "layer-sized product)");
+  add_gptq_options(*schema);
   AlgorithmInfo info;
   info.name = "gptq";
   info.scope = Scope::Layer;

@@ -101,6 +101,40 @@ struct GptqResult {
 GptqResult gptq_solve(const Matrix& W, const Matrix& H_upper, const QuantSpec& spec,
                       const GptqOptions& options, const std::string& name);
 
+void parse_damp_schedule(GptqOptions& o, const ConfigNode& n, const std::string& path);
+ConfigNode damp_schedule_node(const std::vector<double>& v);
+
+/// gptq's option keys (percdamp, blocksize, act_order, static_groups, damp_schedule, group_fit,
+/// compare_rtn) on the schema of a plugin whose options derive from GptqOptions: VLMQ runs the
+/// same solver on another Hessian and takes the same keys.
+template <class T>
+void add_gptq_options(OptionSchema<T>& s) {
+  s.add("percdamp", static_cast<double T::*>(&GptqOptions::percdamp),
+        "damping added to diag H as a fraction of its mean (first value tried)", {0, 1})
+      .add("blocksize", static_cast<int T::*>(&GptqOptions::blocksize),
+           "lazy-update block size B: columns per deferred GEMM", {1, 1 << 20})
+      .add("act_order", static_cast<bool T::*>(&GptqOptions::act_order),
+           "quantize columns in order of descending diag H (dynamic groups then store g_idx)")
+      .add("static_groups", static_cast<bool T::*>(&GptqOptions::static_groups),
+           "fit all group grids on the weights before any update (granularity group)")
+      .add_custom(
+          "damp_schedule", "list of floats",
+          "percdamp values tried in order after a failed Cholesky (increasing, each in "
+          "(0, 1]; values not above percdamp are skipped); [] = fail at once",
+          [](T& o, const ConfigNode& n, const std::string& p) { parse_damp_schedule(o, n, p); },
+          [](const T& o) { return damp_schedule_node(o.damp_schedule); })
+      .add_enum("group_fit", static_cast<GptqGroupFit T::*>(&GptqOptions::group_fit),
+                "dynamic groups: fit each grid on the fully updated weights (updated: result "
+                "independent of blocksize) or, for a group starting inside a block, on the "
+                "weights as they were at the block start (block_start: IST-DASLab/gptq's "
+                "behaviour, to reproduce its numbers)",
+                std::vector<std::pair<std::string, GptqGroupFit>>{{"updated", GptqGroupFit::Updated},
+                                                                  {"block_start", GptqGroupFit::BlockStart}})
+      .add("compare_rtn", static_cast<bool T::*>(&GptqOptions::compare_rtn),
+           "also report RTN's and GPTQ's error under H and the gain over RTN (one extra "
+           "layer-sized product)");
+}
+
 /// Registers "gptq" (layer scope). Diagnostics per layer:
 ///   gptq_loss         ½ Σ (w - q)² / U_jj², i.e. ½ tr(ΔW (H + λI) ΔWᵀ) with H = XᵀX/n
 ///   damping_used      the percdamp of the successful factorisation
