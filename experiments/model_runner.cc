@@ -7,6 +7,8 @@
 #include <limits>
 #include <map>
 
+#include <Eigen/Eigenvalues>
+
 #include "core/calib_stats.h"
 #include "core/error.h"
 #include "core/hash.h"
@@ -521,6 +523,16 @@ void apply_block_steps(ModelRun& m, int b, const std::vector<Matrix>& h, const s
                 nullptr);
 }
 
+/// Condition number of H + 0.01 mean(diag H) I (eigenvalues in double).
+double damped_condition(const HessianAccumulator& acc) {
+  MatrixD H = acc.hessian().cast<double>();
+  const double lambda = 0.01 * H.diagonal().mean();
+  H.diagonal().array() += lambda;
+  const Eigen::SelfAdjointEigenSolver<MatrixD> es(H, Eigen::EigenvaluesOnly);
+  const VectorD& ev = es.eigenvalues();
+  return ev.maxCoeff() / std::max(ev.minCoeff(), 1e-300);
+}
+
 /// Phase 2a': the first layer step that weighs calibration tokens (VLMQ) computes block b's
 /// token importance from its inputs h and the FP block's outputs on them; the block's Hessians
 /// are then captured again as Σ g_t x_t x_tᵀ / Σ g_t for every later step.
@@ -544,10 +556,17 @@ void apply_token_importance(ModelRun& m, int b, const std::vector<Matrix>& h, co
     const std::string& alg = ps.config().algorithm;
     for (auto& [name, value] : r.diagnostics) m.rec.diagnostics.push_back({in.name, static_cast<int>(si), alg, name, value});
     st.token_weights = std::move(r.weights);
+    const std::vector<HessianAccumulator> unweighted = st.H;
     const Transformer tf = m.model.transformer();
     const ForwardHooks hooks = m.model.hooks();
     capture_block(m, tf, b, h, m.model.block(b), &hooks, std::vector<bool>(m.arch.input_groups().size(), true), st,
                   nullptr);
+    // §8.5: a g with a large dynamic range leaves few effective tokens and an ill-conditioned
+    // H̃; report cond(H̃)/cond(H) per input group, both damped by 1% of their mean diagonal
+    // (GPTQ's default percdamp, without which a dead channel makes both infinite).
+    for (std::size_t g = 0; g < st.H.size(); ++g)
+      m.rec.diagnostics.push_back({in.name + "." + m.arch.input_groups()[g].name, static_cast<int>(si), alg,
+                                   "cond_ratio", damped_condition(st.H[g]) / damped_condition(unweighted[g])});
     m.rec.diagnostics.push_back({in.name, static_cast<int>(si), alg, "importance_seconds", seconds_since(t0)});
     return;
   }

@@ -36,7 +36,9 @@
 //
 // Diagnostics per block (layer model.layers.<b>): effective_tokens (Σg)²/Σg² over the block's
 // calibration tokens, importance_max (max g after normalisation), importance_share.<source>
-// (share of Σg per calibration source), importance_seconds; per linear gptq's diagnostics.
+// (share of Σg per calibration source), importance_seconds; per input group
+// (model.layers.<b>.<group>) cond_ratio = cond(H̃)/cond(H), both damped by 1% of their mean
+// diagonal; per linear gptq's diagnostics.
 #pragma once
 #include <vector>
 

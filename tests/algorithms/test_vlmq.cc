@@ -199,6 +199,9 @@ TEST(VlmqModel, UnitImportanceIsGptqAndDiagnosticsAreReported) {
   ASSERT_EQ(g.layers.size(), b.layers.size());
   for (std::size_t i = 0; i < g.layers.size(); ++i) EXPECT_EQ(g.layers[i].weight_mse, b.layers[i].weight_mse);
   EXPECT_EQ(diag_value(b, "model.layers.0", "effective_tokens"), 128.0);  // 8 windows x 16 tokens, all weight 1
+  EXPECT_EQ(diag_value(b, "model.layers.0.attn_in", "cond_ratio"), 1.0) << "weights of 1: H̃ = H";
+  const double cond = diag_value(v, "model.layers.1.mlp_hidden", "cond_ratio");
+  EXPECT_TRUE(std::isfinite(cond) && cond > 0 && cond != 1.0) << cond;
   const double eff = diag_value(v, "model.layers.1", "effective_tokens");
   EXPECT_GT(eff, 1.0);
   EXPECT_LT(eff, 128.0) << "gradient importance is not uniform";
