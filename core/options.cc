@@ -111,6 +111,28 @@ double read_double(const ConfigNode& n, const std::string& path, double lo, doub
   return v;
 }
 
+std::vector<double> read_double_list(const ConfigNode& n, const std::string& path, double lo, double hi) {
+  if (!n.is_sequence() || n.size() == 0)
+    fail(n, path, "a non-empty list of numbers" + range_text<double>(lo, hi, true, true, format_double));
+  std::vector<double> v;
+  for (std::size_t i = 0; i < n.size(); ++i) v.push_back(read_double(n.at(i), join_path(path, std::to_string(i)), lo, hi));
+  return v;
+}
+
+ConfigNode double_list_node(const std::vector<double>& v) {
+  ConfigNode seq = ConfigNode::sequence();
+  for (double x : v) seq.push_back(ConfigNode::scalar(format_double(x)));
+  return seq;
+}
+
+std::optional<double> read_auto_or_double(const ConfigNode& n, const std::string& path, double lo, double hi) {
+  if (n.is_scalar() && n.value() == "auto") return std::nullopt;
+  double v = 0;
+  if (!n.is_scalar() || !parse_double(n.value(), v) || !(v >= lo && v <= hi))
+    fail(n, path, "'auto' or a number" + range_text<double>(lo, hi, true, true, format_double));
+  return v;
+}
+
 bool read_bool(const ConfigNode& n, const std::string& path) {
   const std::string expected = "true or false";
   if (!n.is_scalar()) fail(n, path, expected);

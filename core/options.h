@@ -17,6 +17,7 @@
 #include <limits>
 #include <memory>
 #include <sstream>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -34,6 +35,12 @@ std::string read_string(const ConfigNode& n, const std::string& path);
 std::string read_choice(const ConfigNode& n, const std::string& path,
                         const std::vector<std::string>& choices);
 std::vector<std::string> read_string_list(const ConfigNode& n, const std::string& path);
+/// A non-empty list of numbers in [lo, hi] (each item's error at its own index path), and its
+/// canonical node.
+std::vector<double> read_double_list(const ConfigNode& n, const std::string& path, double lo, double hi);
+ConfigNode double_list_node(const std::vector<double>& v);
+/// `auto` (nullopt) or a number in [lo, hi]: a hyperparameter a plugin can also search.
+std::optional<double> read_auto_or_double(const ConfigNode& n, const std::string& path, double lo, double hi);
 /// Join a parent path and a key: join_path("quant.0", "bits") == "quant.0.bits".
 std::string join_path(const std::string& parent, const std::string& key);
 /// Error for a key that no schema knows, suggesting the closest valid one.

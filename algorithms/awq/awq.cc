@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <optional>
 #include <string>
 
 #include "algorithms/algorithm.h"
@@ -32,8 +33,6 @@ struct AwqOptions {
     return g;
   }
 };
-
-std::string found(const ConfigNode& n) { return n.is_scalar() ? "'" + n.value() + "'" : "'" + n.to_flow() + "'"; }
 
 bool ends_with(const std::string& s, const std::string& tail) {
   return s.size() >= tail.size() && s.compare(s.size() - tail.size(), tail.size(), tail) == 0;
@@ -151,32 +150,15 @@ std::shared_ptr<OptionSchema<AwqOptions>> make_schema() {
       "alpha", "auto | float in [0, 1]",
       "exponent α of s = mean|x|^α; auto: the α of alpha_grid minimising the consumers' output error",
       [](AwqOptions& o, const ConfigNode& n, const std::string& p) {
-        if (n.is_scalar() && n.value() == "auto") {
-          o.auto_alpha = true;
-          return;
-        }
-        try {
-          o.alpha = read_double(n, p, 0.0, 1.0);
-          o.auto_alpha = false;
-        } catch (const ConfigError&) {
-          throw ConfigError(n.loc(), p, "expected 'auto' or a number in [0, 1], found " + found(n));
-        }
+        const std::optional<double> a = read_auto_or_double(n, p, 0.0, 1.0);
+        o.auto_alpha = !a;
+        if (a) o.alpha = *a;
       },
       [](const AwqOptions& o) { return ConfigNode::scalar(o.auto_alpha ? "auto" : format_double(o.alpha)); });
   s->add_custom(
       "alpha_grid", "list of floats in [0, 1]", "candidate α for alpha: auto (default 0, 0.05, ..., 0.95)",
-      [](AwqOptions& o, const ConfigNode& n, const std::string& p) {
-        if (!n.is_sequence() || n.size() == 0)
-          throw ConfigError(n.loc(), p, "expected a non-empty list of numbers in [0, 1], found " + found(n));
-        o.alpha_grid.clear();
-        for (std::size_t i = 0; i < n.size(); ++i)
-          o.alpha_grid.push_back(read_double(n.at(i), join_path(p, std::to_string(i)), 0.0, 1.0));
-      },
-      [](const AwqOptions& o) {
-        ConfigNode seq = ConfigNode::sequence();
-        for (double v : o.alpha_grid) seq.push_back(ConfigNode::scalar(format_double(v)));
-        return seq;
-      });
+      [](AwqOptions& o, const ConfigNode& n, const std::string& p) { o.alpha_grid = read_double_list(n, p, 0.0, 1.0); },
+      [](const AwqOptions& o) { return double_list_node(o.alpha_grid); });
   s->add("clip", &AwqOptions::clip, "search a max-shrink ratio per output row and weight group (auto_clip)");
   s->add("clip_grid", &AwqOptions::clip_grid, "clip ratios are 1 - i/clip_grid", {2, 1000});
   s->add("clip_max_shrink", &AwqOptions::clip_max_shrink,

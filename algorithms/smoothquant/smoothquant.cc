@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <optional>
 #include <string>
 
 #include "core/detmath.h"
@@ -29,10 +30,6 @@ struct SmoothQuantOptions {
     return g;
   }
 };
-
-std::string found(const ConfigNode& n) {
-  return n.is_scalar() ? "'" + n.value() + "'" : "'" + n.to_flow() + "'";
-}
 
 /// max/median over channels; the median of an even count is the mean of the middle two.
 double outlier_ratio(const VectorD& v) {
@@ -116,16 +113,9 @@ std::shared_ptr<OptionSchema<SmoothQuantOptions>> make_schema() {
       "migration strength α of s_j = max|X_j|^α / max|W_:j|^(1-α) (Eq. 4); auto: chosen per "
       "norm group from alpha_grid by the predicted W/A quantization error",
       [](SmoothQuantOptions& o, const ConfigNode& n, const std::string& p) {
-        if (n.is_scalar() && n.value() == "auto") {
-          o.auto_alpha = true;
-          return;
-        }
-        try {
-          o.alpha = read_double(n, p, 0.0, 1.0);
-          o.auto_alpha = false;
-        } catch (const ConfigError&) {
-          throw ConfigError(n.loc(), p, "expected a number in [0, 1] or 'auto', found " + found(n));
-        }
+        const std::optional<double> a = read_auto_or_double(n, p, 0.0, 1.0);
+        o.auto_alpha = !a;
+        if (a) o.alpha = *a;
       },
       [](const SmoothQuantOptions& o) {
         return ConfigNode::scalar(o.auto_alpha ? "auto" : format_double(o.alpha));
@@ -133,18 +123,8 @@ std::shared_ptr<OptionSchema<SmoothQuantOptions>> make_schema() {
   s->add_custom(
       "alpha_grid", "list of floats in [0, 1]",
       "candidate α values for alpha: auto (default 0, 0.05, ..., 1)",
-      [](SmoothQuantOptions& o, const ConfigNode& n, const std::string& p) {
-        if (!n.is_sequence() || n.size() == 0)
-          throw ConfigError(n.loc(), p, "expected a non-empty list of numbers in [0, 1], found " + found(n));
-        o.alpha_grid.clear();
-        for (std::size_t i = 0; i < n.size(); ++i)
-          o.alpha_grid.push_back(read_double(n.at(i), join_path(p, std::to_string(i)), 0.0, 1.0));
-      },
-      [](const SmoothQuantOptions& o) {
-        ConfigNode seq = ConfigNode::sequence();
-        for (double v : o.alpha_grid) seq.push_back(ConfigNode::scalar(format_double(v)));
-        return seq;
-      });
+      [](SmoothQuantOptions& o, const ConfigNode& n, const std::string& p) { o.alpha_grid = read_double_list(n, p, 0.0, 1.0); },
+      [](const SmoothQuantOptions& o) { return double_list_node(o.alpha_grid); });
   s->add("auto_wbits", &SmoothQuantOptions::auto_wbits,
          "alpha: auto models per-output-channel symmetric weights of this many bits", {2, 8});
   s->add("auto_abits", &SmoothQuantOptions::auto_abits,

@@ -78,6 +78,18 @@ TEST(Options, ReadDouble) {
   EXPECT_NE(error_of([] { read_double(value_of("{a: 1}"), "a", -kInf, kInf); }), "");
 }
 
+TEST(Options, ReadDoubleListAndAutoOrDouble) {
+  EXPECT_EQ(read_double_list(value_of("[0, 0.5, 1]"), "g", 0, 1), (std::vector<double>{0, 0.5, 1}));
+  EXPECT_EQ(double_list_node({0, 0.25}).to_flow(), "[0, 0.25]");
+  EXPECT_EQ(error_of([] { read_double_list(value_of("[0, 2]"), "g", 0, 1); }),
+            "o.yaml:1:8: key 'g.1': expected a number in [0, 1], found '2'");
+  EXPECT_NE(error_of([] { read_double_list(value_of("[]"), "g", 0, 1); }).find("non-empty list"), std::string::npos);
+  EXPECT_FALSE(read_auto_or_double(value_of("auto"), "a", 0, 1).has_value());
+  EXPECT_EQ(read_auto_or_double(value_of("0.5"), "a", 0, 1), 0.5);
+  EXPECT_EQ(error_of([] { read_auto_or_double(value_of("1.5"), "q.alpha", 0, 1); }),
+            "o.yaml:1:4: key 'q.alpha': expected 'auto' or a number in [0, 1], found '1.5'");
+}
+
 TEST(Options, ReadBool) {
   for (const char* t : {"true", "True", "yes", "on", "ON"})
     EXPECT_TRUE(read_bool(value_of(t), "b")) << t;
