@@ -205,6 +205,10 @@ TEST(VlmqModel, UnitImportanceIsGptqAndDiagnosticsAreReported) {
   const double eff = diag_value(v, "model.layers.1", "effective_tokens");
   EXPECT_GT(eff, 1.0);
   EXPECT_LT(eff, 128.0) << "gradient importance is not uniform";
+  // The other site and norm give other importance (the site is really read).
+  const RunRecord o = run("{algorithm: vlmq, site: output, norm: l1, clip_percentile: 100, " + grid + "}");
+  EXPECT_NE(diag_value(o, "model.layers.1", "effective_tokens"), eff);
+  EXPECT_TRUE(std::isfinite(ppl(o)));
 }
 
 }  // namespace
