@@ -1,10 +1,12 @@
 // The plugin interface. Algorithms act at different scopes (DESIGN.md "One interface, several
 // scopes"), so there is one narrow base class per scope instead of one wide interface:
 //
-//   Layer          RTN, GPTQ, AWQ, VLMQ   one linear's W (+ its calibration statistics) -> Ŵ
-//   NormConsumers  SmoothQuant, AWQ-scale  a shared input and the linears reading it ->
+//   Layer          RTN, GPTQ, VLMQ        one linear's W (+ its calibration statistics) -> Ŵ;
+//                                          VLMQ also weighs a block's calibration tokens
+//   NormConsumers  SmoothQuant, AWQ        a shared input and the linears reading it ->
 //                                          an explicit per-channel equivalence transform
-//   Block          FlatQuant, GPTQ true-sequential, VLMQ importance pass
+//                                          (AWQ: plus the consumers' quantized weights)
+//   Block          rotation, FlatQuant
 //   Model          ZeroQAT
 //   KvCache        CommVQ, scalar KV baselines
 //
