@@ -34,20 +34,6 @@ GridParams params_of(const QuantSpec& s) {
   return {s.scheme, s.bits, s.qmin(), s.qmax(), s.scale_dtype};
 }
 
-/// Scale as stored. fp16: nearest half (ties to even); a scale below half's range would be
-/// stored as 0 and one above as inf, both unusable, so they are clamped to the nearest finite
-/// normal half. fp32: a scale that underflowed to 0 (range below ~1e-43) gets FLT_MIN so that
-/// x/scale stays finite.
-inline float store_scale(float s, ScaleDtype dt) {
-  if (dt == ScaleDtype::F16) {
-    float h = static_cast<float>(Eigen::half(s));
-    if (h == 0.0f) return kHalfMinNormal;
-    if (std::isinf(h)) return kHalfMax;
-    return h;
-  }
-  return s > 0.0f ? s : std::numeric_limits<float>::min();
-}
-
 /// Both references force lo <= 0 <= hi and replace an all-zero range by [-1, 1] (ALGORITHMS.md
 /// §1 "Degenerate ranges").
 inline void normalise_range(float& lo, float& hi) {
@@ -378,6 +364,21 @@ void qrange(QuantScheme scheme, int bits, int& qmin, int& qmax) {
 }
 
 }  // namespace
+
+/// Scale as stored. fp16: nearest half (ties to even); a scale below half's range would be
+/// stored as 0 and one above as inf, both unusable, so they are clamped to the nearest finite
+/// normal half. fp32: a scale that underflowed to 0 (range below ~1e-43) gets FLT_MIN so that
+/// x/scale stays finite.
+float store_scale(float s, ScaleDtype dt) {
+  if (dt == ScaleDtype::F16) {
+    float h = static_cast<float>(Eigen::half(s));
+    if (h == 0.0f) return kHalfMinNormal;
+    if (std::isinf(h)) return kHalfMax;
+    return h;
+  }
+  return s > 0.0f ? s : std::numeric_limits<float>::min();
+}
+
 
 Grid fit_grid(const float* x, Index n, Index stride, const QuantSpec& spec, const float* weights) {
   check_spec(spec, "fit_grid");

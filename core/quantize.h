@@ -35,6 +35,10 @@ Grid fit_grid(const float* x, Index n, Index stride, const QuantSpec& spec, cons
 /// fit_grid does after its range method. NumericError for a non-finite range.
 Grid grid_from_range(float lo, float hi, const QuantSpec& spec);
 
+/// A scale as stored with dtype dt: fp16 rounds to the nearest half (ties to even) and clamps
+/// to half's finite normal range; fp32 replaces an underflowed 0 by FLT_MIN. fit_grid uses it.
+float store_scale(float s, ScaleDtype dt);
+
 /// Round one value on a grid: clamp(round(x/scale) + zero, qmin, qmax) in float32, where x/scale
 /// is a true division (not x * (1/scale)) and round is half-to-even (std::nearbyint under the
 /// default FE_TONEAREST mode, which quantlab never changes). This is torch.round(x / scale), so
