@@ -287,7 +287,7 @@ ModelResult ModelAlgorithm::run(ModelInput& in) const {
                          std::to_string(id) + ", outside the vocabulary of " + std::to_string(vocab));
   const auto t0 = std::chrono::steady_clock::now();
   ModelResult r;
-  process_model(in, r.diagnostics);
+  process_model(in, r);
   r.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   for (int b = 0; b < in.model->num_blocks(); ++b)
     for (int k = 0; k < kLinearKinds; ++k) {

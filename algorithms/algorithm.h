@@ -343,10 +343,27 @@ struct ModelInput {
   /// Calibration windows (token ids inside the vocabulary), as the block steps saw them.
   const std::vector<std::vector<int32_t>>* windows = nullptr;
   uint64_t seed = 0;
+  /// The run's progress line (may be empty): training plugins report step, loss and ETA there.
+  std::function<void(const std::string&)> progress;
+};
+
+/// One row of a training plugin's per-step trace (written to the run's `training` table).
+/// NaN where a quantity was not measured at that step.
+struct TrainingPoint {
+  int64_t step = 0;         ///< 0 = before the first update
+  int64_t forwards = 0;     ///< forward passes of the quantized model so far
+  int64_t backwards = 0;    ///< backward passes so far
+  double train_loss = 0;    ///< on the step's batch (at the parameters the step started from)
+  double heldout_loss = 0;  ///< on the held-out windows
+  double grad_cosine = 0;   ///< cos(estimate, exact gradient) on the step's batch
+  double grad_norm_ratio = 0;  ///< |estimate| / |exact gradient|
+  double lr = 0;
+  double seconds = 0;       ///< since training started
 };
 
 struct ModelResult {
   Diagnostics diagnostics;
+  std::vector<TrainingPoint> trace;
   double seconds = 0;
 };
 
@@ -360,7 +377,8 @@ class ModelAlgorithm : public Algorithm {
   ModelResult run(ModelInput& in) const;
 
  private:
-  virtual void process_model(ModelInput& in, Diagnostics& diagnostics) const = 0;
+  /// Fills out.diagnostics and, for a training plugin, out.trace.
+  virtual void process_model(ModelInput& in, ModelResult& out) const = 0;
 };
 
 // ------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@
 #include "algorithms/rtn/rtn.h"
 #include "algorithms/smoothquant/smoothquant.h"
 #include "algorithms/vlmq/vlmq.h"
+#include "algorithms/zeroqat/zeroqat.h"
 
 namespace ql {
 
@@ -26,6 +27,7 @@ void register_all(AlgorithmRegistry& registry) {
   register_rotation(registry);
   register_flatquant(registry);
   register_commvq(registry);
+  register_zeroqat(registry);
 }
 
 }  // namespace ql

@@ -755,6 +755,7 @@ double apply_model_steps(ModelRun& m, const std::vector<std::vector<int32_t>>& w
   ModelInput in;
   in.model = &m.model;
   in.windows = &windows;
+  if (m.on_progress) in.progress = m.on_progress;
   double seconds = 0;
   for (std::size_t si = 0; si < m.pipeline.steps().size(); ++si) seconds += apply_model_step(m.pipeline, si, in, m.rec).seconds;
   for (int b = 0; b < m.model.num_blocks(); ++b)

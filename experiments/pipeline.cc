@@ -292,6 +292,9 @@ ModelResult apply_model_step(const Pipeline& pipeline, std::size_t si, ModelInpu
   r = dynamic_cast<const ModelAlgorithm&>(ps.plugin()).run(in);
   const std::string& alg = ps.config().algorithm;
   for (auto& [name, value] : r.diagnostics) rec.diagnostics.push_back({in.name, static_cast<int>(si), alg, name, value});
+  for (const TrainingPoint& p : r.trace)
+    rec.training.push_back({static_cast<int>(si), alg, p.step, p.forwards, p.backwards, p.train_loss, p.heldout_loss,
+                            p.grad_cosine, p.grad_norm_ratio, p.lr, p.seconds});
   rec.diagnostics.push_back({in.name, static_cast<int>(si), alg, "seconds", r.seconds});
   return r;
 }

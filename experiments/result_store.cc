@@ -86,6 +86,23 @@ void write_diagnostics(const h5::Group& g, const std::vector<DiagnosticRow>& row
   g.write_table("diagnostics", t);
 }
 
+void write_training(const h5::Group& g, const std::vector<TrainingRow>& rows) {
+  using R = TrainingRow;
+  h5::Table t;
+  t.add_int64("pipeline_step", int_column_of(rows, [](const R& r) { return r.pipeline_step; }))
+      .add_strings("algorithm", column_of(rows, [](const R& r) { return r.algorithm; }))
+      .add_int64("step", int_column_of(rows, [](const R& r) { return r.step; }))
+      .add_int64("forwards", int_column_of(rows, [](const R& r) { return r.forwards; }))
+      .add_int64("backwards", int_column_of(rows, [](const R& r) { return r.backwards; }))
+      .add_double("train_loss", column_of(rows, [](const R& r) { return r.train_loss; }))
+      .add_double("heldout_loss", column_of(rows, [](const R& r) { return r.heldout_loss; }))
+      .add_double("grad_cosine", column_of(rows, [](const R& r) { return r.grad_cosine; }))
+      .add_double("grad_norm_ratio", column_of(rows, [](const R& r) { return r.grad_norm_ratio; }))
+      .add_double("lr", column_of(rows, [](const R& r) { return r.lr; }))
+      .add_double("seconds", column_of(rows, [](const R& r) { return r.seconds; }));
+  g.write_table("training", t);
+}
+
 void write_summary(const h5::Group& g, const std::vector<SummaryRow>& rows) {
   using R = SummaryRow;
   h5::Table t;
@@ -195,6 +212,7 @@ void write_run(const h5::Group& g, const RunRecord& r, int64_t order) {
   write_key_values(g, "numeric_env", r.numeric_env);
   write_layers(g, r.layers);
   write_diagnostics(g, r.diagnostics);
+  if (!r.training.empty()) write_training(g, r.training);
   write_summary(g, r.summary);
   write_slices(g, r.slices);
   write_disparity(g, r.disparity);
@@ -248,6 +266,28 @@ std::vector<DiagnosticRow> read_diagnostics(const h5::Group& g) {
     rows[i].algorithm = t.strings("algorithm")[i];
     rows[i].name = t.strings("name")[i];
     rows[i].value = t.doubles("value")[i];
+  }
+  return rows;
+}
+
+std::vector<TrainingRow> read_training(const h5::Group& g) {
+  h5::Table t = g.read_table("training");
+  std::vector<TrainingRow> rows(t.n_rows());
+  const auto ps = t.int64s("pipeline_step"), step = t.int64s("step"), fw = t.int64s("forwards"),
+             bw = t.int64s("backwards");
+  for (size_t i = 0; i < rows.size(); ++i) {
+    TrainingRow& r = rows[i];
+    r.pipeline_step = to_int(ps[i], t, "pipeline_step");
+    r.algorithm = t.strings("algorithm")[i];
+    r.step = step[i];
+    r.forwards = fw[i];
+    r.backwards = bw[i];
+    r.train_loss = t.doubles("train_loss")[i];
+    r.heldout_loss = t.doubles("heldout_loss")[i];
+    r.grad_cosine = t.doubles("grad_cosine")[i];
+    r.grad_norm_ratio = t.doubles("grad_norm_ratio")[i];
+    r.lr = t.doubles("lr")[i];
+    r.seconds = t.doubles("seconds")[i];
   }
   return rows;
 }
@@ -355,6 +395,7 @@ RunRecord read_run_group(const h5::Group& g) {
   r.numeric_env = g.has("numeric_env") ? read_key_values(g, "numeric_env") : std::vector<ParamRow>{};
   r.layers = read_layers(g);
   r.diagnostics = read_diagnostics(g);
+  if (g.has("training")) r.training = read_training(g);  // only runs with a training step have one
   r.summary = read_summary(g);
   r.slices = read_slices(g);
   r.disparity = read_disparity(g);

@@ -42,6 +42,15 @@ struct DiagnosticRow {
   double value = 0;
 };
 
+/// One step of a training plugin's trace (algorithms/algorithm.h TrainingPoint), with the
+/// pipeline step and algorithm it belongs to; NaN where not measured.
+struct TrainingRow {
+  int pipeline_step = 0;
+  std::string algorithm;
+  int64_t step = 0, forwards = 0, backwards = 0;
+  double train_loss = 0, heldout_loss = 0, grad_cosine = 0, grad_norm_ratio = 0, lr = 0, seconds = 0;
+};
+
 /// A run-level summary metric (the overall slice's values, repeated for convenience).
 struct SummaryRow {
   std::string metric;
@@ -72,6 +81,7 @@ struct RunRecord {
   std::vector<ParamRow> numeric_env;
   std::vector<LayerRow> layers;
   std::vector<DiagnosticRow> diagnostics;
+  std::vector<TrainingRow> training;  ///< per-step traces of training steps (empty: none)
   std::vector<SummaryRow> summary;
   std::vector<SliceRow> slices;
   std::vector<DisparityRow> disparity;

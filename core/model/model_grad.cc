@@ -76,6 +76,30 @@ double log_sum_exp(const S* z, Index n) {
   return m + detmath::log(sum);
 }
 
+/// The loss of one scored row of logits z (V entries): cross-entropy with target y, or KL to the
+/// reference row. With grad_scale > 0, z is overwritten by grad_scale · dL/dz.
+template <class S>
+double lm_row_loss(S* z, Index V, LmLoss loss, int32_t y, const float* ref, double grad_scale) {
+  const double lse = log_sum_exp(z, V);
+  if (loss == LmLoss::CrossEntropy) {
+    const double l = lse - static_cast<double>(z[y]);
+    if (grad_scale > 0) {
+      for (Index i = 0; i < V; ++i) z[i] = static_cast<S>(detmath::exp(static_cast<double>(z[i]) - lse) * grad_scale);
+      z[y] -= static_cast<S>(grad_scale);
+    }
+    return l;
+  }
+  const double lse_ref = log_sum_exp(ref, V);
+  double l = 0;
+  for (Index i = 0; i < V; ++i) {
+    const double logp = ref[i] - lse_ref, logq = static_cast<double>(z[i]) - lse;
+    const double pi = detmath::exp(logp);
+    l += pi * (logp - logq);
+    if (grad_scale > 0) z[i] = static_cast<S>((detmath::exp(logq) - pi) * grad_scale);
+  }
+  return l;
+}
+
 }  // namespace
 
 template <class S>
@@ -106,29 +130,41 @@ double model_loss_fwd(const BlockShape& s, const ModelParams<S>& p, const std::v
       for (Index i = 0; i < V; ++i) z[i] = S(0);
       continue;
     }
-    const double lse = log_sum_exp(z, V);
-    double l = 0;
-    if (loss == LmLoss::CrossEntropy) {
-      const int32_t y = tape.tokens[static_cast<std::size_t>(r + 1)];
-      l = lse - static_cast<double>(z[y]);
-      for (Index i = 0; i < V; ++i) z[i] = static_cast<S>(detmath::exp(static_cast<double>(z[i]) - lse) * inv_n);
-      z[y] -= static_cast<S>(inv_n);
-    } else {
-      const float* ref = (*reference)[static_cast<std::size_t>(r / T)].data() + t * V;
-      const double lse_ref = log_sum_exp(ref, V);
-      for (Index i = 0; i < V; ++i) {
-        const double logp = ref[i] - lse_ref, logq = static_cast<double>(z[i]) - lse;
-        const double pi = detmath::exp(logp);
-        l += pi * (logp - logq);
-        z[i] = static_cast<S>((detmath::exp(logq) - pi) * inv_n);
-      }
-    }
-    row_loss[static_cast<std::size_t>(r)] = l;
+    const float* ref = loss == LmLoss::KlToReference ? (*reference)[static_cast<std::size_t>(r / T)].data() + t * V : nullptr;
+    row_loss[static_cast<std::size_t>(r)] = lm_row_loss(z, V, loss, tape.tokens[static_cast<std::size_t>(r + 1)], ref, inv_n);
   }
   double total = 0;
   for (double l : row_loss) total += l;  // rows in order: independent of the thread count
   tape.loss = total * inv_n;
   return tape.loss;
+}
+
+double lm_loss(const std::vector<Matrix>& logits, const std::vector<std::vector<int32_t>>& windows, LmLoss loss,
+               const std::vector<Matrix>* reference) {
+  if (logits.size() != windows.size() || windows.empty())
+    throw ShapeError("lm_loss: one logit matrix per window expected");
+  if (loss == LmLoss::KlToReference && (!reference || reference->size() != windows.size()))
+    throw ShapeError("lm_loss: KL loss needs one reference logit matrix per window");
+  Index n = 0;
+  for (const auto& w : windows) n += static_cast<Index>(w.size()) - 1;
+  if (n <= 0) throw ShapeError("lm_loss: no scored position (windows of one token)");
+  std::vector<double> per_window(windows.size(), 0.0);
+#pragma omp parallel for schedule(static)
+  for (std::size_t w = 0; w < windows.size(); ++w) {
+    const Matrix& z = logits[w];
+    const Index V = z.cols();
+    std::vector<float> row(static_cast<std::size_t>(V));
+    double sum = 0;
+    for (Index t = 0; t + 1 < static_cast<Index>(windows[w].size()); ++t) {
+      std::copy(z.data() + t * V, z.data() + (t + 1) * V, row.begin());
+      const float* ref = loss == LmLoss::KlToReference ? (*reference)[w].data() + t * V : nullptr;
+      sum += lm_row_loss(row.data(), V, loss, windows[w][static_cast<std::size_t>(t + 1)], ref, 0.0);
+    }
+    per_window[w] = sum;
+  }
+  double total = 0;
+  for (double l : per_window) total += l;
+  return total / static_cast<double>(n);
 }
 
 template <class S>

@@ -66,6 +66,13 @@ template <class S>
 double model_loss_fwd(const BlockShape& s, const ModelParams<S>& p, const std::vector<std::vector<int32_t>>& windows,
                       LmLoss loss, const std::vector<Matrix>* reference, ModelTape<S>& tape);
 
+/// The same loss of logits from the inference forward (Transformer::forward_batch: one T_w x
+/// vocab matrix per window; lengths may differ, N = Σ (T_w − 1)), without gradient; with
+/// KlToReference, the FP model's logits of the same windows. Rows summed in order per window,
+/// windows in order.
+double lm_loss(const std::vector<Matrix>& logits, const std::vector<std::vector<int32_t>>& windows, LmLoss loss,
+               const std::vector<Matrix>* reference);
+
 /// Given dh = dL/d(output of the last block model_blocks_fwd ran): grads += dL/dθ of those
 /// blocks and the embedding (rows of the ids, accumulated in token order).
 template <class S>

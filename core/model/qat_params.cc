@@ -86,6 +86,20 @@ LearnedGrid learned_grid(double s0, double z0, int qmin, int qmax, bool asym, do
 
 }  // namespace
 
+/// Whether `codes` are the nearest rounding of W on their own grids (the warm start was RTN of
+/// W), checked element by element with quantize_value.
+bool QatParameters::rounds_to_codes(const Linear& L, const Matrix& W, const QuantizedTensor& codes) {
+  if (W.rows() != codes.rows() || W.cols() != codes.cols()) return false;
+  const int qmin = L.spec.qmin(), qmax = L.spec.qmax();
+  for (Index r = 0; r < W.rows(); ++r)
+    for (Index c = 0; c < W.cols(); ++c) {
+      const Index gi = L.grid_index(r, c);
+      const Grid g{L.s0.data()[gi], L.z0.data()[gi], qmin, qmax};
+      if (quantize_value(W(r, c), g) != codes.codes(r, c)) return false;
+    }
+  return true;
+}
+
 QatParameters::QatParameters(const QuantizedModel& qm, const QatParamSpec& spec) : round_values_(spec.round_values) {
   std::regex re;
   const bool any_latent = !spec.latent_weights.empty();
@@ -139,9 +153,13 @@ QatParameters::QatParameters(const QuantizedModel& qm, const QatParamSpec& spec)
       L.kind = kind;
       L.spec = codes->spec;
       L.g_idx = codes->g_idx;
-      L.W0 = qm.block(b).linear(kind).W;
       L.s0 = codes->scales;
       L.z0 = codes->zeros;
+      L.W0 = qm.block(b).linear(kind).W;
+      if (rounds_to_codes(L, qm.fp_block(b).linear(kind).W, *codes)) {
+        L.W0 = qm.fp_block(b).linear(kind).W;  // the float weights the warm start rounded (RTN)
+        ++fp_latent_;
+      }
       if (spec.clip) {
         L.clip_hi = add_segment(name, QatKind::ClipHi, b, L.s0.size());
         if (L.asym()) L.clip_lo = add_segment(name, QatKind::ClipLo, b, L.s0.size());

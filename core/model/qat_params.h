@@ -17,8 +17,14 @@
 //           the consumers quantize W ⊙ c (columns), the norm's weight becomes γ / c. u = 0: c = 1.
 //           (The shift of OmniQuant's transformation needs a bias on every consumer, which LLaMA
 //           linears do not have; it is not offered.)
-//  - weight The float latent weights of the linears a regex selects (e.g. q/v only), starting at
-//           the warm start's weights; otherwise the latent weights stay the warm start's.
+//  - weight The float latent weights of the linears a regex selects (e.g. q/v only); the others
+//           stay at their start.
+// The latent weights start at the float weights the warm start rounded when that is known: the
+// FP weights, when the warm start's codes are exactly their nearest rounding on its grids (RTN
+// of the untransformed model); otherwise at the warm start's own (on-grid) weights. The
+// difference matters: on-grid latent weights make every straight-through gradient of the grid
+// and of the smoothing scales vanish at the start (round(v/s) − v/s = 0, and the smoothing
+// scale's two paths cancel exactly), so only latent weights would move.
 // Every linear that has codes (the warm start quantized it) is fake-quantized on its own grid:
 //   W_eff = s (clamp(round(V / s) + z, qmin, qmax) − z),  V = W_latent ⊙ c,
 // through core/quantize's quantize_value / dequantize_value, so the codes written with the
@@ -72,6 +78,8 @@ class QatParameters {
   std::vector<float> initial() const;
   /// Number of parameters of one kind.
   Index count(QatKind k) const;
+  /// Linears whose latent weights start at the FP weights (the rest start on the grid).
+  int fp_latent_linears() const { return fp_latent_; }
 
   /// Writes the model θ describes into qm (the model given to the constructor, or one with the
   /// same warm start): every covered linear's current weights and codes, the smoothed norms'
@@ -91,7 +99,9 @@ class QatParameters {
   std::vector<InputSite> arch_groups_;  // site of each input group of the architecture table
   std::vector<QatSegment> segments_;
   Index n_ = 0;
+  int fp_latent_ = 0;
   bool round_values_ = true;
+  static bool rounds_to_codes(const Linear& L, const Matrix& W, const QuantizedTensor& codes);
   std::vector<float> initial_;
 
  public:

@@ -438,7 +438,7 @@ TEST_P(BlockConformance, Contract) {
 }
 
 class ModelConformance : public ::testing::TestWithParam<std::string> {};
-GTEST_ALLOW_UNINSTANTIATED_PARAMETERIZED_TEST(ModelConformance);  // until a model-scope plugin exists
+
 
 // A model-scope plugin at its defaults, on a one-block model quantized to W4 with codes: the
 // same seed gives the same weights bitwise; the FP weights stay; run() has checked that codes

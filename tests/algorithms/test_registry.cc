@@ -10,7 +10,7 @@ namespace {
 // adding it here too, deliberately.
 TEST(Registry, RegisteredNamesAreTheExpectedList) {
   EXPECT_EQ(default_registry().names(),
-            (std::vector<std::string>{"fp", "rtn", "gptq", "smoothquant", "awq", "vlmq", "kv_rtn", "rotation", "flatquant", "commvq"}));
+            (std::vector<std::string>{"fp", "rtn", "gptq", "smoothquant", "awq", "vlmq", "kv_rtn", "rotation", "flatquant", "commvq", "zeroqat"}));
 }
 
 TEST(Registry, UnknownNameListsKnownOnes) {
@@ -18,7 +18,7 @@ TEST(Registry, UnknownNameListsKnownOnes) {
     default_registry().get("gptqq");
     FAIL() << "expected an error";
   } catch (const Error& e) {
-    EXPECT_STREQ(e.what(), "unknown algorithm 'gptqq'; known: fp, rtn, gptq, smoothquant, awq, vlmq, kv_rtn, rotation, flatquant, commvq");
+    EXPECT_STREQ(e.what(), "unknown algorithm 'gptqq'; known: fp, rtn, gptq, smoothquant, awq, vlmq, kv_rtn, rotation, flatquant, commvq, zeroqat");
   }
 }
 

@@ -111,7 +111,7 @@ class RequantizeQ0 final : public ModelAlgorithm {
   explicit RequantizeQ0(bool stale) : stale_(stale) {}
 
  private:
-  void process_model(ModelInput& in, Diagnostics& diagnostics) const override {
+  void process_model(ModelInput& in, ModelResult& out) const override {
     QuantSpec spec;
     spec.bits = 2;
     spec.granularity = Granularity::PerChannel;
@@ -119,7 +119,7 @@ class RequantizeQ0 final : public ModelAlgorithm {
     QuantizedTensor q = quantize(W, spec);
     W = dequantize(q);
     if (!stale_) in.model->codes(0, LinearKind::Q) = std::move(q);
-    diagnostics.emplace_back("windows", static_cast<double>(in.windows->size()));
+    out.diagnostics.emplace_back("windows", static_cast<double>(in.windows->size()));
   }
   bool stale_;
 };

@@ -1,0 +1,110 @@
+// Whole-model quantization-aware training of the latent parameters of core/model/qat_params.h
+// with two estimators of the loss gradient (ALGORITHMS.md §6):
+//
+//  - spsa (ZeroQAT / MeZO, arXiv 2509.00031; ALGORITHMS.md §6.1): per query q of step t,
+//      z ~ N(0, I) regenerated from CounterRng(seed, stream(t, q)) element by element, never
+//      stored; L± = L(θ ± ε z) by two forward passes of the fake-quantized model (the
+//      evaluation forward, with every activation / KV quantizer of the warm start);
+//      g_q = (L+ − L−) / 2ε;  θ ← θ − lr · (1/n) Σ_q g_q z_q.
+//    θ is the fp32 master copy: the perturbed parameters are written to a scratch vector and
+//    materialised from there, so the master is never perturbed and restoring is exact.
+//  - first_order (the baseline the paper's reviewers asked for): the exact gradient of the same
+//    loss by one backward pass through the whole model (core/model/model_grad.h) and the
+//    straight-through estimator of the fake quantization (QatParameters::backward), AdamW or SGD.
+//
+// Loss (option): next-token cross-entropy, or KL to the FP model's distribution (the FP logits
+// of each batch computed by one FP forward, not counted as a forward of the quantized model).
+// Batches: `batch` windows per step from the training windows, an epoch-wise permutation drawn
+// from the seed; the last `heldout` calibration windows are held out and scored every
+// eval_every steps. Every grad_check_every steps (spsa) the exact gradient on the step's batch
+// is computed beside the estimate and their cosine and norm ratio are logged (reviewers asked
+// exactly how good the zeroth-order estimate is).
+//
+// The first-order path needs the training graph to equal the evaluated model: it refuses
+// models with activation quantizers, online transforms or KV-cache quantizers (the training
+// ops do not simulate them yet); spsa runs on any model (its forward is the evaluation's).
+#pragma once
+#include <cstdint>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "algorithms/algorithm.h"
+#include "core/model/model_grad.h"
+#include "core/model/qat_params.h"
+
+namespace ql {
+
+enum class QatEstimator { Spsa, FirstOrder };
+enum class LrSchedule { Constant, Linear };
+enum class QatOptimizer { AdamW, Sgd };
+
+struct QatTrainOptions {
+  QatEstimator estimator = QatEstimator::Spsa;
+  // The parameter set (QatParamSpec): clipping logits, smoothing scales, latent weights.
+  bool clip = true;
+  bool smooth = true;
+  std::string latent_weights;
+  LmLoss loss = LmLoss::CrossEntropy;
+  int steps = 100;
+  int batch = 4;        ///< windows per step
+  int queries = 1;      ///< spsa: ± pairs per step (n)
+  double eps = 1e-3;    ///< spsa: perturbation scale ε
+  double lr = 1e-3;
+  LrSchedule schedule = LrSchedule::Constant;
+  double lr_end = 0.5;  ///< linear: the last step's lr as a fraction of lr (the reference: 0.5)
+  QatOptimizer optimizer = QatOptimizer::AdamW;  ///< first_order
+  double weight_decay = 0.0;                      ///< first_order AdamW
+  int heldout = 4;           ///< calibration windows held out for the held-out loss
+  int eval_every = 10;       ///< held-out loss every k steps (and at 0 and the end)
+  int grad_check_every = 0;  ///< spsa: cosine with the exact gradient every k steps (0: never)
+  int tokens = 0;            ///< crop each window to its first `tokens` ids (0: as given)
+  uint64_t seed = 0;  ///< the run's (not a YAML key)
+  QatParamSpec param_spec() const {
+    QatParamSpec p;
+    p.clip = clip;
+    p.smooth = smooth;
+    p.latent_weights = latent_weights;
+    return p;
+  }
+};
+
+/// z_j of query q at step t (the SPSA direction), a pure function of its arguments.
+double spsa_direction(uint64_t seed, int64_t step, int query, Index j);
+
+/// One SPSA update of a generic loss (the ZeroQAT step without the model): for q < queries,
+/// L± = loss(θ ± ε z_q) with z_q = spsa_direction(seed, step, q, ·) written into `scratch` (the
+/// master θ is never perturbed); g_q = (L+ − L−) / 2ε; θ ← θ − lr · (1/queries) Σ_q g_q z_q with
+/// z regenerated. The averaged estimate is written to `estimate` when non-null. Returns the
+/// mean of L+ and L− of query 0 (the step's training loss, O(ε²) from L(θ)).
+double spsa_update(std::vector<float>& theta, std::vector<float>& scratch,
+                   const std::function<double(const float*)>& loss, uint64_t seed, int64_t step, int queries,
+                   double eps, double lr, std::vector<float>* estimate);
+
+/// Why the first-order path cannot train this model ("" when it can).
+std::string first_order_unsupported(const QuantizedModel& qm);
+
+/// The loss of the model θ describes on a batch, by the evaluation forward (materialises θ into
+/// qm first). reference: the FP logits with KL, else null.
+double qat_loss(const QatParameters& p, const float* theta, QuantizedModel& qm,
+                const std::vector<std::vector<int32_t>>& batch, LmLoss loss, const std::vector<Matrix>* reference);
+
+/// The exact (STE) gradient dθ (p.size() floats) of the same loss by the training forward and
+/// backward; returns the loss. ShapeError when first_order_unsupported(qm) is not empty.
+double qat_exact_gradient(const QatParameters& p, const float* theta, QuantizedModel& qm,
+                          const std::vector<std::vector<int32_t>>& batch, LmLoss loss,
+                          const std::vector<Matrix>* reference, float* dtheta);
+
+struct QatTrainResult {
+  std::vector<TrainingPoint> trace;
+  Diagnostics diagnostics;
+};
+
+/// Trains the latent parameters of qm's warm start on the windows and leaves the trained model
+/// in qm (weights, codes, norms; learned scales stored as the warm start's spec stores them).
+/// With lr 0 the model is left bitwise as it was. Errors: ShapeError for fewer than
+/// heldout + 1 windows or windows shorter than 2 tokens (after `tokens`), and as QatParameters.
+QatTrainResult train_qat(QuantizedModel& qm, const std::vector<std::vector<int32_t>>& windows,
+                         const QatTrainOptions& o, const std::function<void(const std::string&)>& progress = {});
+
+}  // namespace ql
