@@ -88,6 +88,10 @@ RunRecord full_record(const std::string& run_id, int k) {
   }
   r.diagnostics = {{"blocks.0.attn.q_proj", 0, "smoothquant", "alpha", 0.5},
                    {"blocks.0.attn.q_proj", 1, "gptq", "damp", 1e-3 * (k + 1)}};
+  if (k % 2 == 0)  // runs with a training step carry a training table; the others have none
+    r.training = {{2, "zeroqat", 0, 0, 0, std::numeric_limits<double>::quiet_NaN(), 3.5, std::numeric_limits<double>::quiet_NaN(),
+                   std::numeric_limits<double>::quiet_NaN(), 0.0, 0.01},
+                  {2, "zeroqat", 1, 2, 0, 3.25 + k, std::numeric_limits<double>::quiet_NaN(), 0.0125, 512.0, 1e-3, 0.5}};
   r.summary = {{"out_rel_err", 0.125 + k, 0.1, 0.15, 0.125},
                {"kld_mean", 0.0123, 0.01, 0.014, std::numeric_limits<double>::quiet_NaN()}};
   SliceRow s;
@@ -192,6 +196,21 @@ void expect_equal(const RunRecord& a, const RunRecord& b) {
     EXPECT_EQ(a.diagnostics[i].algorithm, b.diagnostics[i].algorithm);
     EXPECT_EQ(a.diagnostics[i].name, b.diagnostics[i].name);
     EXPECT_SAME(a.diagnostics[i].value, b.diagnostics[i].value);
+  }
+  ASSERT_EQ(a.training.size(), b.training.size());
+  for (size_t i = 0; i < a.training.size(); ++i) {
+    const TrainingRow &x = a.training[i], &y = b.training[i];
+    EXPECT_EQ(x.pipeline_step, y.pipeline_step);
+    EXPECT_EQ(x.algorithm, y.algorithm);
+    EXPECT_EQ(x.step, y.step);
+    EXPECT_EQ(x.forwards, y.forwards);
+    EXPECT_EQ(x.backwards, y.backwards);
+    EXPECT_SAME(x.train_loss, y.train_loss);
+    EXPECT_SAME(x.heldout_loss, y.heldout_loss);
+    EXPECT_SAME(x.grad_cosine, y.grad_cosine);
+    EXPECT_SAME(x.grad_norm_ratio, y.grad_norm_ratio);
+    EXPECT_SAME(x.lr, y.lr);
+    EXPECT_SAME(x.seconds, y.seconds);
   }
   ASSERT_EQ(a.summary.size(), b.summary.size());
   for (size_t i = 0; i < a.summary.size(); ++i) {
