@@ -10,7 +10,8 @@ against the weight bits of the last quant step with bits < 16 (params "quant.N.b
 solid line per variant (algorithm pipeline + granularity/group size + scheme, + activation bits
 when quantized), one dashed line per slice value of that variant, and the FP run (no step with
 bits < 16) as a horizontal line. The y axis is logarithmic when the plotted values span more
-than two decades.
+than two decades. Runs with a training step (zeroqat) add OUTDIR/training_loss_vs_forwards.png:
+held-out (and training-batch) loss against forward passes, one line per run.
 
 File layout: see experiments/result_store.h. Strings are fixed-length UTF-8 (h5py returns bytes).
 """
@@ -66,6 +67,8 @@ class Run:
         # Older files have no numeric environment table.
         self.numeric_env = ({r["key"]: r["value"] for r in table_rows(group["numeric_env"])}
                             if "numeric_env" in group else {})
+        # Only runs with a training step (zeroqat) have a per-step table.
+        self.training = table_rows(group["training"]) if "training" in group else []
 
     @property
     def ok(self):
@@ -296,6 +299,35 @@ def plot_metric(path, runs, metric):
     return True
 
 
+def plot_training(path, runs):
+    """Held-out loss against forward passes of the quantized model, one line per run with a
+    training table (its label: estimator and parameter set), the training loss as a faint
+    line beside it. Returns False when no run trained."""
+    trained = [r for r in runs if r.ok and r.training]
+    if not trained:
+        return False
+    fig, ax = plt.subplots(figsize=(9, 5))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, r in enumerate(trained):
+        c = colors[i % len(colors)]
+        held = [(t["forwards"], t["heldout_loss"]) for t in r.training
+                if not math.isnan(t["heldout_loss"])]
+        train = [(t["forwards"], t["train_loss"]) for t in r.training if not math.isnan(t["train_loss"])]
+        if held:
+            ax.plot([p[0] for p in held], [p[1] for p in held], "-o", color=c, markersize=3,
+                    label=f"{r.label} (held-out)")
+        if train:
+            ax.plot([p[0] for p in train], [p[1] for p in train], "-", color=c, alpha=0.25)
+    ax.set_xlabel("forward passes of the quantized model")
+    ax.set_ylabel("loss (held-out: markers; training batches: faint)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("results", help="quantlab results file (.h5)")
@@ -322,6 +354,8 @@ def main(argv=None):
         name = f"{safe_name(m)}_vs_bits.png"
         if plot_metric(os.path.join(args.output, name), runs, m):
             plots.append(name)
+    if plot_training(os.path.join(args.output, "training_loss_vs_forwards.png"), runs):
+        plots.append("training_loss_vs_forwards.png")
     write_markdown(os.path.join(args.output, "report.md"), runs, metric, plots, args.results)
     print(f"report: {os.path.join(args.output, 'report.md')} and {len(plots)} plots")
     return 0

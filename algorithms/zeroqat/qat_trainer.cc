@@ -16,6 +16,7 @@ namespace {
 
 constexpr uint64_t kSpsaStream = 0x5a51415453505341ull;     // z of (step, query)
 constexpr uint64_t kSamplerStream = 0x5a5141545341504dull;  // batch permutations
+constexpr uint64_t kRoundStream = 0x5a51415453524e44ull;    // stochastic rounding of perturbations
 constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
 
 /// The FP model's logits of a batch (the KL loss's reference).
@@ -110,6 +111,7 @@ class Trainer {
       }
     }
     if (o.loss == LmLoss::KlToReference) heldout_ref_ = fp_logits(qm, heldout_);
+    if (o.stochastic_perturbation) grid_steps_ = p_.grid_steps();
   }
 
   QatTrainResult run(const std::function<void(const std::string&)>& progress);
@@ -127,7 +129,7 @@ class Trainer {
   QuantizedModel& qm_;
   const QatTrainOptions& o_;
   QatParameters p_;
-  std::vector<float> theta_, scratch_, grad_;
+  std::vector<float> theta_, scratch_, grad_, grid_steps_;
   std::vector<std::vector<int32_t>> train_, heldout_;
   std::vector<Matrix> heldout_ref_;
   BatchSampler sampler_;
@@ -154,7 +156,8 @@ double Trainer::spsa_step(int step, const std::vector<std::vector<int32_t>>& bat
     ++forwards_;
     return qat_loss(p_, theta, qm_, batch, o_.loss, ref);
   };
-  return spsa_update(theta_, scratch_, loss, o_.seed, step, o_.queries, o_.eps, lr, estimate);
+  return spsa_update(theta_, scratch_, loss, o_.seed, step, o_.queries, o_.eps, lr, estimate,
+                     o_.stochastic_perturbation ? &grid_steps_ : nullptr);
 }
 
 double Trainer::first_order_step(const std::vector<std::vector<int32_t>>& batch, const std::vector<Matrix>* ref,
@@ -240,12 +243,27 @@ QatTrainResult Trainer::run(const std::function<void(const std::string&)>& progr
 
 }  // namespace
 
+float spsa_displacement(uint64_t seed, int64_t step, int query, Index j, double eps, float grid_step) {
+  const double z = spsa_direction(seed, step, query, j);
+  if (grid_step <= 0) return static_cast<float>(eps) * static_cast<float>(z);
+  // Stochastic rounding of ε z / step to an integer (ALGORITHMS.md §6.5): E = ε z, and the
+  // perturbation moves the weight by whole grid steps, so it changes rounding decisions.
+  const double x = eps * z / grid_step, lo = std::floor(x);
+  const CounterRng rng(seed, mix_stream(mix_stream(kRoundStream, static_cast<uint64_t>(step)), static_cast<uint64_t>(query)));
+  const double k = lo + (rng.uniform(static_cast<uint64_t>(j)) < x - lo ? 1.0 : 0.0);
+  return static_cast<float>(k * grid_step);
+}
+
 double spsa_update(std::vector<float>& theta, std::vector<float>& scratch,
                    const std::function<double(const float*)>& loss, uint64_t seed, int64_t step, int queries,
-                   double eps, double lr, std::vector<float>* estimate) {
+                   double eps, double lr, std::vector<float>* estimate, const std::vector<float>* grid_steps) {
   const Index n = static_cast<Index>(theta.size());
+  if (grid_steps && static_cast<Index>(grid_steps->size()) != n)
+    throw ShapeError("spsa_update: one grid step per parameter expected");
+  auto displacement = [&](int q, Index j) {
+    return spsa_displacement(seed, step, q, j, eps, grid_steps ? (*grid_steps)[j] : 0.0f);
+  };
   scratch.resize(theta.size());
-  const float e = static_cast<float>(eps);
   std::vector<double> g(static_cast<std::size_t>(queries));
   double loss0 = 0;
   for (int q = 0; q < queries; ++q) {
@@ -253,7 +271,7 @@ double spsa_update(std::vector<float>& theta, std::vector<float>& scratch,
     for (int side = 0; side < 2; ++side) {
       const float sign = side == 0 ? 1.0f : -1.0f;
 #pragma omp parallel for schedule(static)
-      for (Index j = 0; j < n; ++j) scratch[j] = theta[j] + sign * (e * static_cast<float>(spsa_direction(seed, step, q, j)));
+      for (Index j = 0; j < n; ++j) scratch[j] = theta[j] + sign * displacement(q, j);
       l[side] = loss(scratch.data());
     }
     g[static_cast<std::size_t>(q)] = (l[0] - l[1]) / (2.0 * eps);
@@ -262,8 +280,11 @@ double spsa_update(std::vector<float>& theta, std::vector<float>& scratch,
   if (estimate) estimate->assign(theta.size(), 0.0f);
 #pragma omp parallel for schedule(static)
   for (Index j = 0; j < n; ++j) {
-    double est = 0;
-    for (int q = 0; q < queries; ++q) est += g[static_cast<std::size_t>(q)] * spsa_direction(seed, step, q, j);
+    double est = 0;  // Σ_q g_q d_q with d = displacement / ε (z itself without grid steps)
+    for (int q = 0; q < queries; ++q) {
+      const double d = grid_steps && (*grid_steps)[j] > 0 ? displacement(q, j) / eps : spsa_direction(seed, step, q, j);
+      est += g[static_cast<std::size_t>(q)] * d;
+    }
     const float ef = static_cast<float>(est / queries);  // the estimate as the update uses it
     if (estimate) (*estimate)[j] = ef;
     if (lr != 0) theta[j] -= static_cast<float>(lr * ef);

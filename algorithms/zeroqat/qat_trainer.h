@@ -59,6 +59,8 @@ struct QatTrainOptions {
   int eval_every = 10;       ///< held-out loss every k steps (and at 0 and the end)
   int grad_check_every = 0;  ///< spsa: cosine with the exact gradient every k steps (0: never)
   int tokens = 0;            ///< crop each window to its first `tokens` ids (0: as given)
+  /// spsa: perturb latent weights by whole grid steps (stochastic rounding of ε z / step)
+  bool stochastic_perturbation = false;
   uint64_t seed = 0;  ///< the run's (not a YAML key)
   QatParamSpec param_spec() const {
     QatParamSpec p;
@@ -72,14 +74,21 @@ struct QatTrainOptions {
 /// z_j of query q at step t (the SPSA direction), a pure function of its arguments.
 double spsa_direction(uint64_t seed, int64_t step, int query, Index j);
 
+/// The perturbation ε d_j of parameter j: ε z_j (in float) when grid_step is 0; otherwise ε z_j
+/// stochastically rounded to a whole number of grid steps (ALGORITHMS.md §6.5; expectation
+/// ε z_j), from a second counter stream keyed like z.
+float spsa_displacement(uint64_t seed, int64_t step, int query, Index j, double eps, float grid_step);
+
 /// One SPSA update of a generic loss (the ZeroQAT step without the model): for q < queries,
-/// L± = loss(θ ± ε z_q) with z_q = spsa_direction(seed, step, q, ·) written into `scratch` (the
-/// master θ is never perturbed); g_q = (L+ − L−) / 2ε; θ ← θ − lr · (1/queries) Σ_q g_q z_q with
-/// z regenerated. The averaged estimate is written to `estimate` when non-null. Returns the
-/// mean of L+ and L− of query 0 (the step's training loss, O(ε²) from L(θ)).
+/// L± = loss(θ ± ε d_q), d_q = spsa_displacement(...)/ε (z_q without grid steps), written into
+/// `scratch` (the master θ is never perturbed); g_q = (L+ − L−) / 2ε;
+/// θ ← θ − lr · (1/queries) Σ_q g_q d_q with d regenerated. grid_steps (null, or one per
+/// parameter, 0 = Gaussian) selects stochastically rounded perturbations. The averaged
+/// estimate is written to `estimate` when non-null. Returns the mean of L+ and L− of query 0
+/// (the step's training loss, O(ε²) from L(θ)).
 double spsa_update(std::vector<float>& theta, std::vector<float>& scratch,
                    const std::function<double(const float*)>& loss, uint64_t seed, int64_t step, int queries,
-                   double eps, double lr, std::vector<float>* estimate);
+                   double eps, double lr, std::vector<float>* estimate, const std::vector<float>* grid_steps = nullptr);
 
 /// Why the first-order path cannot train this model ("" when it can).
 std::string first_order_unsupported(const QuantizedModel& qm);

@@ -50,6 +50,8 @@ std::shared_ptr<OptionSchema<QatTrainOptions>> make_schema() {
   s->add("eval_every", &O::eval_every, "held-out loss every k steps (0: at the start and end only)", {0, 1e7});
   s->add("grad_check_every", &O::grad_check_every,
          "spsa: cosine of the estimate with the exact gradient every k steps (0: never)", {0, 1e7});
+  s->add("stochastic_perturbation", &O::stochastic_perturbation,
+         "spsa: perturb latent weights by whole grid steps (stochastic rounding of eps z / step)");
   s->add("tokens", &O::tokens, "crop calibration windows to their first `tokens` ids (0: as given)", {0, 1e7});
   s->validator([](const O& o, const ConfigNode& map, const std::string& path) {
     if (!o.latent_weights.empty()) {
@@ -70,6 +72,7 @@ std::shared_ptr<OptionSchema<QatTrainOptions>> make_schema() {
     only("queries", spsa, "with estimator: spsa");
     only("eps", spsa, "with estimator: spsa");
     only("grad_check_every", spsa, "with estimator: spsa");
+    only("stochastic_perturbation", spsa && !o.latent_weights.empty(), "with estimator: spsa and latent_weights");
     only("optimizer", !spsa, "with estimator: first_order");
     only("weight_decay", !spsa && o.optimizer == QatOptimizer::AdamW, "with estimator: first_order, optimizer: adamw");
     only("lr_end", o.schedule == LrSchedule::Linear, "with lr_schedule: linear");

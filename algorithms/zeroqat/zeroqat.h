@@ -22,6 +22,8 @@
 //   optimizer, weight_decay   first_order: adamw | sgd (default adamw), AdamW's decay (0)
 //   heldout, eval_every       calibration windows held out (4) and the held-out loss period (10)
 //   grad_check_every          spsa: cos(estimate, exact gradient) every k steps (0: never)
+//   stochastic_perturbation   spsa + latent_weights: perturb the latent weights by whole grid
+//                             steps, ε z / step stochastically rounded (ALGORITHMS.md §6.5)
 //   tokens                    crop windows to their first `tokens` ids (0: as given)
 //
 // Results: diagnostics (parameter counts, held-out loss before / after, forwards, peak RSS of

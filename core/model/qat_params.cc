@@ -177,6 +177,17 @@ QatParameters::QatParameters(const QuantizedModel& qm, const QatParamSpec& spec)
 
 std::vector<float> QatParameters::initial() const { return initial_; }
 
+std::vector<float> QatParameters::grid_steps() const {
+  std::vector<float> steps(static_cast<std::size_t>(n_), 0.0f);
+  for (const Linear& L : linears_) {
+    if (L.weight < 0) continue;
+    for (Index r = 0; r < L.W0.rows(); ++r)
+      for (Index c = 0; c < L.W0.cols(); ++c)
+        steps[static_cast<std::size_t>(L.weight + r * L.W0.cols() + c)] = L.s0.data()[L.grid_index(r, c)];
+  }
+  return steps;
+}
+
 Index QatParameters::count(QatKind k) const {
   Index n = 0;
   for (const QatSegment& s : segments_) n += s.kind == k ? s.size : 0;

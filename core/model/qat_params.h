@@ -78,6 +78,9 @@ class QatParameters {
   std::vector<float> initial() const;
   /// Number of parameters of one kind.
   Index count(QatKind k) const;
+  /// Per parameter: the warm start's grid step of a latent weight (its group's scale), 0 for
+  /// every other parameter (the unit of ZeroQAT's stochastically rounded perturbations).
+  std::vector<float> grid_steps() const;
   /// Linears whose latent weights start at the FP weights (the rest start on the grid).
   int fp_latent_linears() const { return fp_latent_; }
 

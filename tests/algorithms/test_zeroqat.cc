@@ -69,6 +69,39 @@ TEST(ZeroQat, PerturbationsUseOneDirectionAndNeverTouchTheMaster) {
   for (int j = 0; j < 5; ++j) EXPECT_EQ(theta[j], start[j] - static_cast<float>(0.1 * double(est2[j])));
 }
 
+// Stochastically rounded perturbations (ALGORITHMS.md §6.5) move a latent weight by whole grid
+// steps, their mean is ε z (N keys: |mean(δ − ε z)| within 4 standard errors of the rounding's
+// variance ≤ step²/4), and a step of 0 gives the Gaussian perturbation bit for bit.
+TEST(ZeroQat, StochasticPerturbationsAreUnbiasedWholeSteps) {
+  const float step = 0.03f;
+  const double eps = 1e-2;
+  const int N = 20000;
+  double diff = 0;
+  for (int k = 0; k < N; ++k) {
+    const float d = spsa_displacement(3, k, 0, 17, eps, step);
+    const double units = d / step;
+    EXPECT_EQ(units, std::nearbyint(units)) << "key " << k;
+    diff += (d - eps * spsa_direction(3, k, 0, 17)) / N;
+    EXPECT_EQ(spsa_displacement(3, k, 0, 17, eps, 0.0f),
+              static_cast<float>(eps) * static_cast<float>(spsa_direction(3, k, 0, 17)));
+  }
+  EXPECT_LT(std::abs(diff), 4 * (step / 2) / std::sqrt(double(N)));
+  // In spsa_update the + and − points are θ ± δ and the estimate is g δ / ε.
+  std::vector<float> theta = {0.1f, 0.2f}, scratch, est;
+  const std::vector<float> steps = {step, 0.0f};
+  std::vector<std::vector<float>> seen;
+  auto loss = [&](const float* t) {
+    seen.emplace_back(t, t + 2);
+    return 3.0 * t[0] + 5.0 * t[1];
+  };
+  spsa_update(theta, scratch, loss, 3, 9, 1, eps, 0.0, &est, &steps);
+  const float d0 = spsa_displacement(3, 9, 0, 0, eps, step);
+  EXPECT_EQ(seen[0][0], 0.1f + d0);
+  EXPECT_EQ(seen[1][0], 0.1f - d0);
+  const double g = (loss(seen[0].data()) - loss(seen[1].data())) / (2 * eps);
+  EXPECT_FLOAT_EQ(est[0], static_cast<float>(g * d0 / eps));
+}
+
 // On L = ½ θᵀ A θ + bᵀ θ the central difference is exact, so ĝ = z zᵀ ∇L: E ĝ = ∇L and
 // Var ĝ_i = |∇L|² + ∇L_i² per query. The mean over N steps (keys) lies within 4 standard errors.
 TEST(ZeroQat, EstimateIsUnbiasedOnAQuadratic) {
