@@ -112,6 +112,10 @@ class Trainer {
     }
     if (o.loss == LmLoss::KlToReference) heldout_ref_ = fp_logits(qm, heldout_);
     if (o.stochastic_perturbation) grid_steps_ = p_.grid_steps();
+    lr_scale_.assign(theta_.size(), 1.0f);
+    for (const QatSegment& seg : p_.segments())
+      if (seg.kind == QatKind::Weight)
+        std::fill(lr_scale_.begin() + seg.offset, lr_scale_.begin() + seg.offset + seg.size, static_cast<float>(o.weight_lr_scale));
   }
 
   QatTrainResult run(const std::function<void(const std::string&)>& progress);
@@ -129,11 +133,12 @@ class Trainer {
   QuantizedModel& qm_;
   const QatTrainOptions& o_;
   QatParameters p_;
-  std::vector<float> theta_, scratch_, grad_, grid_steps_;
+  std::vector<float> theta_, scratch_, grad_, grid_steps_, lr_scale_;
   std::vector<std::vector<int32_t>> train_, heldout_;
   std::vector<Matrix> heldout_ref_;
   BatchSampler sampler_;
-  std::unique_ptr<AdamW> adam_;
+  std::unique_ptr<AdamW> adam_, adam_w_;
+  std::vector<Index> adam_grads_, adam_w_grads_;  // segment offsets registered with each
   std::string grad_check_reason_;
   int64_t forwards_ = 0, backwards_ = 0;
 };
@@ -157,7 +162,7 @@ double Trainer::spsa_step(int step, const std::vector<std::vector<int32_t>>& bat
     return qat_loss(p_, theta, qm_, batch, o_.loss, ref);
   };
   return spsa_update(theta_, scratch_, loss, o_.seed, step, o_.queries, o_.eps, lr, estimate,
-                     o_.stochastic_perturbation ? &grid_steps_ : nullptr);
+                     o_.stochastic_perturbation ? &grid_steps_ : nullptr, o_.weight_lr_scale != 1.0 ? &lr_scale_ : nullptr);
 }
 
 double Trainer::first_order_step(const std::vector<std::vector<int32_t>>& batch, const std::vector<Matrix>* ref,
@@ -168,16 +173,26 @@ double Trainer::first_order_step(const std::vector<std::vector<int32_t>>& batch,
   backwards_ += 1;
   if (lr == 0) return loss;
   if (o_.optimizer == QatOptimizer::Sgd) {
-    for (std::size_t j = 0; j < theta_.size(); ++j) theta_[j] -= static_cast<float>(lr * grad_[j]);
+    for (std::size_t j = 0; j < theta_.size(); ++j) theta_[j] -= static_cast<float>(lr * lr_scale_[j] * grad_[j]);
   } else {
-    if (!adam_) {
+    if (!adam_) {  // two AdamW instances: latent weights step at lr · weight_lr_scale
       AdamWOptions ao;
       ao.lr = o_.lr;
       ao.weight_decay = o_.weight_decay;
       adam_ = std::make_unique<AdamW>(ao);
-      adam_->add(theta_.data(), static_cast<Index>(theta_.size()));
+      adam_w_ = std::make_unique<AdamW>(ao);
+      for (const QatSegment& seg : p_.segments()) {
+        (seg.kind == QatKind::Weight ? adam_w_ : adam_)->add(theta_.data() + seg.offset, seg.size);
+        (seg.kind == QatKind::Weight ? adam_w_grads_ : adam_grads_).push_back(seg.offset);
+      }
     }
-    adam_->step({grad_.data()}, lr);
+    auto grads_of = [&](const std::vector<Index>& offsets) {
+      std::vector<const float*> g;
+      for (Index off : offsets) g.push_back(grad_.data() + off);
+      return g;
+    };
+    if (!adam_grads_.empty()) adam_->step(grads_of(adam_grads_), lr);
+    if (!adam_w_grads_.empty()) adam_w_->step(grads_of(adam_w_grads_), lr * o_.weight_lr_scale);
   }
   return loss;
 }
@@ -256,10 +271,11 @@ float spsa_displacement(uint64_t seed, int64_t step, int query, Index j, double 
 
 double spsa_update(std::vector<float>& theta, std::vector<float>& scratch,
                    const std::function<double(const float*)>& loss, uint64_t seed, int64_t step, int queries,
-                   double eps, double lr, std::vector<float>* estimate, const std::vector<float>* grid_steps) {
+                   double eps, double lr, std::vector<float>* estimate, const std::vector<float>* grid_steps,
+                   const std::vector<float>* lr_scale) {
   const Index n = static_cast<Index>(theta.size());
-  if (grid_steps && static_cast<Index>(grid_steps->size()) != n)
-    throw ShapeError("spsa_update: one grid step per parameter expected");
+  if ((grid_steps && static_cast<Index>(grid_steps->size()) != n) || (lr_scale && static_cast<Index>(lr_scale->size()) != n))
+    throw ShapeError("spsa_update: one grid step / lr scale per parameter expected");
   auto displacement = [&](int q, Index j) {
     return spsa_displacement(seed, step, q, j, eps, grid_steps ? (*grid_steps)[j] : 0.0f);
   };
@@ -287,7 +303,7 @@ double spsa_update(std::vector<float>& theta, std::vector<float>& scratch,
     }
     const float ef = static_cast<float>(est / queries);  // the estimate as the update uses it
     if (estimate) (*estimate)[j] = ef;
-    if (lr != 0) theta[j] -= static_cast<float>(lr * ef);
+    if (lr != 0) theta[j] -= static_cast<float>((lr_scale ? lr * (*lr_scale)[j] : lr) * ef);
   }
   return loss0;
 }

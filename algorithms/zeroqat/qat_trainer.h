@@ -51,6 +51,8 @@ struct QatTrainOptions {
   int queries = 1;      ///< spsa: ± pairs per step (n)
   double eps = 1e-3;    ///< spsa: perturbation scale ε
   double lr = 1e-3;
+  /// Latent weights step at lr · weight_lr_scale (they live on another scale than the logits)
+  double weight_lr_scale = 1.0;
   LrSchedule schedule = LrSchedule::Constant;
   double lr_end = 0.5;  ///< linear: the last step's lr as a fraction of lr (the reference: 0.5)
   QatOptimizer optimizer = QatOptimizer::AdamW;  ///< first_order
@@ -84,11 +86,13 @@ float spsa_displacement(uint64_t seed, int64_t step, int query, Index j, double 
 /// `scratch` (the master θ is never perturbed); g_q = (L+ − L−) / 2ε;
 /// θ ← θ − lr · (1/queries) Σ_q g_q d_q with d regenerated. grid_steps (null, or one per
 /// parameter, 0 = Gaussian) selects stochastically rounded perturbations. The averaged
-/// estimate is written to `estimate` when non-null. Returns the mean of L+ and L− of query 0
+/// estimate is written to `estimate` when non-null; lr_scale (null, or one factor per parameter)
+/// multiplies lr per parameter. Returns the mean of L+ and L− of query 0
 /// (the step's training loss, O(ε²) from L(θ)).
 double spsa_update(std::vector<float>& theta, std::vector<float>& scratch,
                    const std::function<double(const float*)>& loss, uint64_t seed, int64_t step, int queries,
-                   double eps, double lr, std::vector<float>* estimate, const std::vector<float>* grid_steps = nullptr);
+                   double eps, double lr, std::vector<float>* estimate, const std::vector<float>* grid_steps = nullptr,
+                   const std::vector<float>* lr_scale = nullptr);
 
 /// Why the first-order path cannot train this model ("" when it can).
 std::string first_order_unsupported(const QuantizedModel& qm);

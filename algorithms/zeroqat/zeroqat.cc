@@ -40,6 +40,7 @@ std::shared_ptr<OptionSchema<QatTrainOptions>> make_schema() {
   s->add("queries", &O::queries, "spsa: ± query pairs per step (n)", {1, 1e4});
   s->add("eps", &O::eps, "spsa: perturbation scale ε", {1e-12, 1e3});
   s->add("lr", &O::lr, "learning rate", {0, 1e6});
+  s->add("weight_lr_scale", &O::weight_lr_scale, "latent weights step at lr times this", {0, 1e6});
   s->add_enum("lr_schedule", &O::schedule, "constant, or linear from lr to lr · lr_end over the steps",
               {{"constant", LrSchedule::Constant}, {"linear", LrSchedule::Linear}});
   s->add("lr_end", &O::lr_end, "linear schedule: the last step's lr as a fraction of lr", {0, 1});
@@ -76,6 +77,7 @@ std::shared_ptr<OptionSchema<QatTrainOptions>> make_schema() {
     only("optimizer", !spsa, "with estimator: first_order");
     only("weight_decay", !spsa && o.optimizer == QatOptimizer::AdamW, "with estimator: first_order, optimizer: adamw");
     only("lr_end", o.schedule == LrSchedule::Linear, "with lr_schedule: linear");
+    only("weight_lr_scale", !o.latent_weights.empty(), "with latent_weights");
   });
   return s;
 }

@@ -19,6 +19,7 @@
 //   steps, batch     updates (default 100) and windows per step (default 4)
 //   queries, eps     spsa: ± pairs per step (default 1) and ε (default 1e-3)
 //   lr, lr_schedule, lr_end   learning rate (default 1e-3), constant | linear (to lr·lr_end)
+//   weight_lr_scale           latent weights step at lr times this (default 1)
 //   optimizer, weight_decay   first_order: adamw | sgd (default adamw), AdamW's decay (0)
 //   heldout, eval_every       calibration windows held out (4) and the held-out loss period (10)
 //   grad_check_every          spsa: cos(estimate, exact gradient) every k steps (0: never)
