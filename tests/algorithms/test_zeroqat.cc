@@ -10,7 +10,12 @@
 #include <cstdio>
 
 #include "algorithms/zeroqat/qat_trainer.h"
+#include <filesystem>
+
 #include "core/error.h"
+#include "core/model/checkpoint.h"
+#include "core/model/text_data.h"
+#include "core/model/tokenizer.h"
 #include "core/parallel.h"
 #include "tests/random_model.h"
 
@@ -285,6 +290,64 @@ TEST(ZeroQat, TrainingLowersTheObjectiveOfATinyModel) {
     std::printf("%s: KL %.5f -> %.5f\n", c.est == QatEstimator::Spsa ? "spsa" : "first_order", before, after);
     EXPECT_LT(after, 0.9 * before) << (c.est == QatEstimator::Spsa ? "spsa" : "first_order");
   }
+}
+
+const std::filesystem::path kModel = std::filesystem::path(QL_SHARED_DATA_DIR) / "austen-llama-7m";
+
+// On the shared model at W2 g64 (RTN warm start), the SPSA estimate of the gradient of the q/v
+// latent weights (589,824 parameters; ε 1e-2 with stochastically rounded perturbations, one
+// query per key, 60 keys) has a positive mean cosine with the exact (STE) gradient on a fixed
+// batch: mean > 3 standard errors of the per-key cosines (a t-test whose tolerance comes from
+// the measured spread, not from one machine's value). Measured over 120 keys: mean 0.0008 (an
+// exact directional derivative would give sqrt(2/π/d) = 0.0010), t = 12.6; Gaussian
+// perturbations t = 7.6. (The same measurement for the clipping logits gives t = 1.5 and for the smoothing
+// scales t = 0.5: their SPSA estimates are dominated by rounding flips; README, ZeroQAT.)
+TEST(ZeroQat, EstimateCosineIsPositiveOnTheSharedModel) {
+  if (!std::filesystem::exists(kModel / "config.json")) GTEST_SKIP() << "needs " << kModel;
+  auto fp = std::make_shared<ModelWeights>(load_checkpoint(kModel.string()));
+  QuantizedModel qm(fp);
+  QuantSpec spec;
+  spec.bits = 2;
+  spec.granularity = Granularity::PerGroup;
+  spec.group_size = 64;
+  for (int b = 0; b < qm.num_blocks(); ++b)
+    for (int k = 0; k < kLinearKinds; ++k) {
+      const LinearKind kind = static_cast<LinearKind>(k);
+      QuantizedTensor q = quantize(qm.block(b).linear(kind).W, spec);
+      qm.block(b).linear(kind).W = dequantize(q);
+      qm.codes(b, kind) = std::move(q);
+    }
+  const Tokenizer tok = Tokenizer::load(kModel.string());
+  const auto ids = stream_ids((kModel.parent_path() / "text" / "austen_train.txt").string(), tok);
+  const auto batch = calibration_windows(ids, 2, 128, CalibRule::Strided, 0);
+  QatParamSpec ps;
+  ps.clip = false;
+  ps.smooth = false;
+  ps.latent_weights = ".*(q|v)_proj";
+  const QatParameters p(qm, ps);
+  ASSERT_EQ(p.fp_latent_linears(), 6 * kLinearKinds) << "RTN warm start: the latent weights are the FP weights";
+  std::vector<float> theta = p.initial(), exact(theta.size()), scratch, est;
+  qat_exact_gradient(p, theta.data(), qm, batch, LmLoss::CrossEntropy, nullptr, exact.data());
+  auto loss = [&](const float* t) { return qat_loss(p, t, qm, batch, LmLoss::CrossEntropy, nullptr); };
+  const int N = 60;
+  const std::vector<float> steps = p.grid_steps();
+  double sum = 0, sum2 = 0;
+  for (int key = 0; key < N; ++key) {
+    spsa_update(theta, scratch, loss, 21, key, 1, 1e-2, 0.0, &est, &steps);
+    double ab = 0, aa = 0, bb = 0;
+    for (std::size_t j = 0; j < est.size(); ++j) {
+      ab += double(est[j]) * exact[j];
+      aa += double(est[j]) * est[j];
+      bb += double(exact[j]) * exact[j];
+    }
+    const double c = aa > 0 ? ab / std::sqrt(aa * bb) : 0.0;
+    sum += c;
+    sum2 += c * c;
+  }
+  const double mean = sum / N, sd = std::sqrt(std::max(0.0, sum2 / N - mean * mean) * N / (N - 1));
+  std::printf("[zeroqat] mean cos(SPSA, exact) over %d keys: %.4f (sd %.4f, t %.1f; %ld parameters)\n", N, mean,
+              sd, mean / (sd / std::sqrt(double(N))), static_cast<long>(p.size()));
+  EXPECT_GT(mean, 3 * sd / std::sqrt(double(N)));
 }
 
 TEST(ZeroQat, Errors) {
