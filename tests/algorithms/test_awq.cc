@@ -172,7 +172,9 @@ TEST(Awq, ClipSearchKeepsTheBestRatioPerGroup) {
   EXPECT_LE(Wc.cwiseAbs().maxCoeff(), l.W[0].cwiseAbs().maxCoeff());
   for (Index r = 0; r < 48; ++r)
     for (Index g = 0; g < 4; ++g)
-      if (ratios(r, g) == 1.0f) EXPECT_EQ(Wc.row(r).segment(32 * g, 32), l.W[0].row(r).segment(32 * g, 32));
+      if (ratios(r, g) == 1.0f) {
+        EXPECT_EQ(Wc.row(r).segment(32 * g, 32), l.W[0].row(r).segment(32 * g, 32));
+      }
   // Per-tensor grids have no groups: unchanged.
   QuantSpec pt = spec;
   pt.granularity = Granularity::PerTensor;

@@ -199,8 +199,13 @@ TEST(ZeroQat, LearningRateZeroLeavesTheModelBitwiseUnchanged) {
     o.heldout = 2;
     o.eval_every = 2;
     o.grad_check_every = est == QatEstimator::Spsa ? 2 : 0;
-    const QatTrainResult r = train_qat(*s.qm, s.windows, o);
+    std::vector<std::string> lines;
+    const QatTrainResult r = train_qat(*s.qm, s.windows, o, [&](const std::string& l) { lines.push_back(l); });
     expect_same_model(*s.qm, before);
+    ASSERT_EQ(lines.size(), 4u) << "one progress line per step";
+    EXPECT_EQ(lines.back().rfind("zeroqat step 4/4 loss ", 0), 0u) << lines.back();
+    EXPECT_NE(lines[1].find("heldout"), std::string::npos) << lines[1];
+    EXPECT_NE(lines.back().find(" ETA "), std::string::npos) << lines.back();
     ASSERT_EQ(r.trace.size(), 5u);
     EXPECT_EQ(r.trace.back().forwards, est == QatEstimator::Spsa ? 8 : 4);
     EXPECT_EQ(r.trace.front().heldout_loss, r.trace.back().heldout_loss);

@@ -47,7 +47,7 @@ double persuasion_ppl(const std::string& calib_extra, const std::string& quant, 
   return NAN;
 }
 
-void expect_degradation_matches(const std::string& name, double ours, double reference, double fp) {
+[[maybe_unused]] void expect_degradation_matches(const std::string& name, double ours, double reference, double fp) {
   const double d_ours = ours - fp, d_ref = reference - fp;
   const double tol = std::max(0.15 * std::fabs(d_ref), 0.05);
   EXPECT_NEAR(d_ours, d_ref, tol) << name << ": ours " << ours << " (+" << d_ours << "), reference "
