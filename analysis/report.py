@@ -308,18 +308,22 @@ def plot_training(path, runs):
         return False
     fig, ax = plt.subplots(figsize=(9, 5))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    styles = ["-", "--", ":", "-."]
     for i, r in enumerate(trained):
         c = colors[i % len(colors)]
+        ls = styles[(i // len(colors)) % len(styles)]
+        # Sweep labels carry every zipped key; the schedule keys only clutter a legend.
+        label = re.sub(r"\s*(eval_every|grad_check_every|steps)=\S+", "", r.label)
         held = [(t["forwards"], t["heldout_loss"]) for t in r.training
                 if not math.isnan(t["heldout_loss"])]
         train = [(t["forwards"], t["train_loss"]) for t in r.training if not math.isnan(t["train_loss"])]
         if held:
-            ax.plot([p[0] for p in held], [p[1] for p in held], "-o", color=c, markersize=3,
-                    label=f"{r.label} (held-out)")
+            ax.plot([p[0] for p in held], [p[1] for p in held], ls, marker="o", color=c, markersize=3,
+                    label=label)
         if train:
             ax.plot([p[0] for p in train], [p[1] for p in train], "-", color=c, alpha=0.25)
     ax.set_xlabel("forward passes of the quantized model")
-    ax.set_ylabel("loss (held-out: markers; training batches: faint)")
+    ax.set_ylabel("held-out loss (markers); training batches (faint)")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
