@@ -110,7 +110,7 @@ class Trainer {
         grad_check_reason_ = why;
       }
     }
-    if (o.loss == LmLoss::KlToReference) heldout_ref_ = fp_logits(qm, heldout_);
+    if (o.loss == LmLoss::KlToReference && !heldout_.empty()) heldout_ref_ = fp_logits(qm, heldout_);
     if (o.stochastic_perturbation) grid_steps_ = p_.grid_steps();
     lr_scale_.assign(theta_.size(), 1.0f);
     for (const QatSegment& seg : p_.segments())
@@ -122,7 +122,9 @@ class Trainer {
 
  private:
   void split(const std::vector<std::vector<int32_t>>& windows);
-  double heldout_loss() { return qat_loss(p_, theta_.data(), qm_, heldout_, o_.loss, ref_or_null(heldout_ref_)); }
+  double heldout_loss() {  // NaN with heldout: 0
+    return heldout_.empty() ? kNaN : qat_loss(p_, theta_.data(), qm_, heldout_, o_.loss, ref_or_null(heldout_ref_));
+  }
   const std::vector<Matrix>* ref_or_null(const std::vector<Matrix>& r) const {
     return o_.loss == LmLoss::KlToReference ? &r : nullptr;
   }

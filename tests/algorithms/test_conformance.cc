@@ -439,7 +439,6 @@ TEST_P(BlockConformance, Contract) {
 
 class ModelConformance : public ::testing::TestWithParam<std::string> {};
 
-
 // A model-scope plugin at its defaults, on a one-block model quantized to W4 with codes: the
 // same seed gives the same weights bitwise; the FP weights stay; run() has checked that codes
 // and weights agree.

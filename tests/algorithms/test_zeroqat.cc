@@ -355,6 +355,20 @@ TEST(ZeroQat, EstimateCosineIsPositiveOnTheSharedModel) {
   EXPECT_GT(mean, 3 * sd / std::sqrt(double(N)));
 }
 
+// heldout: 0 trains on every window and logs no held-out loss.
+TEST(ZeroQat, WithoutHeldOutWindows) {
+  TinySetup s(4);
+  QatTrainOptions o;
+  o.heldout = 0;
+  o.steps = 2;
+  o.batch = 2;
+  o.loss = LmLoss::KlToReference;
+  const QatTrainResult r = train_qat(*s.qm, s.windows, o);
+  ASSERT_EQ(r.trace.size(), 3u);
+  for (const TrainingPoint& pt : r.trace) EXPECT_TRUE(std::isnan(pt.heldout_loss));
+  EXPECT_FALSE(std::isnan(r.trace.back().train_loss));
+}
+
 TEST(ZeroQat, Errors) {
   TinySetup s(3);
   QatTrainOptions o;
