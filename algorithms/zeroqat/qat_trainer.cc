@@ -316,12 +316,23 @@ double spsa_direction(uint64_t seed, int64_t step, int query, Index j) {
 }
 
 std::string first_order_unsupported(const QuantizedModel& qm) {
-  if (qm.has_activation_quant()) return "the model quantizes activations, which the training graph does not simulate yet";
+  const Architecture& arch = qm.architecture();
   for (int b = 0; b < qm.num_blocks(); ++b) {
     if (!qm.transforms(b).empty()) return "block " + std::to_string(b) + " carries online transforms";
     if (qm.kv_quantizer(b)) return "block " + std::to_string(b) + " quantizes its KV cache";
+    // The training graph quantizes a shared input once (block_grad.h's InputQuant).
+    for (const InputGroup& g : arch.input_groups())
+      for (LinearKind k : g.members)
+        if (!qm.act(b, k).same_as(qm.act(b, g.members.front())))
+          return linear_name(b, k) + " quantizes its input unlike " + linear_name(b, g.members.front()) +
+                 ", which reads the same input";
   }
   return "";
+}
+
+ModelInputQuant<float> training_input_quant(const QuantizedModel& qm) {
+  if (!qm.has_activation_quant()) return {};
+  return [&qm](int b, LinearKind k, Matrix& X) { qm.act(b, k).apply(X); };
 }
 
 double qat_loss(const QatParameters& p, const float* theta, QuantizedModel& qm,
@@ -341,7 +352,7 @@ double qat_exact_gradient(const QatParameters& p, const float* theta, QuantizedM
   const BlockShape s = BlockShape::of(qm.config());
   const ModelParams<float> mp = ModelParams<float>::from(qm.current());
   ModelTape<float> tape;
-  const double l = model_loss_fwd(s, mp, batch, loss, reference, tape);
+  const double l = model_loss_fwd(s, mp, batch, loss, reference, tape, training_input_quant(qm));
   ModelParams<float> grads = ModelParams<float>::zeros_like(mp);
   model_bwd(s, mp, tape, grads);
   p.backward(theta, grads, dtheta);

@@ -94,8 +94,13 @@ double spsa_update(std::vector<float>& theta, std::vector<float>& scratch,
                    double eps, double lr, std::vector<float>* estimate, const std::vector<float>* grid_steps = nullptr,
                    const std::vector<float>* lr_scale = nullptr);
 
-/// Why the first-order path cannot train this model ("" when it can).
+/// Why the first-order path cannot train this model ("" when it can): online transforms, KV
+/// quantizers, or linears that read one input but quantize it differently.
 std::string first_order_unsupported(const QuantizedModel& qm);
+
+/// The model's activation quantizers as the training graph's input quantization (straight-
+/// through in the backward); empty without activation quantizers. Refers to qm.
+ModelInputQuant<float> training_input_quant(const QuantizedModel& qm);
 
 /// The loss of the model θ describes on a batch, by the evaluation forward (materialises θ into
 /// qm first). reference: the FP logits with KL, else null.

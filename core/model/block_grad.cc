@@ -454,13 +454,14 @@ BlockShape BlockShape::of(const ModelConfig& c) {
 
 template <class S>
 void block_fwd(const BlockShape& s, const BlockParams<S>& p, const MatT<S>& x, Index window, int64_t pos0,
-               RopeTables& tab, BlockTape<S>& t) {
+               RopeTables& tab, BlockTape<S>& t, const InputQuant<S>& iq) {
   const Index T = window;
   check_windows(x.rows(), window);
   t.window = window;
   const S eps = static_cast<S>(static_cast<float>(s.eps));  // HF adds eps in the input's float32
   t.x = x;
   rmsnorm_fwd(x, p.input_norm, eps, t.xn1, t.rstd1);
+  if (iq) iq(LinearKind::Q, t.xn1);
   {
     const LinearRef<S> qkv[3] = {{&p.q, &p.bq}, {&p.k, &p.bk}, {&p.v, &p.bv}};
     MatT<S>* out[3] = {&t.q, &t.k, &t.v};
@@ -470,15 +471,18 @@ void block_fwd(const BlockShape& s, const BlockParams<S>& p, const MatT<S>& x, I
   rope_fwd(t.q, T, s.n_heads, s.head_dim, tab);
   rope_fwd(t.k, T, s.n_kv_heads, s.head_dim, tab);
   attention_fwd(t.q, t.k, t.v, T, s.n_heads, s.n_kv_heads, s.head_dim, t.attn, t.P);
+  if (iq) iq(LinearKind::O, t.attn);
   linear_fwd<S>(t.attn, p.o, nullptr, t.h1);
   t.h1 += x;
   rmsnorm_fwd(t.h1, p.post_attn_norm, eps, t.xn2, t.rstd2);
+  if (iq) iq(LinearKind::Gate, t.xn2);
   {
     const LinearRef<S> gu[2] = {{&p.gate, nullptr}, {&p.up, nullptr}};
     MatT<S>* out[2] = {&t.g, &t.u};
     linear_fwd_group(t.xn2, gu, 2, out);
   }
   swiglu_fwd(t.g, t.u, t.a, t.sig);
+  if (iq) iq(LinearKind::Down, t.a);
   linear_fwd<S>(t.a, p.down, nullptr, t.y);
   t.y += t.h1;
 }
@@ -535,7 +539,7 @@ void block_bwd(const BlockShape& s, const BlockParams<S>& p, const BlockTape<S>&
                               MatT<S>&);                                                                        \
   template struct BlockParams<S>;                                                                               \
   template void block_fwd<S>(const BlockShape&, const BlockParams<S>&, const MatT<S>&, Index, int64_t,         \
-                             RopeTables&, BlockTape<S>&);                                                                    \
+                             RopeTables&, BlockTape<S>&, const InputQuant<S>&);                                                                    \
   template void block_bwd<S>(const BlockShape&, const BlockParams<S>&, const BlockTape<S>&, const RopeTables&,  \
                              const MatT<S>&, MatT<S>&, BlockParams<S>&);
 

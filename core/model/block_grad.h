@@ -22,6 +22,7 @@
 // never on the thread count.
 #pragma once
 #include <cstdint>
+#include <functional>
 #include <vector>
 
 #include "core/model/model.h"
@@ -133,7 +134,7 @@ struct BlockTape {
   Index window = 0;     ///< tokens per window
   MatT<S> x;            ///< block input
   VecT<S> rstd1, rstd2;  ///< RMSNorm factors
-  MatT<S> xn1;          ///< q/k/v input
+  MatT<S> xn1;          ///< q/k/v input (fake-quantized with an InputQuant, as attn, xn2, a)
   MatT<S> q, k, v;      ///< after RoPE (q, k)
   std::vector<MatT<S>> P;  ///< attention probabilities per window and query head
   MatT<S> attn;         ///< o_proj input
@@ -151,13 +152,22 @@ struct BlockTape {
   mutable Scratch scratch;
 };
 
+/// Fake quantization of the linears' inputs for quantization-aware training of W-A quantized
+/// models: called in place once per input the linears share, with the first linear reading it
+/// (Q for q/k/v, O, Gate for gate/up, Down), so the linears sharing an input must share its
+/// quantizer (the caller checks). The tape keeps the quantized input: each weight's gradient is
+/// dYᵀ Q(X) and the input's gradient passes through unchanged, dX = dY W (the straight-through
+/// estimator). Empty: the inputs stay float.
+template <class S>
+using InputQuant = std::function<void(LinearKind first_reader, MatT<S>& X)>;
+
 /// The block on a batch x (N x hidden, N a multiple of `window`): consecutive windows, each at
 /// positions pos0 .. pos0+window-1; tape.y is the output. `tab` is reused when it already holds
 /// these positions (rope_tables of ops.h). Linears run over the whole batch (taller products,
-/// more tiles), attention per window.
+/// more tiles), attention per window. `input_quant`: see InputQuant.
 template <class S>
 void block_fwd(const BlockShape& s, const BlockParams<S>& p, const MatT<S>& x, Index window, int64_t pos0,
-               RopeTables& tab, BlockTape<S>& tape);
+               RopeTables& tab, BlockTape<S>& tape, const InputQuant<S>& input_quant = {});
 /// Given dy = dL/dy of the batch: dx = dL/dx (resized, overwritten) and grads += dL/dθ (one
 /// product over all the batch's tokens per weight tile).
 template <class S>

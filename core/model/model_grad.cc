@@ -30,7 +30,7 @@ ModelParams<S> ModelParams<S>::zeros_like(const ModelParams& p) {
 
 template <class S>
 void model_blocks_fwd(const BlockShape& s, const ModelParams<S>& p, const std::vector<std::vector<int32_t>>& windows,
-                      int n_blocks, ModelTape<S>& tape) {
+                      int n_blocks, ModelTape<S>& tape, const ModelInputQuant<S>& iq) {
   if (windows.empty()) throw ShapeError("model_grad: no windows");
   const Index T = static_cast<Index>(windows[0].size());
   if (T < 2) throw ShapeError("model_grad: a window needs at least 2 tokens");
@@ -55,7 +55,9 @@ void model_blocks_fwd(const BlockShape& s, const ModelParams<S>& p, const std::v
   for (Index r = 0; r < h.rows(); ++r) h.row(r) = p.embed.row(tape.tokens[static_cast<std::size_t>(r)]);
   tape.blocks.resize(static_cast<std::size_t>(n_blocks));
   for (int b = 0; b < n_blocks; ++b) {
-    block_fwd(s, p.blocks[b], b == 0 ? h : tape.blocks[b - 1].y, T, 0, tape.tab, tape.blocks[b]);
+    InputQuant<S> block_iq;
+    if (iq) block_iq = [&iq, b](LinearKind k, MatT<S>& X) { iq(b, k, X); };
+    block_fwd(s, p.blocks[b], b == 0 ? h : tape.blocks[b - 1].y, T, 0, tape.tab, tape.blocks[b], block_iq);
   }
   if (n_blocks == 0) {  // keep the embedding where the last block's output would be
     tape.blocks.resize(1);
@@ -104,8 +106,9 @@ double lm_row_loss(S* z, Index V, LmLoss loss, int32_t y, const float* ref, doub
 
 template <class S>
 double model_loss_fwd(const BlockShape& s, const ModelParams<S>& p, const std::vector<std::vector<int32_t>>& windows,
-                      LmLoss loss, const std::vector<Matrix>* reference, ModelTape<S>& tape) {
-  model_blocks_fwd(s, p, windows, static_cast<int>(p.blocks.size()), tape);
+                      LmLoss loss, const std::vector<Matrix>* reference, ModelTape<S>& tape,
+                      const ModelInputQuant<S>& iq) {
+  model_blocks_fwd(s, p, windows, static_cast<int>(p.blocks.size()), tape, iq);
   const MatT<S>& h = tape.blocks.back().y;
   const S eps = static_cast<S>(static_cast<float>(s.eps));
   rmsnorm_fwd(h, p.final_norm, eps, tape.xn, tape.rstd);
@@ -196,10 +199,11 @@ void model_bwd(const BlockShape& s, const ModelParams<S>& p, const ModelTape<S>&
 #define QL_MODEL_GRAD_INSTANTIATE(S)                                                                               \
   template struct ModelParams<S>;                                                                                  \
   template void model_blocks_fwd<S>(const BlockShape&, const ModelParams<S>&,                                      \
-                                    const std::vector<std::vector<int32_t>>&, int, ModelTape<S>&);                 \
+                                    const std::vector<std::vector<int32_t>>&, int, ModelTape<S>&,                  \
+                                    const ModelInputQuant<S>&);                                                    \
   template double model_loss_fwd<S>(const BlockShape&, const ModelParams<S>&,                                      \
                                     const std::vector<std::vector<int32_t>>&, LmLoss, const std::vector<Matrix>*, \
-                                    ModelTape<S>&);                                                                \
+                                    ModelTape<S>&, const ModelInputQuant<S>&);                                     \
   template void model_blocks_bwd<S>(const BlockShape&, const ModelParams<S>&, const ModelTape<S>&, const MatT<S>&, \
                                     ModelParams<S>&);                                                              \
   template void model_bwd<S>(const BlockShape&, const ModelParams<S>&, const ModelTape<S>&, ModelParams<S>&);

@@ -16,6 +16,7 @@
 // needs; about 20 MB per block for 4 x 256 tokens at hidden 256) and the batch's logits.
 #pragma once
 #include <cstdint>
+#include <functional>
 #include <vector>
 
 #include "core/model/block_grad.h"
@@ -52,19 +53,25 @@ struct ModelTape {
   double loss = 0;
 };
 
+/// Fake quantization of block `block`'s linear inputs (InputQuant of block_grad.h, per block).
+template <class S>
+using ModelInputQuant = std::function<void(int block, LinearKind first_reader, MatT<S>& X)>;
+
 /// Embedding and blocks [0, n_blocks) on a batch of equal-length windows (T >= 2); the last
 /// run block's output is tape.blocks.back().y (the embedding when n_blocks = 0). ShapeError for
 /// windows of unequal or too short length, ids outside the vocabulary, n_blocks out of range.
 template <class S>
 void model_blocks_fwd(const BlockShape& s, const ModelParams<S>& p, const std::vector<std::vector<int32_t>>& windows,
-                      int n_blocks, ModelTape<S>& tape);
+                      int n_blocks, ModelTape<S>& tape, const ModelInputQuant<S>& input_quant = {});
 
 /// The whole forward and the loss; keeps dL/dz in the tape for model_bwd. reference: with
 /// KlToReference, one (T x vocab) float logit matrix per window (rows T-1.. unused), else null.
-/// Returns the loss (also tape.loss).
+/// Returns the loss (also tape.loss). input_quant: the blocks' activation fake quantization
+/// (straight-through in model_bwd), none when empty.
 template <class S>
 double model_loss_fwd(const BlockShape& s, const ModelParams<S>& p, const std::vector<std::vector<int32_t>>& windows,
-                      LmLoss loss, const std::vector<Matrix>* reference, ModelTape<S>& tape);
+                      LmLoss loss, const std::vector<Matrix>* reference, ModelTape<S>& tape,
+                      const ModelInputQuant<S>& input_quant = {});
 
 /// The same loss of logits from the inference forward (Transformer::forward_batch: one T_w x
 /// vocab matrix per window; lengths may differ, N = Σ (T_w − 1)), without gradient; with

@@ -1,6 +1,7 @@
 #include "core/model/qat_params.h"
 
 #include <cmath>
+#include <limits>
 #include <regex>
 
 #include "core/detmath.h"
@@ -87,18 +88,49 @@ LearnedGrid learned_grid(double s0, double z0, int qmin, int qmax, bool asym, do
 }  // namespace
 
 /// Whether `codes` are the nearest rounding of W on their own grids (the warm start was RTN of
-/// W), checked element by element with quantize_value.
-bool QatParameters::rounds_to_codes(const Linear& L, const Matrix& W, const QuantizedTensor& codes) {
+/// W), checked element by element with quantize_value. An entry at most kNudgeUlps float steps
+/// across its cell's boundary (the float re-rounding of a recovered fold) is moved into the cell.
+bool QatParameters::rounds_to_codes(const Linear& L, Matrix& W, const QuantizedTensor& codes) {
+  constexpr int kNudgeUlps = 8;
   if (W.rows() != codes.rows() || W.cols() != codes.cols()) return false;
   const int qmin = L.spec.qmin(), qmax = L.spec.qmax();
   for (Index r = 0; r < W.rows(); ++r)
     for (Index c = 0; c < W.cols(); ++c) {
       const Index gi = L.grid_index(r, c);
       const Grid g{L.s0.data()[gi], L.z0.data()[gi], qmin, qmax};
-      if (quantize_value(W(r, c), g) != codes.codes(r, c)) return false;
+      const int want = codes.codes(r, c);
+      int got = quantize_value(W(r, c), g);
+      if (got == want) continue;
+      const float toward = got > want ? -std::numeric_limits<float>::infinity() : std::numeric_limits<float>::infinity();
+      float v = W(r, c);
+      for (int i = 0; i < kNudgeUlps && got != want; ++i) got = quantize_value(v = std::nextafter(v, toward), g);
+      if (got != want) return false;
+      W(r, c) = v;
     }
   return true;
 }
+
+namespace {
+
+/// The FP weights of block b's linear `kind` in the current model's space: the columns of a
+/// norm-fed linear times γ_fp / γ_now (computed in double, rounded once), which is what a
+/// channel-scale fold (norm γ / s, consumers W diag(s)) made of them.
+Matrix fp_weights_now(const QuantizedModel& qm, int b, LinearKind kind) {
+  Matrix W = qm.fp_block(b).linear(kind).W;
+  const Architecture& arch = qm.architecture();
+  const InputGroup& grp = arch.input_groups()[static_cast<std::size_t>(arch.group_of(kind))];
+  if (!grp.norm) return W;
+  const Vector& g_fp = norm_weight(const_cast<DecoderBlock&>(qm.fp_block(b)), grp);
+  const Vector& g_now = norm_weight(const_cast<DecoderBlock&>(qm.block(b)), grp);
+  if (g_fp == g_now) return W;
+  for (Index j = 0; j < W.cols(); ++j) {
+    const double ratio = static_cast<double>(g_fp[j]) / static_cast<double>(g_now[j]);
+    for (Index r = 0; r < W.rows(); ++r) W(r, j) = static_cast<float>(static_cast<double>(W(r, j)) * ratio);
+  }
+  return W;
+}
+
+}  // namespace
 
 QatParameters::QatParameters(const QuantizedModel& qm, const QatParamSpec& spec) : round_values_(spec.round_values) {
   std::regex re;
@@ -156,8 +188,9 @@ QatParameters::QatParameters(const QuantizedModel& qm, const QatParamSpec& spec)
       L.s0 = codes->scales;
       L.z0 = codes->zeros;
       L.W0 = qm.block(b).linear(kind).W;
-      if (rounds_to_codes(L, qm.fp_block(b).linear(kind).W, *codes)) {
-        L.W0 = qm.fp_block(b).linear(kind).W;  // the float weights the warm start rounded (RTN)
+      Matrix fp_now = fp_weights_now(qm, b, kind);
+      if (rounds_to_codes(L, fp_now, *codes)) {
+        L.W0 = std::move(fp_now);  // the float weights the warm start rounded (RTN)
         ++fp_latent_;
       }
       if (spec.clip) {

@@ -20,8 +20,11 @@
 //  - weight The float latent weights of the linears a regex selects (e.g. q/v only); the others
 //           stay at their start.
 // The latent weights start at the float weights the warm start rounded when that is known: the
-// FP weights, when the warm start's codes are exactly their nearest rounding on its grids (RTN
-// of the untransformed model); otherwise at the warm start's own (on-grid) weights. The
+// FP weights in the current model's space (columns of a norm-fed linear times γ_fp / γ_now, which
+// undoes nothing and recovers what a channel-scale fold such as SmoothQuant's made of them), when
+// the warm start's codes are their nearest rounding on its grids (RTN of those weights; an entry
+// the recovery's float re-rounding put at most 8 ulps across a rounding boundary is moved back
+// into its code's cell); otherwise at the warm start's own (on-grid) weights. The
 // difference matters: on-grid latent weights make every straight-through gradient of the grid
 // and of the smoothing scales vanish at the start (round(v/s) − v/s = 0, and the smoothing
 // scale's two paths cancel exactly), so only latent weights would move.
@@ -104,7 +107,7 @@ class QatParameters {
   Index n_ = 0;
   int fp_latent_ = 0;
   bool round_values_ = true;
-  static bool rounds_to_codes(const Linear& L, const Matrix& W, const QuantizedTensor& codes);
+  static bool rounds_to_codes(const Linear& L, Matrix& W, const QuantizedTensor& codes);
   std::vector<float> initial_;
 
  public:

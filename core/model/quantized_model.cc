@@ -77,6 +77,22 @@ double QuantizedModel::kv_bits(int64_t n) const {
   return sum / static_cast<double>(kv_.size());
 }
 
+void ActQuantizer::apply(Matrix& X) const {
+  if (!active()) return;
+  fake_quant_activations(X, *spec, spec->mode == ActRangeMode::Static ? &range : nullptr,
+                         clip.identity() ? nullptr : &clip);
+}
+
+bool ActQuantizer::same_as(const ActQuantizer& a) const {
+  if (active() != a.active()) return false;
+  if (!active()) return true;
+  const ActQuantSpec &x = *spec, &y = *a.spec;
+  if (x.bits != y.bits || x.scheme != y.scheme || x.granularity != y.granularity || x.mode != y.mode ||
+      x.clip_ratio != y.clip_ratio || clip.lo != a.clip.lo || clip.hi != a.clip.hi)
+    return false;
+  return x.mode != ActRangeMode::Static || (range.lo == a.range.lo && range.hi == a.range.hi);
+}
+
 bool QuantizedModel::has_activation_quant() const {
   for (auto& blk : act_)
     for (auto& a : blk)
@@ -186,10 +202,7 @@ ForwardHooks QuantizedModel::hooks() const {
   if (any_input) h.transform_input = [this](int b, LinearKind k, Matrix& X) {
     const int slot = input_slot_[static_cast<int>(k)];
     if (slot >= 0 && online_[b][slot]) online_[b][slot]->apply(X);
-    const ActQuantizer& a = act(b, k);
-    if (a.active())
-      fake_quant_activations(X, *a.spec, a.spec->mode == ActRangeMode::Static ? &a.range : nullptr,
-                             a.clip.identity() ? nullptr : &a.clip);
+    act(b, k).apply(X);
   };
   bool any_kv = false;
   for (auto& q : kv_) any_kv = any_kv || q != nullptr;

@@ -32,6 +32,11 @@ struct ActQuantizer {
   ActRange range;                      ///< used when spec->mode is Static
   ActClip clip;                        ///< learned clipping of the range (FlatQuant's LAC)
   bool active() const { return spec != nullptr; }
+  /// Fake-quantizes X (tokens x width) in place (fake_quant_activations); no-op when inactive.
+  void apply(Matrix& X) const;
+  /// Whether a and this quantize every input identically (both inactive, or equal specs and,
+  /// where they apply, equal static ranges and clipping).
+  bool same_as(const ActQuantizer& a) const;
 };
 
 /// Transforms for one block, one per slot of the architecture table (null = none), as a

@@ -124,6 +124,56 @@ TEST(ModelGrad, LossValues) {
   EXPECT_THROW(model_loss_fwd(s, p, kWindows, LmLoss::KlToReference, nullptr, bad), ShapeError);
 }
 
+// Activation fake quantization in the training graph (InputQuant): the tape keeps the hook's
+// output, so each weight's gradient is dYᵀ Q(X), and the input gradient passes straight through.
+// A hook that adds a fixed offset, X + Δ, has the identity as its derivative, so the straight-
+// through gradient is the exact one: finite differences over every parameter must match (they
+// would not if the tape kept X, or if the hook ran at the wrong place). The hook sees each
+// shared input once: Q, O, Gate, Down per block, in order.
+TEST(ModelGrad, InputQuantIsStraightThrough) {
+  BlockShape s;
+  ModelParams<double> p = tiny_model(s);
+  std::vector<std::string> calls;
+  const ModelInputQuant<double> shift = [&](int b, LinearKind k, MatrixD& X) {
+    calls.push_back(std::to_string(b) + linear_suffix(k));
+    X += fd::gaussian(X.rows(), X.cols(), 5, 1000 + 10 * b + static_cast<int>(k), 0.3);
+  };
+  auto loss = [&] {
+    ModelTape<double> t;
+    return model_loss_fwd(s, p, kWindows, LmLoss::CrossEntropy, nullptr, t, shift);
+  };
+  ModelTape<double> tape, plain;
+  const double l = model_loss_fwd(s, p, kWindows, LmLoss::CrossEntropy, nullptr, tape, shift);
+  EXPECT_NE(l, model_loss_fwd(s, p, kWindows, LmLoss::CrossEntropy, nullptr, plain));
+  EXPECT_EQ(calls, (std::vector<std::string>{"0self_attn.q_proj", "0self_attn.o_proj", "0mlp.gate_proj",
+                                             "0mlp.down_proj", "1self_attn.q_proj", "1self_attn.o_proj",
+                                             "1mlp.gate_proj", "1mlp.down_proj"}));
+  ModelParams<double> g = ModelParams<double>::zeros_like(p);
+  model_bwd(s, p, tape, g);
+  constexpr double kTol = 1e-7;
+  EXPECT_LT(fd::error(loss, p.embed.data(), p.embed.size(), g.embed.data()), kTol) << "embed";
+  for (int b = 0; b < 2; ++b) {
+    for (int k = 0; k < kLinearKinds; ++k) {
+      MatrixD& W = p.blocks[b].linear(static_cast<LinearKind>(k));
+      EXPECT_LT(fd::error(loss, W.data(), W.size(), g.blocks[b].linear(static_cast<LinearKind>(k)).data()), kTol)
+          << "block " << b << " " << linear_suffix(static_cast<LinearKind>(k));
+    }
+    EXPECT_LT(fd::error(loss, p.blocks[b].input_norm.data(), 8, g.blocks[b].input_norm.data()), kTol);
+    EXPECT_LT(fd::error(loss, p.blocks[b].post_attn_norm.data(), 8, g.blocks[b].post_attn_norm.data()), kTol);
+  }
+  // A no-op hook changes nothing, bit for bit.
+  ModelTape<double> t1, t2;
+  const double a = model_loss_fwd(s, p, kWindows, LmLoss::CrossEntropy, nullptr, t1);
+  const double c = model_loss_fwd(s, p, kWindows, LmLoss::CrossEntropy, nullptr, t2,
+                                  ModelInputQuant<double>([](int, LinearKind, MatrixD&) {}));
+  EXPECT_EQ(a, c);
+  ModelParams<double> g1 = ModelParams<double>::zeros_like(p), g2 = ModelParams<double>::zeros_like(p);
+  model_bwd(s, p, t1, g1);
+  model_bwd(s, p, t2, g2);
+  EXPECT_EQ(g1.embed, g2.embed);
+  EXPECT_EQ(g1.blocks[0].q, g2.blocks[0].q);
+}
+
 TEST(ModelGrad, BitsDoNotDependOnTheThreadCount) {
   BlockShape s;
   const ModelParams<float> p = [&] {

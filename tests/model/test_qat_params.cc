@@ -7,7 +7,9 @@
 #include <cmath>
 
 #include "core/error.h"
+#include "core/model/fold.h"
 #include "core/model/qat_params.h"
+#include "core/rng.h"
 #include "tests/random_model.h"
 
 namespace ql {
@@ -15,10 +17,21 @@ namespace {
 
 /// A random 2-block model with every linear quantized by `spec`; with `perturb_codes` every
 /// 7th code moves by one step (a GPTQ-like solution: codes that are not the nearest ones).
-std::unique_ptr<QuantizedModel> warm_start(const QuantSpec& spec, bool perturb_codes = false) {
+/// With `fold`, random channel scales s in [0.5, 2] are folded into both norms and their
+/// consumers first (norm γ / s, W diag(s): SmoothQuant's fold), so RTN rounds smoothed weights.
+std::unique_ptr<QuantizedModel> warm_start(const QuantSpec& spec, bool perturb_codes = false, bool fold = false) {
   testutil::RandomModelShape shape;
   shape.layers = 2;
   auto qm = std::make_unique<QuantizedModel>(testutil::random_model(shape));
+  const CounterRng rng(17, 0);
+  for (int b = 0; fold && b < 2; ++b) {
+    DecoderBlock& blk = qm->block(b);
+    VectorD s(blk.input_norm.size());
+    for (Index j = 0; j < s.size(); ++j) s[j] = static_cast<float>(0.5 * std::exp2(2 * rng.uniform(100 * b + j)));
+    fold_channel_scales(blk.input_norm, {&blk.q.W, &blk.k.W, &blk.v.W}, s);
+    for (Index j = 0; j < s.size(); ++j) s[j] = static_cast<float>(0.5 * std::exp2(2 * rng.uniform(100 * b + 50 + j)));
+    fold_channel_scales(blk.post_attn_norm, {&blk.gate.W, &blk.up.W}, s);
+  }
   for (int b = 0; b < 2; ++b)
     for (int k = 0; k < kLinearKinds; ++k) {
       const LinearKind kind = static_cast<LinearKind>(k);
@@ -32,8 +45,8 @@ std::unique_ptr<QuantizedModel> warm_start(const QuantSpec& spec, bool perturb_c
   return qm;
 }
 
-void expect_identity_at_start(const QuantSpec& spec, bool perturb, const std::string& latent) {
-  auto qm = warm_start(spec, perturb);
+void expect_identity_at_start(const QuantSpec& spec, bool perturb, const std::string& latent, bool fold = false) {
+  auto qm = warm_start(spec, perturb, fold);
   const ModelWeights before = qm->current();
   QatParamSpec ps;
   ps.latent_weights = latent;
@@ -92,6 +105,39 @@ TEST(QatParams, SegmentsAndCounts) {
   EXPECT_THROW(QatParameters(*qm, ps), Error);
   QuantizedModel fp(testutil::random_model({}));
   EXPECT_THROW(QatParameters(fp, QatParamSpec{}), ShapeError);
+}
+
+// After a channel-scale fold (SmoothQuant's) the latent weights start at the smoothed FP
+// weights, recovered from the norms (γ_fp / γ_now), not on the grid: every linear of the RTN
+// warm start counts, the start still reproduces the warm start bitwise, and the latents are the
+// smoothed weights to float rounding.
+TEST(QatParams, LatentsRecoverAFoldedChannelScale) {
+  QuantSpec c;
+  c.bits = 4;
+  c.scheme = QuantScheme::Sym;
+  auto qm = warm_start(c, false, true);
+  QatParamSpec ps;
+  ps.latent_weights = ".*";
+  const QatParameters p(*qm, ps);
+  EXPECT_EQ(p.fp_latent_linears(), 2 * kLinearKinds);
+  const std::vector<float> theta = p.initial();
+  for (const QatSegment& seg : p.segments()) {
+    if (seg.kind != QatKind::Weight || seg.name.find("layers.1.mlp.up_proj") == std::string::npos) continue;
+    const Matrix& fp = qm->fp_block(1).up.W;
+    const Vector& g_fp = qm->fp_block(1).post_attn_norm;
+    const Vector& g_now = qm->block(1).post_attn_norm;
+    double worst = 0;
+    for (Index r = 0; r < fp.rows(); ++r)
+      for (Index j = 0; j < fp.cols(); ++j) {
+        const double want = double(fp(r, j)) * g_fp[j] / g_now[j];
+        worst = std::max(worst, std::abs(theta[seg.offset + r * fp.cols() + j] - want) / std::abs(want));
+      }
+    EXPECT_LT(worst, 1e-6);
+  }
+  expect_identity_at_start(c, false, ".*", true);
+  // Codes that are not the nearest rounding (GPTQ-like) still start on the grid.
+  auto gptq = warm_start(c, true, true);
+  EXPECT_EQ(QatParameters(*gptq, ps).fp_latent_linears(), 0);
 }
 
 // Clipping logits below 0 shrink the range: fewer distinct values, every weight still on the
