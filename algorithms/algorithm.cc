@@ -190,7 +190,7 @@ KvCacheResult KvCacheAlgorithm::run(const KvCacheInput& in) const {
   r.diagnostics.emplace_back("kv_bits_per_element_v", q.bits_per_element(KvKind::Value, kvd));
   if (in.keys_pre_rope && in.keys_post_rope && in.values && in.queries && !in.window_rows.empty()) {
     const HeadLayout& hl = in.heads;
-    const KvErrorStats e = measure_kv_error(q, hl.num_heads, hl.num_kv_heads, hl.head_dim, in.rope.theta,
+    const KvErrorStats e = measure_kv_error(q, hl.num_heads, hl.num_kv_heads, hl.head_dim, in.rope.rope,
                                             *in.keys_pre_rope, *in.keys_post_rope, *in.values, *in.queries,
                                             in.window_rows, kv_heldout_window(in.window_rows.size()), 8);
     r.diagnostics.emplace_back("key_rel_mse", e.key_rel_mse);

@@ -9,6 +9,7 @@
 
 #include "algorithms/algorithm.h"
 #include "core/error.h"
+#include "core/model/checkpoint.h"
 #include "core/numerics.h"
 #include "core/parallel.h"
 #include "core/quant_spec.h"
@@ -142,6 +143,15 @@ int cmd_list(const std::vector<std::string>& args) {
               << s.summary << "\n";
     print_docs(s.options, "    ");
   }
+  auto join = [](const std::vector<std::string>& v) {
+    std::string s;
+    for (const std::string& x : v) s += (s.empty() ? "" : ", ") + x;
+    return s;
+  };
+  std::cout << "\nModel checkpoints (Hugging Face layout: config.json, model.safetensors or its index, "
+               "tokenizer.model):\n  architectures: "
+            << join(ql::supported_architectures()) << "\n  rope_scaling: " << join(ql::supported_rope_scalings())
+            << " (rejected by name: " << join(ql::rejected_rope_scalings()) << ")\n";
   return 0;
 }
 

@@ -251,7 +251,7 @@ void flat_block_fwd(const BlockShape& s, const BlockParams<S>& w, const FlatBloc
   qlinear_fwd(tp.x1, w.q, t, LinearKind::Q, grids, at(LinearKind::Q), tp.q);
   qlinear_fwd(tp.x1, w.k, t, LinearKind::K, grids, at(LinearKind::K), tp.k);
   qlinear_fwd(tp.x1, w.v, t, LinearKind::V, grids, at(LinearKind::V), tp.v);
-  if (tab.pos0 != 0 || tab.rows < window) rope_tables(0, window, s.head_dim, s.rope_theta, tab);
+  if (tab.pos0 != 0 || tab.rows < window) rope_tables(0, window, s.head_dim, s.rope, tab);
   rope_fwd(tp.q, window, s.n_heads, s.head_dim, tab);
   rope_fwd(tp.k, window, s.n_kv_heads, s.head_dim, tab);
   keys_values_fwd(s, t, grids, tp);

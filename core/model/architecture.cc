@@ -29,7 +29,7 @@ const std::vector<TransformSlotInfo>& llama_slots() {
   return s;
 }
 
-const char* const kKnown[] = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"};
+const char* const kKnown[] = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"};
 
 }  // namespace
 
@@ -39,7 +39,7 @@ Architecture Architecture::of(const ModelConfig& c) {
   if (!known)
     throw ShapeError("architecture '" + c.architecture +
                      "' has no architecture table (known: LlamaForCausalLM, MistralForCausalLM, "
-                     "Qwen2ForCausalLM)");
+                     "Qwen2ForCausalLM, Qwen3ForCausalLM)");
   if (c.num_heads <= 0 || c.num_kv_heads <= 0 || c.head_dim <= 0 || c.num_heads % c.num_kv_heads != 0 ||
       c.head_dim % 2 != 0)
     throw ShapeError("architecture: " + std::to_string(c.num_heads) + " heads, " +
@@ -56,8 +56,9 @@ Architecture Architecture::of(const ModelConfig& c) {
   a.heads_ = HeadLayout{c.num_heads, c.num_kv_heads, c.head_dim};
   a.widths_ = {Index(c.hidden_size), a.heads_.q_dim(), Index(c.hidden_size), Index(c.intermediate_size)};
   a.slots_ = llama_slots();
-  a.rope_ = RopePairing{c.head_dim, c.rope_theta};
+  a.rope_ = RopePairing{c.head_dim, c.rope};
   a.qkv_bias_ = c.attention_bias;
+  if (c.qk_norm) a.head_norms_ = {{LinearKind::Q, "self_attn.q_norm"}, {LinearKind::K, "self_attn.k_norm"}};
   return a;
 }
 

@@ -4,8 +4,9 @@
 // Every placement decision (norm->consumers folding, rotations, KV-cache quantizers, and the
 // runner's statistics capture) reads this table instead of naming linears itself.
 //
-// LlamaForCausalLM, MistralForCausalLM and Qwen2ForCausalLM share one table: they differ in
-// q/k/v biases (Qwen2) and sizes, not in structure.
+// LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM and Qwen3ForCausalLM share one table:
+// they differ in q/k/v biases (Qwen2), sizes and Qwen3's per-head q/k norms (head_norms()), not
+// in where inputs are shared or transforms sit.
 #pragma once
 #include <array>
 #include <optional>
@@ -79,9 +80,19 @@ struct HeadLayout {
 /// with RoPE acts on these pairs as 2x2 blocks [[a, b], [-b, a]] (CommVQ, ALGORITHMS.md §7).
 struct RopePairing {
   int head_dim = 0;
-  double theta = 10000.0;
+  RopeSpec rope;  ///< frequencies (theta and scaling)
   int half() const { return head_dim / 2; }
   int partner(int i) const { return i < half() ? i + half() : i - half(); }
+};
+
+/// A per-head RMSNorm on a linear's output before RoPE (Qwen3's q_norm, k_norm; weights of
+/// head_dim). Input-side placement is unaffected (it sits after the projection), and the
+/// post-RoPE key slot sees normalised keys; an output-side transform of q or k before RoPE
+/// would not commute with it (none is offered), and the training graph (block_grad) does not
+/// model it, so block-/model-level training refuses such blocks.
+struct HeadNorm {
+  LinearKind after;  ///< Q or K
+  const char* name;  ///< "self_attn.q_norm"
 };
 
 class Architecture {
@@ -105,6 +116,8 @@ class Architecture {
   const HeadLayout& heads() const { return heads_; }
   const RopePairing& rope() const { return rope_; }
   bool qkv_bias() const { return qkv_bias_; }
+  /// Per-head norms on projection outputs (empty but for Qwen3).
+  const std::vector<HeadNorm>& head_norms() const { return head_norms_; }
   /// "model.layers.3.input_layernorm": where a group's norm sits in block b ("" without one).
   std::string norm_name(int block, int group) const;
 
@@ -117,6 +130,7 @@ class Architecture {
   HeadLayout heads_;
   RopePairing rope_;
   bool qkv_bias_ = false;
+  std::vector<HeadNorm> head_norms_;
 };
 
 /// The RMSNorm weight of block `blk` that produces group `g`'s input (ShapeError if the group

@@ -403,6 +403,10 @@ BlockParams<S> BlockParams<S>::from(const DecoderBlock& blk) {
   p.bq = blk.q.b.cast<S>();
   p.bk = blk.k.b.cast<S>();
   p.bv = blk.v.b.cast<S>();
+  if (blk.q_norm.size() || blk.k_norm.size())
+    throw ShapeError("block_grad: the block has per-head q/k norms (Qwen3), which the training graph does not "
+                     "model yet; block- and model-level training (FlatQuant, VLMQ, first-order QAT) needs a "
+                     "LLaMA/Mistral/Qwen2 block");
   if (blk.o.b.size() || blk.gate.b.size() || blk.up.b.size() || blk.down.b.size())
     throw ShapeError("block_grad: only q/k/v may have biases (LLaMA/Qwen2 blocks)");
   return p;
@@ -448,7 +452,7 @@ BlockShape BlockShape::of(const ModelConfig& c) {
   s.n_kv_heads = c.num_kv_heads;
   s.head_dim = c.head_dim;
   s.eps = c.rms_norm_eps;
-  s.rope_theta = c.rope_theta;
+  s.rope = c.rope;
   return s;
 }
 
@@ -467,7 +471,7 @@ void block_fwd(const BlockShape& s, const BlockParams<S>& p, const MatT<S>& x, I
     MatT<S>* out[3] = {&t.q, &t.k, &t.v};
     linear_fwd_group(t.xn1, qkv, 3, out);
   }
-  if (tab.pos0 != pos0 || tab.rows < T) rope_tables(pos0, T, s.head_dim, s.rope_theta, tab);
+  if (tab.pos0 != pos0 || tab.rows < T) rope_tables(pos0, T, s.head_dim, s.rope, tab);
   rope_fwd(t.q, T, s.n_heads, s.head_dim, tab);
   rope_fwd(t.k, T, s.n_kv_heads, s.head_dim, tab);
   attention_fwd(t.q, t.k, t.v, T, s.n_heads, s.n_kv_heads, s.head_dim, t.attn, t.P);

@@ -124,7 +124,8 @@ struct BlockParams {
 /// The sizes a block's ops need (from ModelConfig).
 struct BlockShape {
   int n_heads = 0, n_kv_heads = 0, head_dim = 0;
-  double eps = 1e-6, rope_theta = 10000.0;
+  double eps = 1e-6;
+  RopeSpec rope;
   static BlockShape of(const ModelConfig& c);
 };
 

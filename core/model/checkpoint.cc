@@ -25,6 +25,7 @@ namespace fs = std::filesystem;
 const char* const kLlama = "LlamaForCausalLM";
 const char* const kMistral = "MistralForCausalLM";
 const char* const kQwen2 = "Qwen2ForCausalLM";
+const char* const kQwen3 = "Qwen3ForCausalLM";
 
 std::string join_list(const std::vector<std::string>& items) {
   std::string s;
@@ -139,7 +140,7 @@ std::vector<Slot> plan(const ModelConfig& c, ModelWeights* w) {
   const int64_t H = c.hidden_size, I = c.intermediate_size, V = c.vocab_size;
   const int64_t qd = static_cast<int64_t>(c.num_heads) * c.head_dim;
   const int64_t kvd = static_cast<int64_t>(c.num_kv_heads) * c.head_dim;
-  const bool o_bias = c.attention_bias && c.architecture == kLlama;
+  const bool o_bias = c.attention_bias && (c.architecture == kLlama || c.architecture == kQwen3);
   auto mat = [&](const std::string& name, Matrix* m, int64_t r, int64_t cols) {
     if (m) m->resize(r, cols);
     s.push_back({{name, {r, cols}}, m ? m->data() : nullptr});
@@ -167,6 +168,10 @@ std::vector<Slot> plan(const ModelConfig& c, ModelWeights* w) {
       const std::string base = p + linear_suffix(l.kind);
       mat(base + ".weight", L ? &L->W : nullptr, l.out, l.in);
       if (l.bias) vec(base + ".bias", L ? &L->b : nullptr, l.out);
+      if (l.kind == LinearKind::K && c.qk_norm) {
+        vec(p + "self_attn.q_norm.weight", b ? &b->q_norm : nullptr, c.head_dim);
+        vec(p + "self_attn.k_norm.weight", b ? &b->k_norm : nullptr, c.head_dim);
+      }
       if (l.kind == LinearKind::O)
         vec(p + "post_attention_layernorm.weight", b ? &b->post_attn_norm : nullptr, H);
     }
@@ -332,8 +337,71 @@ void check_tensor_set(const ModelConfig& c, const std::vector<Slot>& slots, cons
 }  // namespace
 
 const std::vector<std::string>& supported_architectures() {
-  static const std::vector<std::string> archs = {kLlama, kMistral, kQwen2};
+  static const std::vector<std::string> archs = {kLlama, kMistral, kQwen2, kQwen3};
   return archs;
+}
+
+namespace {
+
+// rope_theta and rope_scaling (transformers < 5) or rope_parameters (>= 5: {"rope_type": ...,
+// "rope_theta": x, factors}); scaling keys are "rope_type" or the older "type".
+RopeSpec read_rope(const ConfigReader& r, int max_position_embeddings) {
+  RopeSpec rope(r.get_positive_double("rope_theta", 10000.0));
+  const char* key = r.has("rope_parameters") ? "rope_parameters" : r.has("rope_scaling") ? "rope_scaling" : nullptr;
+  if (!key) return rope;
+  const Json& o = r.at(key);
+  const std::string k = key;
+  if (!o.is_object()) r.fail(k, "expected an object, found " + short_dump(o));
+  auto number = [&](const char* name, bool required, double fallback) {
+    if (!o.contains(name) || o[name].is_null()) {
+      if (required) r.fail(k + "." + name, "missing (required by rope_type '" + rope.type_name() + "')");
+      return fallback;
+    }
+    if (!o[name].is_number() || !(o[name].get<double>() > 0.0) || !std::isfinite(o[name].get<double>()))
+      r.fail(k + "." + name, "expected a positive number, found " + short_dump(o[name]));
+    return o[name].get<double>();
+  };
+  rope.theta = number("rope_theta", false, rope.theta);
+  const char* type_key = o.contains("rope_type") ? "rope_type" : "type";
+  std::string type = "default";
+  if (o.contains(type_key)) {
+    if (!o[type_key].is_string()) r.fail(k + "." + type_key, "expected a string, found " + short_dump(o[type_key]));
+    type = o[type_key].get<std::string>();
+  }
+  if (type == "default") return rope;
+  if (type == "linear") {
+    rope.scaling = RopeSpec::Scaling::Linear;
+  } else if (type == "dynamic") {
+    rope.scaling = RopeSpec::Scaling::Dynamic;
+    rope.original_max_position = max_position_embeddings;  // as transformers' dynamic NTK
+  } else if (type == "llama3") {
+    rope.scaling = RopeSpec::Scaling::Llama3;
+  } else {
+    r.fail(k + "." + type_key, "'" + type + "' is not implemented (implemented: default, " +
+                                   join_list(supported_rope_scalings()) + "; " + join_list(rejected_rope_scalings()) +
+                                   " also rescale attention and are not supported yet)");
+  }
+  rope.factor = number("factor", true, 1.0);
+  if (rope.scaling == RopeSpec::Scaling::Llama3) {
+    rope.low_freq_factor = number("low_freq_factor", true, 1.0);
+    rope.high_freq_factor = number("high_freq_factor", true, 4.0);
+    rope.original_max_position = static_cast<int64_t>(number("original_max_position_embeddings", true, 0.0));
+    if (!(rope.high_freq_factor > rope.low_freq_factor))
+      r.fail(k + ".high_freq_factor", "must exceed low_freq_factor (" + fmt_double(rope.low_freq_factor) + ")");
+  }
+  return rope;
+}
+
+}  // namespace
+
+const std::vector<std::string>& supported_rope_scalings() {
+  static const std::vector<std::string> types = {"linear", "dynamic", "llama3"};
+  return types;
+}
+
+const std::vector<std::string>& rejected_rope_scalings() {
+  static const std::vector<std::string> types = {"yarn", "longrope"};
+  return types;
 }
 
 ModelConfig load_model_config(const std::string& path) {
@@ -352,10 +420,11 @@ ModelConfig load_model_config(const std::string& path) {
   if (std::find(sa.begin(), sa.end(), c.architecture) == sa.end())
     r.fail("architectures", "unsupported architecture '" + c.architecture + "' (supported: " + supported + ")");
   const bool llama = c.architecture == kLlama, mistral = c.architecture == kMistral, qwen2 = c.architecture == kQwen2;
+  const bool qwen3 = c.architecture == kQwen3;
 
   if (r.has("model_type")) {
     const std::string mt = r.get_string("model_type", "");
-    const std::string want = llama ? "llama" : mistral ? "mistral" : "qwen2";
+    const std::string want = llama ? "llama" : mistral ? "mistral" : qwen2 ? "qwen2" : "qwen3";
     if (mt != want)
       r.fail("model_type", "'" + mt + "' does not match architecture " + c.architecture + " (expected '" + want + "')");
   }
@@ -388,22 +457,7 @@ ModelConfig load_model_config(const std::string& path) {
   c.bos_token_id = r.get_token_id("bos_token_id");
   c.eos_token_id = r.get_token_id("eos_token_id");
 
-  // RoPE: transformers >= 5 writes {"rope_parameters": {"rope_type": "default", "rope_theta": x}}.
-  c.rope_theta = r.get_positive_double("rope_theta", 10000.0);
-  if (r.has("rope_parameters")) {
-    const Json& rp = r.at("rope_parameters");
-    if (!rp.is_object()) r.fail("rope_parameters", "expected an object, found " + short_dump(rp));
-    if (rp.contains("rope_type") && !(rp["rope_type"].is_string() && rp["rope_type"] == "default"))
-      r.fail("rope_parameters.rope_type", "only the default RoPE is implemented, found " + short_dump(rp["rope_type"]));
-    if (rp.contains("rope_theta")) {
-      if (!rp["rope_theta"].is_number() || !(rp["rope_theta"].get<double>() > 0.0))
-        r.fail("rope_parameters.rope_theta", "expected a positive number, found " + short_dump(rp["rope_theta"]));
-      c.rope_theta = rp["rope_theta"].get<double>();
-    }
-  }
-  if (r.has("rope_scaling"))
-    r.fail("rope_scaling", "RoPE scaling is not supported (found " + short_dump(r.at("rope_scaling")) +
-                               "; only plain RoPE with rope_theta is supported)");
+  c.rope = read_rope(r, c.max_position_embeddings);
 
   const std::string act = r.get_string("hidden_act", "silu");
   if (act != "silu") r.fail("hidden_act", "only 'silu' (SwiGLU MLP) is implemented, found '" + act + "'");
@@ -411,8 +465,11 @@ ModelConfig load_model_config(const std::string& path) {
   if (r.has("quantization_config"))
     r.fail("quantization_config", "the checkpoint is already quantized; quantlab loads floating-point checkpoints only");
 
-  if (qwen2) {
-    c.attention_bias = true;  // Qwen2Attention always has q/k/v biases
+  if (qwen2 || qwen3) {
+    // Qwen2Attention always has q/k/v biases; Qwen3Attention has them (and o_proj's) when
+    // attention_bias says so, and a per-head RMSNorm on q and k before RoPE.
+    c.attention_bias = qwen2 || r.get_bool("attention_bias", false);
+    c.qk_norm = qwen3;
     if (r.get_bool("use_sliding_window", false) && r.has("sliding_window")) {
       const int win = r.get_int("sliding_window", false, 0, 1);
       if (win < c.max_position_embeddings)
@@ -495,10 +552,13 @@ std::string describe(const ModelConfig& c) {
                   std::to_string(c.num_kv_heads) + " kv heads x head_dim " + std::to_string(c.head_dim) +
                   ", mlp " + std::to_string(c.intermediate_size) + ", vocab " + std::to_string(c.vocab_size) +
                   ", max_pos " + std::to_string(c.max_position_embeddings) + ", rope_theta " +
-                  fmt_double(c.rope_theta) + ", rms_eps " + fmt_double(c.rms_norm_eps) + ", " +
-                  (c.tie_word_embeddings ? "tied" : "untied") + " lm_head, ";
+                  fmt_double(c.rope.theta);
+  if (c.rope.scaling != RopeSpec::Scaling::None)
+    s += " (" + c.rope.type_name() + " scaling x" + fmt_double(c.rope.factor) + ")";
+  s += ", rms_eps " + fmt_double(c.rms_norm_eps) + ", " + (c.tie_word_embeddings ? "tied" : "untied") + " lm_head, ";
   if (!c.attention_bias) s += "no attention bias";
-  else s += c.architecture == kLlama ? "q/k/v/o biases" : "q/k/v biases";
+  else s += c.architecture == kQwen2 ? "q/k/v biases" : "q/k/v/o biases";
+  if (c.qk_norm) s += ", per-head q/k RMSNorm";
   return s;
 }
 

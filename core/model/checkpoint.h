@@ -43,6 +43,10 @@ namespace ql {
 
 /// "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM".
 const std::vector<std::string>& supported_architectures();
+/// rope_scaling / rope_parameters types the loader implements ("linear", "dynamic", "llama3"),
+/// and the ones it rejects by name.
+const std::vector<std::string>& supported_rope_scalings();
+const std::vector<std::string>& rejected_rope_scalings();
 
 /// Parses and validates a Hugging Face config.json.
 /// Required: architectures, hidden_size, intermediate_size, num_hidden_layers,

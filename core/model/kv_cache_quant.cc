@@ -242,7 +242,7 @@ void attention_sums(const Matrix& Q, const Matrix& K, const Matrix& Kq, int num_
 
 }  // namespace
 
-KvErrorStats measure_kv_error(const KvQuantizer& kq, int num_heads, int num_kv_heads, int head_dim, double rope_theta,
+KvErrorStats measure_kv_error(const KvQuantizer& kq, int num_heads, int num_kv_heads, int head_dim, const RopeSpec& rope,
                               const Matrix& k_pre, const Matrix& k_post, const Matrix& v, const Matrix& q,
                               const std::vector<Index>& window_rows, std::size_t first_window, int top_k) {
   if (top_k < 1) throw ShapeError("kv error: top_k must be >= 1");
@@ -264,7 +264,7 @@ KvErrorStats measure_kv_error(const KvQuantizer& kq, int num_heads, int num_kv_h
     vref += V.cast<double>().squaredNorm();
     if (pre) {
       RopeTables tab;
-      rope_tables(0, T, head_dim, rope_theta, tab);
+      rope_tables(0, T, head_dim, rope, tab);
       rope_forward(Kq, num_kv_heads, head_dim, tab);
     }
     attention_sums(q.middleRows(r0, T), k_post.middleRows(r0, T), Kq, num_heads, num_kv_heads, head_dim, top_k, as);

@@ -19,6 +19,7 @@
 #include <string>
 #include <vector>
 
+#include "core/model/rope.h"
 #include "core/quantize.h"
 #include "core/tensor.h"
 
@@ -73,9 +74,9 @@ class KvQuantizer {
   /// builds it), out num_heads x rows. encoded_value_sum: out (num_heads x head_dim) =
   /// p · V̂ for probabilities p (num_heads x rows). Both return false (and leave out alone) when
   /// the quantizer has no such path; the default has none.
-  virtual bool encoded_scores(const KvChunkCodes& keys, double rope_theta, const Matrix& queries,
+  virtual bool encoded_scores(const KvChunkCodes& keys, const RopeSpec& rope, const Matrix& queries,
                               Matrix& out) const {
-    (void)keys, (void)rope_theta, (void)queries, (void)out;
+    (void)keys, (void)rope, (void)queries, (void)out;
     return false;
   }
   virtual bool encoded_value_sum(const KvChunkCodes& values, const Matrix& p, Matrix& out) const {
@@ -108,7 +109,7 @@ struct KvErrorStats {
 };
 /// Window w of the stacks holds window_rows[w] rows at positions 0..; windows
 /// [first_window, end) are measured. q: post-RoPE queries (rows x num_heads·head_dim).
-KvErrorStats measure_kv_error(const KvQuantizer& kq, int num_heads, int num_kv_heads, int head_dim, double rope_theta,
+KvErrorStats measure_kv_error(const KvQuantizer& kq, int num_heads, int num_kv_heads, int head_dim, const RopeSpec& rope,
                               const Matrix& k_pre, const Matrix& k_post, const Matrix& v, const Matrix& q,
                               const std::vector<Index>& window_rows, std::size_t first_window, int top_k);
 

@@ -149,10 +149,10 @@ void VqKvQuantizer::decode(const KvChunkCodes& c, Matrix& X) const {
   }
 }
 
-bool VqKvQuantizer::encoded_scores(const KvChunkCodes& keys, double rope_theta, const Matrix& queries,
+bool VqKvQuantizer::encoded_scores(const KvChunkCodes& keys, const RopeSpec& rope, const Matrix& queries,
                                    Matrix& out) const {
   if (spec_.key_structure != VqStructure::Commutative) return false;
-  vq_key_scores_fast(*this, keys, 0, rope_theta, queries, out);
+  vq_key_scores_fast(*this, keys, 0, rope, queries, out);
   return true;
 }
 
@@ -232,7 +232,7 @@ void query_table(const ResidualVq& cb, const HeadSite& site, const Matrix& queri
 
 }  // namespace
 
-void vq_key_scores_fast(const VqKvQuantizer& q, const KvChunkCodes& keys, int64_t pos0, double rope_theta,
+void vq_key_scores_fast(const VqKvQuantizer& q, const KvChunkCodes& keys, int64_t pos0, const RopeSpec& rope,
                         const Matrix& queries, Matrix& out) {
   check_scoring(q, keys, KvKind::Key, queries.rows(), "keys");
   if (q.spec().key_structure != VqStructure::Commutative || q.key_stage() != KvStage::PreRope)
@@ -242,7 +242,7 @@ void vq_key_scores_fast(const VqKvQuantizer& q, const KvChunkCodes& keys, int64_
             E = 1 << q.spec().sub_bits, G = q.groups();
   const Index n = keys.rows, per_row = code_offset(G, S), W = Index(r) * hd;
   RopeTables tab;
-  rope_tables(pos0, n, hd, rope_theta, tab);
+  rope_tables(pos0, n, hd, rope, tab);
   out.resize(hl.num_heads, n);
   using Arr = Eigen::Map<Eigen::ArrayXf>;  // maps: vectorised whatever the compiler's cost model
   using CArr = Eigen::Map<const Eigen::ArrayXf>;
@@ -272,7 +272,7 @@ void vq_key_scores_fast(const VqKvQuantizer& q, const KvChunkCodes& keys, int64_
   }
 }
 
-void vq_key_scores_decoded(const VqKvQuantizer& q, const KvChunkCodes& keys, int64_t pos0, double rope_theta,
+void vq_key_scores_decoded(const VqKvQuantizer& q, const KvChunkCodes& keys, int64_t pos0, const RopeSpec& rope,
                            const Matrix& queries, Matrix& out) {
   check_scoring(q, keys, KvKind::Key, queries.rows(), "keys");
   const HeadLayout& hl = q.heads();
@@ -280,7 +280,7 @@ void vq_key_scores_decoded(const VqKvQuantizer& q, const KvChunkCodes& keys, int
   q.decode(keys, K);
   if (q.key_stage() == KvStage::PreRope) {
     RopeTables tab;
-    rope_tables(pos0, keys.rows, hl.head_dim, rope_theta, tab);
+    rope_tables(pos0, keys.rows, hl.head_dim, rope, tab);
     rope_forward(K, hl.num_kv_heads, hl.head_dim, tab);
   }
   out.resize(hl.num_heads, keys.rows);

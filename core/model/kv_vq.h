@@ -62,7 +62,7 @@ class VqKvQuantizer final : public KvQuantizer {
   double bits_per_element(KvKind kind, Index kv_dim) const override;
   std::string describe() const override;
   /// vq_key_scores_fast / vq_value_sum_fast (commutative pre-RoPE keys only for scores).
-  bool encoded_scores(const KvChunkCodes& keys, double rope_theta, const Matrix& queries, Matrix& out) const override;
+  bool encoded_scores(const KvChunkCodes& keys, const RopeSpec& rope, const Matrix& queries, Matrix& out) const override;
   bool encoded_value_sum(const KvChunkCodes& values, const Matrix& p, Matrix& out) const override;
 
   const KvVqSpec& spec() const { return spec_; }
@@ -101,10 +101,10 @@ class VqKvQuantizer final : public KvQuantizer {
 /// computed once and shared by all cached tokens; a token's score is then
 ///   ‖k‖ · Σ_j Re(e^{i m θ_j} Σ_s (P_s[A_s]_j + i·P_s[B_s]_j)),
 /// a sum of gathered terms with the token's rotation applied on the query side.
-void vq_key_scores_fast(const VqKvQuantizer& q, const KvChunkCodes& keys, int64_t pos0, double rope_theta,
+void vq_key_scores_fast(const VqKvQuantizer& q, const KvChunkCodes& keys, int64_t pos0, const RopeSpec& rope,
                         const Matrix& queries, Matrix& out);
 /// The same scores by decoding each key, applying RoPE and taking the dot products.
-void vq_key_scores_decoded(const VqKvQuantizer& q, const KvChunkCodes& keys, int64_t pos0, double rope_theta,
+void vq_key_scores_decoded(const VqKvQuantizer& q, const KvChunkCodes& keys, int64_t pos0, const RopeSpec& rope,
                            const Matrix& queries, Matrix& out);
 /// Σ_t p_t v̂_t per query head over n encoded values (p: num_heads x n). Fast path: the
 /// probabilities are scattered onto the sub-table entries each token selects (a sum over

@@ -9,12 +9,13 @@
 #include <string>
 #include <vector>
 
+#include "core/model/rope.h"
 #include "core/tensor.h"
 
 namespace ql {
 
 struct ModelConfig {
-  std::string architecture;  ///< "LlamaForCausalLM", "MistralForCausalLM" or "Qwen2ForCausalLM"
+  std::string architecture;  ///< "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM" or "Qwen3ForCausalLM"
   int hidden_size = 0;
   int intermediate_size = 0;
   int num_layers = 0;
@@ -24,9 +25,10 @@ struct ModelConfig {
   int vocab_size = 0;
   int max_position_embeddings = 0;
   double rms_norm_eps = 1e-6;
-  double rope_theta = 10000.0;
+  RopeSpec rope;             ///< rope_theta and rope_scaling
   bool tie_word_embeddings = false;
-  bool attention_bias = false;  ///< q/k/v biases (Qwen2)
+  bool attention_bias = false;  ///< q/k/v biases (Qwen2; Qwen3 and Llama with attention_bias: o too)
+  bool qk_norm = false;         ///< per-head RMSNorm of q and k before RoPE (Qwen3)
   int bos_token_id = -1;
   int eos_token_id = -1;
 };
@@ -49,6 +51,9 @@ struct DecoderBlock {
   Vector input_norm;      ///< RMSNorm weight before attention (hidden)
   Vector post_attn_norm;  ///< RMSNorm weight before the MLP (hidden)
   Linear q, k, v, o, gate, up, down;
+  /// Qwen3: RMSNorm weights (head_dim each) applied to every head of q and of k after the
+  /// projection and before RoPE; empty otherwise.
+  Vector q_norm, k_norm;
 
   Linear& linear(LinearKind kind);
   const Linear& linear(LinearKind kind) const;

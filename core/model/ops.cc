@@ -113,17 +113,64 @@ void rms_norm_forward(const Matrix& h, const Vector& w, float eps, Matrix& out, 
   }
 }
 
-void rope_tables(int64_t pos0, Index T, int head_dim, double theta, RopeTables& out) {
+void head_rms_norm_forward(Matrix& X, int n_heads, int head_dim, const Vector& w, float eps) {
+  if (X.cols() != static_cast<Index>(n_heads) * head_dim || w.size() != head_dim)
+    throw ShapeError("head_rms_norm: " + std::to_string(X.cols()) + " columns, " + std::to_string(n_heads) +
+                     " heads of " + std::to_string(head_dim) + ", weight of " + std::to_string(w.size()));
+  // Row-major: the heads of consecutive tokens are consecutive rows of width head_dim.
+  Eigen::Map<Matrix> heads(X.data(), X.rows() * n_heads, head_dim);
+  const Matrix in = heads;
+  Matrix out;
+  rms_norm_forward(in, w, eps, out);
+  heads = out;
+}
+
+std::string RopeSpec::type_name() const {
+  switch (scaling) {
+    case Scaling::Linear: return "linear";
+    case Scaling::Dynamic: return "dynamic";
+    case Scaling::Llama3: return "llama3";
+    default: return "default";
+  }
+}
+
+std::vector<float> rope_inv_freq(const RopeSpec& rope, int head_dim, int64_t seq_len) {
+  const Index half = head_dim / 2;
+  double theta = rope.theta;
+  if (rope.scaling == RopeSpec::Scaling::Dynamic && seq_len > rope.original_max_position) {
+    const double L = static_cast<double>(seq_len), L0 = static_cast<double>(rope.original_max_position);
+    theta *= detmath::pow(rope.factor * L / L0 - (rope.factor - 1.0), static_cast<double>(head_dim) / (head_dim - 2));
+  }
+  std::vector<float> inv_freq(static_cast<std::size_t>(half));
+  const float base = static_cast<float>(theta);
+  for (Index i = 0; i < half; ++i)
+    inv_freq[i] = 1.0f / static_cast<float>(detmath::pow(
+                             base, static_cast<float>(2 * i) / static_cast<float>(head_dim)));
+  if (rope.scaling == RopeSpec::Scaling::Linear)
+    for (float& f : inv_freq) f = static_cast<float>(f / rope.factor);
+  if (rope.scaling == RopeSpec::Scaling::Llama3) {
+    const double L0 = static_cast<double>(rope.original_max_position);
+    const double low_wavelen = L0 / rope.low_freq_factor, high_wavelen = L0 / rope.high_freq_factor;
+    for (float& f : inv_freq) {
+      const double wavelen = 2.0 * M_PI / f;
+      if (wavelen > low_wavelen) {
+        f = static_cast<float>(f / rope.factor);  // long wavelengths: interpolated
+      } else if (!(wavelen < high_wavelen)) {     // between the thresholds: blended
+        const double smooth = (L0 / wavelen - rope.low_freq_factor) / (rope.high_freq_factor - rope.low_freq_factor);
+        f = static_cast<float>((1.0 - smooth) * f / rope.factor + smooth * f);
+      }
+    }
+  }
+  return inv_freq;
+}
+
+void rope_tables(int64_t pos0, Index T, int head_dim, const RopeSpec& rope, RopeTables& out) {
   Matrix& cos_t = out.cos;
   Matrix& sin_t = out.sin;
   out.pos0 = pos0;
   out.rows = T;
   const Index half = head_dim / 2;
-  std::vector<float> inv_freq(half);
-  const float base = static_cast<float>(theta);
-  for (Index i = 0; i < half; ++i)
-    inv_freq[i] = 1.0f / static_cast<float>(detmath::pow(
-                             base, static_cast<float>(2 * i) / static_cast<float>(head_dim)));
+  const std::vector<float> inv_freq = rope_inv_freq(rope, head_dim, pos0 + T);
   cos_t.resize(T, half);
   sin_t.resize(T, half);
   for (Index t = 0; t < T; ++t) {

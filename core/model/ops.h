@@ -14,8 +14,11 @@
 // core/detmath. Each op may be called from inside an OpenMP region with parallel = false.
 #pragma once
 #include <cstdint>
+#include <string>
+#include <vector>
 
 #include "core/linalg.h"
+#include "core/model/rope.h"
 #include "core/tensor.h"
 
 namespace ql {
@@ -54,15 +57,24 @@ void swiglu_forward(const LinearJob& gate, const LinearJob& up, bool parallel);
 void rms_norm_forward(const Matrix& h, const Vector& w, float eps, Matrix& out,
                       Vector* rstd = nullptr);
 
+/// Qwen3's per-head RMSNorm: every head_dim-wide head of X (T x n_heads*head_dim) normalised
+/// as rms_norm_forward with the head_dim weights w, in place.
+void head_rms_norm_forward(Matrix& X, int n_heads, int head_dim, const Vector& w, float eps);
+
+/// inv_freq (head_dim/2 floats) of `rope` for a forward whose largest position is seq_len − 1:
+/// the default frequencies in float32 as HF (1 / float32(theta)^(float(2i)/head_dim)); a scaling
+/// applied to them in double and rounded once.
+std::vector<float> rope_inv_freq(const RopeSpec& rope, int head_dim, int64_t seq_len);
+
 /// cos/sin of the RoPE angles for positions pos0 .. pos0+T-1, T x head_dim/2 each, rounded as
-/// HF's LlamaRotaryEmbedding: inv_freq_i = 1 / theta^(float(2i)/head_dim) in float32, angle =
-/// float(pos) · inv_freq_i in float32 (one rounding), then cos/sin of that float angle.
+/// HF's LlamaRotaryEmbedding: angle = float(pos) · inv_freq_i in float32 (one rounding), then
+/// cos/sin of that float angle; inv_freq from rope_inv_freq with seq_len = pos0 + T.
 struct RopeTables {
   Matrix cos, sin;
   int64_t pos0 = -1;
   Index rows = -1;
 };
-void rope_tables(int64_t pos0, Index T, int head_dim, double theta, RopeTables& out);
+void rope_tables(int64_t pos0, Index T, int head_dim, const RopeSpec& rope, RopeTables& out);
 
 /// Rotate-half RoPE in place on every head of X (T x n_heads*head_dim), row t at the tables'
 /// row t: out_i = x_i cos_i - x_{i+half} sin_i, out_{i+half} = x_{i+half} cos_i + x_i sin_i.

@@ -83,7 +83,7 @@ Transformer::Transformer(const ModelWeights& weights) : w_(weights) {
   if (c.head_dim % 2 != 0)
     throw ShapeError("transformer: head_dim " + std::to_string(c.head_dim) +
                      " is odd; rotate-half RoPE needs an even head_dim");
-  if (!(c.rms_norm_eps > 0.0) || !(c.rope_theta > 0.0))
+  if (!(c.rms_norm_eps > 0.0) || !(c.rope.theta > 0.0))
     throw ShapeError("transformer: rms_norm_eps and rope_theta must be positive");
   check_matrix(w_.embed, c.vocab_size, c.hidden_size, "model.embed_tokens.weight");
   check_matrix(w_.lm_head, c.vocab_size, c.hidden_size, "lm_head.weight");
@@ -108,6 +108,12 @@ void Transformer::check_block(const DecoderBlock& blk, const std::string& where)
   check_linear(blk.gate, ff, d, where + ".mlp.gate_proj");
   check_linear(blk.up, ff, d, where + ".mlp.up_proj");
   check_linear(blk.down, d, ff, where + ".mlp.down_proj");
+  if (c.qk_norm) {
+    check_vector(blk.q_norm, c.head_dim, where + ".self_attn.q_norm.weight");
+    check_vector(blk.k_norm, c.head_dim, where + ".self_attn.k_norm.weight");
+  } else if (blk.q_norm.size() || blk.k_norm.size()) {
+    throw ShapeError("transformer: " + where + " has q/k norms, which config (" + c.architecture + ") does not declare");
+  }
 }
 
 void Transformer::embed_into(const std::vector<int32_t>& tokens, Matrix& h) const {
@@ -197,6 +203,10 @@ void Transformer::run_stage(int b, int stage, const DecoderBlock& w, Matrix& h, 
       const LinearJob qkv[3] = {
           {xq, &w.q.W, &w.q.b, &ws.q}, {xk, &w.k.W, &w.k.b, &ws.k}, {xv, &w.v.W, &w.v.b, &ws.v}};
       linear_forward(qkv, 3, parallel);
+      if (w.q_norm.size()) {  // Qwen3: per-head RMSNorm of q and k before RoPE
+        head_rms_norm_forward(ws.q, c.num_heads, c.head_dim, w.q_norm, static_cast<float>(c.rms_norm_eps));
+        head_rms_norm_forward(ws.k, c.num_kv_heads, c.head_dim, w.k_norm, static_cast<float>(c.rms_norm_eps));
+      }
       call_kv_hook(hooks, b, KvStage::PreRope, ws.k, ws.v);
       const KvQuantizer* kvq = hooks && hooks->kv_quantizer ? hooks->kv_quantizer(b) : nullptr;
       if (kvq && kvq->key_stage() == KvStage::PreRope) {
@@ -206,7 +216,7 @@ void Transformer::run_stage(int b, int stage, const DecoderBlock& w, Matrix& h, 
         if (ws.k_pre.size() <= static_cast<std::size_t>(b)) ws.k_pre.resize(static_cast<std::size_t>(b) + 1);
         ws.k_pre[b] = ws.k;
       }
-      if (ws.rope.pos0 != pos0 || ws.rope.rows != T) rope_tables(pos0, T, c.head_dim, c.rope_theta, ws.rope);
+      if (ws.rope.pos0 != pos0 || ws.rope.rows != T) rope_tables(pos0, T, c.head_dim, c.rope, ws.rope);
       rope_forward(ws.q, c.num_heads, c.head_dim, ws.rope);
       rope_forward(ws.k, c.num_kv_heads, c.head_dim, ws.rope);
       if (hooks && hooks->transform_qk) {
@@ -295,7 +305,7 @@ void Transformer::run_attention(int b, int64_t pos0, KvCache* cache, const KvQua
       rows << e.k_pre, ws.k_pre[b];
       Matrix q = quantized_rows(*kvq, KvKind::Key, rows.topRows(full_k));
       RopeTables tab;
-      rope_tables(e.k, full_k, c.head_dim, c.rope_theta, tab);
+      rope_tables(e.k, full_k, c.head_dim, c.rope, tab);
       rope_forward(q, c.num_kv_heads, c.head_dim, tab);
       ws.kq.middleRows(e.k, full_k) = q;
     } else {
@@ -337,7 +347,7 @@ void Transformer::attention_encoded(int b, KvCache& cache, const KvQuantizer& kv
   }
   Matrix Q(H, hd), Sk, O;
   for (int h = 0; h < H; ++h) Q.row(h) = ws.q.row(0).segment(Index(h) * hd, hd);
-  if (q_from > 0 && !kvq.encoded_scores(concat_rows(kc), c.rope_theta, Q, Sk))
+  if (q_from > 0 && !kvq.encoded_scores(concat_rows(kc), c.rope, Q, Sk))
     throw ShapeError("transformer: the KV quantizer of block " + std::to_string(b) + " has no encoded attention path");
   // Softmax as attention_forward: scaled scores, max subtracted, exp, normalised.
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
@@ -384,7 +394,7 @@ void Transformer::encode_cache(KvCache& cache, const ForwardHooks* hooks, int64_
       kvq->decode(e.codes.back(), dec);
       if (pre) {
         RopeTables tab;
-        rope_tables(e.k, ck, c.head_dim, c.rope_theta, tab);
+        rope_tables(e.k, ck, c.head_dim, c.rope, tab);
         rope_forward(dec, c.num_kv_heads, c.head_dim, tab);
         e.k_pre = Matrix(e.k_pre.bottomRows(e.k_pre.rows() - ck));
       }

@@ -250,7 +250,7 @@ void tiny_flat_block(BlockShape& s, BlockParams<double>& w, FlatBlockTransforms<
   s.n_kv_heads = 2;
   s.head_dim = 2;
   s.eps = 1e-5;
-  s.rope_theta = 10000.0;
+  s.rope = RopeSpec(10000.0);
   w.input_norm = rndv(8, 1, 0.2, 1.0);
   w.post_attn_norm = rndv(8, 2, 0.2, 1.0);
   w.q = rndd(8, 8, 3, 0.5);

@@ -130,7 +130,7 @@ BlockParams<double> tiny_params(BlockShape& s) {
   s.n_kv_heads = 2;
   s.head_dim = 4;
   s.eps = 1e-5;
-  s.rope_theta = 10000.0;
+  s.rope = RopeSpec(10000.0);
   BlockParams<double> p;
   const Index d = 8, qd = 16, kvd = 8, ff = 12;
   p.input_norm = rndv(d, 20, 0.2, 1.0);

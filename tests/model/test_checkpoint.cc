@@ -650,7 +650,7 @@ TEST_F(ModelConfigJson, DefaultsFollowTransformers) {
   EXPECT_EQ(c.num_kv_heads, 4);
   EXPECT_EQ(c.head_dim, 16);
   EXPECT_EQ(c.rms_norm_eps, 1e-6);
-  EXPECT_EQ(c.rope_theta, 10000.0);
+  EXPECT_EQ(c.rope.theta, 10000.0);
   EXPECT_FALSE(c.tie_word_embeddings);
   EXPECT_FALSE(c.attention_bias);
   EXPECT_EQ(c.max_position_embeddings, 131072);
@@ -669,7 +669,7 @@ TEST_F(ModelConfigJson, DefaultsFollowTransformers) {
   const ModelConfig d = load(more);
   EXPECT_EQ(d.head_dim, 32);
   EXPECT_EQ(d.num_kv_heads, 4);
-  EXPECT_EQ(d.rope_theta, 500000.0);
+  EXPECT_EQ(d.rope.theta, 500000.0);
   EXPECT_EQ(d.eos_token_id, 7);
   EXPECT_EQ(d.bos_token_id, 3);
   EXPECT_EQ(d.max_position_embeddings, 2048);
@@ -677,7 +677,7 @@ TEST_F(ModelConfigJson, DefaultsFollowTransformers) {
   // transformers 5 spelling of the RoPE base.
   more.erase("rope_theta");
   more["rope_parameters"] = {{"rope_type", "default"}, {"rope_theta", 1e6}};
-  EXPECT_EQ(load(more).rope_theta, 1e6);
+  EXPECT_EQ(load(more).rope.theta, 1e6);
   more["rope_parameters"]["rope_type"] = "yarn";
   expect_config_error(more, {"rope_parameters.rope_type", "yarn"});
 
@@ -740,10 +740,43 @@ TEST_F(ModelConfigJson, RequiredFieldsTypesAndDivisibility) {
   expect_error<IoError>([&] { load_model_config(dir_ + "/config.json"); }, {"config.json", "JSON object"});
 }
 
+// rope_scaling as transformers writes it (rope_type, or the older "type"; also inside
+// transformers 5's rope_parameters), with every missing or bad factor named by its key path.
+TEST_F(ModelConfigJson, RopeScaling) {
+  Json cfg = testutil::tiny_config();
+  cfg["rope_theta"] = 500000.0;
+  cfg["rope_scaling"] = {{"rope_type", "llama3"}, {"factor", 8.0}, {"low_freq_factor", 1.0},
+                         {"high_freq_factor", 4.0}, {"original_max_position_embeddings", 8192}};
+  const ModelConfig c = load(cfg);
+  EXPECT_EQ(c.rope.scaling, RopeSpec::Scaling::Llama3);
+  EXPECT_EQ(c.rope.theta, 500000.0);
+  EXPECT_EQ(c.rope.factor, 8.0);
+  EXPECT_EQ(c.rope.original_max_position, 8192);
+  cfg["rope_scaling"] = {{"type", "linear"}, {"factor", 2.0}};
+  EXPECT_EQ(load(cfg).rope.scaling, RopeSpec::Scaling::Linear);
+  cfg["rope_scaling"] = {{"type", "dynamic"}, {"factor", 2.0}};
+  const ModelConfig d = load(cfg);
+  EXPECT_EQ(d.rope.scaling, RopeSpec::Scaling::Dynamic);
+  EXPECT_EQ(d.rope.original_max_position, d.max_position_embeddings);
+  cfg.erase("rope_scaling");
+  cfg["rope_parameters"] = {{"rope_type", "linear"}, {"factor", 4.0}, {"rope_theta", 1e6}};
+  EXPECT_EQ(load(cfg).rope.factor, 4.0);
+  EXPECT_EQ(load(cfg).rope.theta, 1e6);
+  cfg.erase("rope_parameters");
+  cfg["rope_scaling"] = {{"rope_type", "llama3"}, {"factor", 8.0}, {"low_freq_factor", 1.0}, {"high_freq_factor", 4.0}};
+  expect_config_error(cfg, {"'rope_scaling.original_max_position_embeddings'", "missing"});
+  cfg["rope_scaling"] = {{"rope_type", "linear"}, {"factor", -2.0}};
+  expect_config_error(cfg, {"'rope_scaling.factor'", "positive"});
+  cfg["rope_scaling"] = {{"rope_type", "linear"}};
+  expect_config_error(cfg, {"'rope_scaling.factor'", "missing"});
+}
+
 TEST_F(ModelConfigJson, UnimplementedFeaturesAreRejectedByName) {
   Json cfg = testutil::tiny_config();
-  cfg["rope_scaling"] = {{"type", "linear"}, {"factor", 2.0}};
-  expect_config_error(cfg, {"'rope_scaling'", "not supported", "linear"});
+  cfg["rope_scaling"] = {{"rope_type", "yarn"}, {"factor", 4.0}};
+  expect_config_error(cfg, {"'rope_scaling.rope_type'", "yarn", "llama3"});
+  cfg["rope_scaling"] = {{"type", "longrope"}};
+  expect_config_error(cfg, {"'rope_scaling.type'", "longrope"});
   cfg = testutil::tiny_config();
   cfg["hidden_act"] = "gelu";
   expect_config_error(cfg, {"'hidden_act'", "gelu", "silu"});
@@ -784,7 +817,7 @@ TEST(RealCheckpoint, AustenLlamaLoadsWithTheDocumentedShapesAndBytes) {
   EXPECT_EQ(c.vocab_size, 4096);
   EXPECT_EQ(c.max_position_embeddings, 1024);
   EXPECT_EQ(c.rms_norm_eps, 1e-5);
-  EXPECT_EQ(c.rope_theta, 10000.0);
+  EXPECT_EQ(c.rope.theta, 10000.0);
   EXPECT_FALSE(c.tie_word_embeddings);
   EXPECT_FALSE(c.attention_bias);
   EXPECT_EQ(c.bos_token_id, 1);

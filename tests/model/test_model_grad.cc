@@ -28,7 +28,7 @@ ModelParams<double> tiny_model(BlockShape& s) {
   s.n_kv_heads = 1;
   s.head_dim = 4;
   s.eps = 1e-5;
-  s.rope_theta = 10000.0;
+  s.rope = RopeSpec(10000.0);
   const Index d = 8, ff = 12, V = 11, kvd = 4;
   uint64_t stream = 100;
   auto m = [&](Index r, Index c, double sc) { return fd::gaussian(r, c, 31, stream++, sc); };

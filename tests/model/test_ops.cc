@@ -23,6 +23,65 @@ bool same_bits(const Matrix& a, const Matrix& b) {
          std::memcmp(a.data(), b.data(), sizeof(float) * a.size()) == 0;
 }
 
+// RoPE scaling (core/model/rope.h) against transformers' formulas written out here in double:
+// Llama 3 (theta 500000, factor 8, low 1, high 4, original 8192) at head_dim 128 has
+// wavelengths below L0/high = 2048 (unchanged), between 2048 and 8192 (blended) and above
+// 8192 (divided by the factor), and each regime is checked; linear divides every frequency;
+// dynamic NTK changes nothing up to max_position_embeddings and raises the base beyond.
+TEST(Ops, RopeScalingFrequencies) {
+  const int hd = 128;
+  const double theta = 500000.0;
+  const std::vector<float> plain = rope_inv_freq(RopeSpec(theta), hd, 1);
+  for (int i = 0; i < hd / 2; ++i)
+    EXPECT_NEAR(plain[i], std::pow(theta, -2.0 * i / hd), 2e-7 * std::pow(theta, -2.0 * i / hd)) << i;
+  RopeSpec l3(theta);
+  l3.scaling = RopeSpec::Scaling::Llama3;
+  l3.factor = 8;
+  l3.low_freq_factor = 1;
+  l3.high_freq_factor = 4;
+  l3.original_max_position = 8192;
+  const std::vector<float> f = rope_inv_freq(l3, hd, 1);
+  int below = 0, between = 0, above = 0;
+  for (int i = 0; i < hd / 2; ++i) {
+    const double w = 2 * M_PI / plain[i];
+    double want = plain[i];
+    if (w > 8192) {
+      want = plain[i] / 8.0;
+      ++above;
+    } else if (w >= 2048) {
+      const double sm = (8192 / w - 1.0) / (4.0 - 1.0);
+      want = (1 - sm) * plain[i] / 8.0 + sm * plain[i];
+      ++between;
+      EXPECT_LT(f[i], plain[i]);
+      EXPECT_GT(f[i], plain[i] / 8.0);
+    } else {
+      ++below;
+    }
+    EXPECT_NEAR(f[i], want, 1e-7 * want) << "i " << i << " wavelength " << w;
+  }
+  EXPECT_GT(below, 0);
+  EXPECT_GT(between, 0);
+  EXPECT_GT(above, 0);
+  RopeSpec lin(theta);
+  lin.scaling = RopeSpec::Scaling::Linear;
+  lin.factor = 4;
+  const std::vector<float> fl = rope_inv_freq(lin, hd, 1);
+  for (int i = 0; i < hd / 2; ++i) EXPECT_NEAR(fl[i], plain[i] / 4.0, 1e-7 * plain[i]);
+  RopeSpec dyn(theta);
+  dyn.scaling = RopeSpec::Scaling::Dynamic;
+  dyn.factor = 2;
+  dyn.original_max_position = 4096;
+  EXPECT_EQ(rope_inv_freq(dyn, hd, 4096), plain);
+  const std::vector<float> fd = rope_inv_freq(dyn, hd, 10000);
+  const double base = theta * std::pow(2.0 * 10000 / 4096 - 1.0, double(hd) / (hd - 2));
+  for (int i = 0; i < hd / 2; ++i) EXPECT_NEAR(fd[i], std::pow(base, -2.0 * i / hd), 2e-7 * std::pow(base, -2.0 * i / hd));
+  // The tables use the forward's length for dynamic scaling: positions 0..9999 differ from 0..99.
+  RopeTables a, b;
+  rope_tables(0, 10000, hd, dyn, a);
+  rope_tables(0, 100, hd, dyn, b);
+  EXPECT_NE(a.sin(99, 8), b.sin(99, 8));
+}
+
 TEST(Ops, RopeInverseUndoesForward) {
   const int heads = 3, hd = 16;
   RopeTables tab;

@@ -58,7 +58,7 @@ ModelWeights tiny_model(const TinySpec& s) {
   c.vocab_size = s.vocab;
   c.max_position_embeddings = 512;
   c.rms_norm_eps = 1e-5;
-  c.rope_theta = s.theta;
+  c.rope = RopeSpec(s.theta);
   c.attention_bias = s.qkv_bias;
   uint64_t stream = 1;
   w.embed = random_matrix(s.vocab, s.hidden, 1.0, stream++);
@@ -152,8 +152,8 @@ MatrixD ref_forward(const ModelWeights& w, const std::vector<int32_t>& tokens) {
   for (const DecoderBlock& blk : w.blocks) {
     MatrixD x = ref_rms_norm(h, blk.input_norm, c.rms_norm_eps);
     MatrixD Q = ref_linear(x, blk.q), K = ref_linear(x, blk.k), V = ref_linear(x, blk.v);
-    ref_rope(Q, c.num_heads, c.head_dim, c.rope_theta, 0);
-    ref_rope(K, c.num_kv_heads, c.head_dim, c.rope_theta, 0);
+    ref_rope(Q, c.num_heads, c.head_dim, c.rope.theta, 0);
+    ref_rope(K, c.num_kv_heads, c.head_dim, c.rope.theta, 0);
     MatrixD attn = MatrixD::Zero(T, Index(c.num_heads) * c.head_dim);
     const int per_kv = c.num_heads / c.num_kv_heads;
     for (int hh = 0; hh < c.num_heads; ++hh) {
@@ -304,7 +304,7 @@ TEST(Transformer, BlockOverrideEqualsModelWithThoseWeights) {
   kv.kv = [&](int, KvStage st, Matrix& K, Matrix&) { (st == KvStage::PreRope ? pre : post) = K; };
   model.block(0, e, 5, &kv);
   MatrixD rotated = pre.cast<double>();
-  ref_rope(rotated, w.config.num_kv_heads, w.config.head_dim, w.config.rope_theta, 5);
+  ref_rope(rotated, w.config.num_kv_heads, w.config.head_dim, w.config.rope.theta, 5);
   EXPECT_LT(max_abs_diff(post, rotated.cast<float>()), 2e-5);
   EXPECT_FALSE(bitwise_equal(model.block(0, e, 5), model.block(0, e, 0)));
 }
@@ -465,7 +465,7 @@ TEST(Transformer, KvHookPostRopeIsRopeOfPreRope) {
     ASSERT_EQ(pre.first.cols(), c.num_kv_heads * c.head_dim);
     EXPECT_TRUE(bitwise_equal(pre.second, post.second));  // V is not rotated
     MatrixD rotated = pre.first.cast<double>();
-    ref_rope(rotated, c.num_kv_heads, c.head_dim, c.rope_theta, 0);
+    ref_rope(rotated, c.num_kv_heads, c.head_dim, c.rope.theta, 0);
     EXPECT_LT(max_abs_diff(post.first, rotated.cast<float>()), 2e-5) << "block " << b;
     EXPECT_GT(max_abs_diff(post.first, pre.first), 1e-2);  // RoPE did something
   }
