@@ -2,6 +2,7 @@
 // Every user-caused error is printed as one line on stderr and exits with status 2 (1 when a
 // sweep ran but some of its runs failed).
 #include <boost/program_options.hpp>
+#include <fstream>
 #include <iostream>
 #include <map>
 #include <string>
@@ -10,6 +11,9 @@
 #include "algorithms/algorithm.h"
 #include "core/error.h"
 #include "core/model/checkpoint.h"
+#include "core/model/tokenizer.h"
+
+#include <nlohmann/json.hpp>
 #include "core/numerics.h"
 #include "core/parallel.h"
 #include "core/quant_spec.h"
@@ -29,6 +33,7 @@ const char* kUsage =
     "  list                                   algorithms, their options and defaults\n"
     "  table FILE.h5 --rows K --cols K --metric M [--format md|latex|csv] [--over K]\n"
     "  export-csv FILE.h5 -o DIR              runs.csv, layers.csv, slices.csv, ...\n"
+    "  tokenize MODEL_DIR FILE [--special]    token ids of each line of FILE (one JSON string per line)\n"
     "  --version                              revision and numeric environment (BLAS kernels, CPU, ...)\n"
     "run/plan options: --threads N  --output FILE.h5  --quiet  --portable (= numerics=portable)\n";
 
@@ -149,7 +154,7 @@ int cmd_list(const std::vector<std::string>& args) {
     return s;
   };
   std::cout << "\nModel checkpoints (Hugging Face layout: config.json, model.safetensors or its index, "
-               "tokenizer.model):\n  architectures: "
+               "tokenizer.model or tokenizer.json):\n  architectures: "
             << join(ql::supported_architectures()) << "\n  rope_scaling: " << join(ql::supported_rope_scalings())
             << " (rejected by name: " << join(ql::rejected_rope_scalings()) << ")\n";
   return 0;
@@ -188,6 +193,35 @@ int cmd_export(const std::vector<std::string>& args) {
   return 0;
 }
 
+// Reads FILE whole first, so a bad line fails before anything is printed.
+int cmd_tokenize(const std::vector<std::string>& args) {
+  po::options_description desc("tokenize options");
+  desc.add_options()("special", po::bool_switch(), "apply the tokenizer's post-processor (BOS/EOS)");
+  Parsed p = parse(args, desc);
+  if (p.positional.size() != 2) throw ql::Error("expected a model directory and a file: quantlab tokenize MODEL_DIR FILE");
+  const ql::Tokenizer tok = ql::Tokenizer::load(p.positional[0]);
+  const std::string& file = p.positional[1];
+  std::ifstream in(file, std::ios::binary);
+  if (!in) throw ql::IoError(file + ": cannot open for reading");
+  std::vector<std::string> texts;
+  std::string line;
+  for (int n = 1; std::getline(in, line); ++n) {
+    if (!line.empty() && line.back() == '\r') line.pop_back();
+    try {
+      const nlohmann::json j = nlohmann::json::parse(line);
+      if (!j.is_string()) throw ql::IoError(file + ":" + std::to_string(n) + ": expected a JSON string, found " + j.type_name());
+      texts.push_back(j.get<std::string>());
+    } catch (const nlohmann::json::exception& e) {
+      throw ql::IoError(file + ":" + std::to_string(n) + ": expected one JSON-encoded string per line: " + e.what());
+    }
+  }
+  const bool special = p.vm["special"].as<bool>();
+  std::string out;
+  for (const std::string& t : texts) out += nlohmann::json(special ? tok.encode_with_special_tokens(t) : tok.encode(t)).dump() + "\n";
+  std::cout << out;
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -203,6 +237,7 @@ int main(int argc, char** argv) {
     if (cmd == "list") return cmd_list(args);
     if (cmd == "table") return cmd_table(args);
     if (cmd == "export-csv") return cmd_export(args);
+    if (cmd == "tokenize") return cmd_tokenize(args);
     if (cmd == "--version" || cmd == "version") return cmd_version();
     std::cerr << "quantlab: unknown command '" << cmd << "'\n" << kUsage;
     return 2;

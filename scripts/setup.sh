@@ -8,7 +8,7 @@ pkgs=(g++ cmake make pkg-config
       libeigen3-dev libopenblas-openmp-dev liblapacke-dev
       libhdf5-dev libyaml-cpp-dev libboost-program-options-dev
       libgtest-dev libbenchmark-dev librandom123-dev
-      nlohmann-json3-dev libsentencepiece-dev
+      nlohmann-json3-dev libsentencepiece-dev libpcre2-dev libutf8proc-dev
       python3 python3-numpy python3-h5py python3-pandas python3-matplotlib)
 missing=()
 for p in "${pkgs[@]}"; do

@@ -8,10 +8,34 @@
 #include <sstream>
 
 #include "core/error.h"
+#include "core/model/hf_tokenizer.h"
+
+#include <nlohmann/json.hpp>
 
 namespace ql {
 
 namespace fs = std::filesystem;
+
+namespace {
+
+/// tokenizer_config.json's `key` (a string or {"content": ...}) as an id of tok, -1 if absent.
+int special_id(const fs::path& config, const char* key, const HfTokenizer& tok) {
+  std::error_code ec;
+  if (!fs::exists(config, ec)) return -1;
+  std::ifstream in(config);
+  nlohmann::json j;
+  try {
+    j = nlohmann::json::parse(in);
+  } catch (const std::exception& e) {
+    throw IoError(config.string() + ": invalid JSON: " + e.what());
+  }
+  if (!j.is_object() || !j.contains(key) || j[key].is_null()) return -1;
+  const nlohmann::json& v = j[key];
+  const std::string s = v.is_string() ? v.get<std::string>() : v.is_object() ? v.value("content", "") : "";
+  return tok.token_to_id(s);
+}
+
+}  // namespace
 
 Tokenizer Tokenizer::load(const std::string& model_dir) {
   std::error_code ec;
@@ -20,15 +44,19 @@ Tokenizer Tokenizer::load(const std::string& model_dir) {
     file = model_dir;
   } else {
     if (!fs::is_directory(model_dir, ec))
-      throw IoError(model_dir + ": no such directory (expected a model directory with tokenizer.model)");
+      throw IoError(model_dir + ": no such directory (expected a model directory with tokenizer.model or tokenizer.json)");
     file = fs::path(model_dir) / "tokenizer.model";
-    if (!fs::exists(file, ec)) {
-      if (fs::exists(fs::path(model_dir) / "tokenizer.json", ec))
-        throw IoError(model_dir +
-                      ": the model has only tokenizer.json, which quantlab does not read (it needs "
-                      "a sentencepiece tokenizer.model); use pre-tokenized token-id files instead");
+    if (!fs::exists(file, ec)) file = fs::path(model_dir) / "tokenizer.json";
+    if (!fs::exists(file, ec))
       throw IoError(model_dir + ": no tokenizer found (neither tokenizer.model nor tokenizer.json)");
-    }
+  }
+  if (file.extension() == ".json") {
+    Tokenizer t;
+    t.hf_ = HfTokenizer::load(file.string());
+    t.hf_bos_ = special_id(file.parent_path() / "tokenizer_config.json", "bos_token", *t.hf_);
+    t.hf_eos_ = special_id(file.parent_path() / "tokenizer_config.json", "eos_token", *t.hf_);
+    t.path_ = file.string();
+    return t;
   }
   auto sp = std::make_shared<sentencepiece::SentencePieceProcessor>();
   const auto status = sp->Load(file.string());
@@ -41,6 +69,7 @@ Tokenizer Tokenizer::load(const std::string& model_dir) {
 }
 
 std::vector<int32_t> Tokenizer::encode(const std::string& text) const {
+  if (hf_) return hf_->encode(text, false);
   std::vector<int> ids;
   const auto status = sp_->Encode(text, &ids);
   if (!status.ok()) throw IoError(path_ + ": sentencepiece failed to encode text: " + status.ToString());
@@ -55,25 +84,35 @@ void check_id(int32_t id, int vocab, const char* fn) {
 }
 }  // namespace
 
+std::vector<int32_t> Tokenizer::encode_with_special_tokens(const std::string& text) const {
+  if (hf_) return hf_->encode(text, true);
+  std::vector<int32_t> ids = encode(text);
+  if (bos_id() >= 0) ids.insert(ids.begin(), bos_id());
+  return ids;
+}
+
 std::string Tokenizer::decode(int32_t id) const {
   check_id(id, vocab_size(), "decode");
+  if (hf_) return hf_->decode({id});
   return sp_->DecodeIds(std::vector<int>{id});
 }
 
 std::string Tokenizer::decode(const std::vector<int32_t>& ids) const {
   const int vocab = vocab_size();
   for (int32_t id : ids) check_id(id, vocab, "decode");
+  if (hf_) return hf_->decode(ids);
   return sp_->DecodeIds(std::vector<int>(ids.begin(), ids.end()));
 }
 
 std::string Tokenizer::piece(int32_t id) const {
   check_id(id, vocab_size(), "piece");
+  if (hf_) return hf_->piece(id);
   return sp_->IdToPiece(id);
 }
 
-int Tokenizer::bos_id() const { return sp_->bos_id(); }
-int Tokenizer::eos_id() const { return sp_->eos_id(); }
-int Tokenizer::vocab_size() const { return sp_->GetPieceSize(); }
+int Tokenizer::bos_id() const { return hf_ ? hf_bos_ : sp_->bos_id(); }
+int Tokenizer::eos_id() const { return hf_ ? hf_eos_ : sp_->eos_id(); }
+int Tokenizer::vocab_size() const { return hf_ ? hf_->vocab_size() : sp_->GetPieceSize(); }
 
 std::vector<std::vector<int32_t>> read_token_id_file(const std::string& path) {
   std::ifstream in(path, std::ios::binary);

@@ -1,6 +1,7 @@
 // Text -> token ids for real checkpoints: a sentencepiece tokenizer.model read through
-// libsentencepiece, or pre-tokenized token-id files for models that ship only a Hugging Face
-// tokenizer.json (which quantlab does not read).
+// libsentencepiece, or a Hugging Face tokenizer.json (core/model/hf_tokenizer.h: the byte-level
+// BPE of Llama 3 and Qwen, Metaspace BPE of Llama-2-style files), whichever the model directory
+// has (tokenizer.model first); or pre-tokenized token-id files.
 //
 // Thread safety: a Tokenizer is immutable after load(); copies share one processor, and
 // concurrent calls of its const methods are safe (sentencepiece's maintainers state that
@@ -17,12 +18,15 @@ class SentencePieceProcessor;
 
 namespace ql {
 
+class HfTokenizer;
+
 class Tokenizer {
  public:
-  /// Loads `model_dir`/tokenizer.model (or `model_dir` itself when it is a regular file).
-  /// Throws IoError when the directory holds only tokenizer.json (saying that quantlab does
-  /// not read it and that pre-tokenized token-id files are the alternative), when there is no
-  /// tokenizer at all (naming the directory), or when sentencepiece rejects the file.
+  /// Loads `model_dir`/tokenizer.model, else `model_dir`/tokenizer.json (or `model_dir` itself
+  /// when it is a regular file: *.json is read as tokenizer.json). With tokenizer.json, BOS and
+  /// EOS are tokenizer_config.json's bos_token / eos_token beside it (-1 when absent or null).
+  /// Throws IoError when there is no tokenizer (naming the directory) or the file is rejected
+  /// (sentencepiece's message; tokenizer.json: the JSON path of the unsupported component).
   static Tokenizer load(const std::string& model_dir);
 
   /// Token ids of `text` as the tokenizer's own normalizer and pieces give them; no BOS or EOS
@@ -39,12 +43,17 @@ class Tokenizer {
   int bos_id() const;  ///< -1 when the tokenizer defines no BOS piece
   int eos_id() const;  ///< -1 when the tokenizer defines no EOS piece
   int vocab_size() const;
-  /// The tokenizer.model file this was loaded from.
+  /// With tokenizer.json: the ids with its post-processor's special tokens (e.g. BOS), as
+  /// encode(text, add_special_tokens=True); sentencepiece: BOS + encode(text) when it has a BOS.
+  std::vector<int32_t> encode_with_special_tokens(const std::string& text) const;
+  /// The tokenizer file this was loaded from.
   const std::string& path() const { return path_; }
 
  private:
   Tokenizer() = default;
   std::shared_ptr<const sentencepiece::SentencePieceProcessor> sp_;
+  std::shared_ptr<const HfTokenizer> hf_;  // set instead of sp_ for tokenizer.json
+  int hf_bos_ = -1, hf_eos_ = -1;
   std::string path_;
 };
 
