@@ -42,12 +42,11 @@ void check_seq(int seq, const char* fn) {
                      std::to_string(seq));
 }
 
-int32_t require_bos(const Tokenizer& tokenizer) {
+/// [BOS], or nothing for a tokenizer without one (Qwen's bos_token is null: its models are
+/// evaluated from the first text token, as transformers encodes them).
+std::vector<int32_t> bos_prefix(const Tokenizer& tokenizer) {
   const int bos = tokenizer.bos_id();
-  if (bos < 0)
-    throw IoError(tokenizer.path() +
-                  ": the tokenizer defines no BOS piece, which the evaluation protocol prepends");
-  return bos;
+  return bos < 0 ? std::vector<int32_t>{} : std::vector<int32_t>{bos};
 }
 
 }  // namespace
@@ -97,8 +96,7 @@ std::string stream_text(const std::string& text) {
 }
 
 std::vector<int32_t> encode_stream(const std::string& text, const Tokenizer& tokenizer) {
-  const int32_t bos = require_bos(tokenizer);
-  std::vector<int32_t> ids{bos};
+  std::vector<int32_t> ids = bos_prefix(tokenizer);
   const std::vector<int32_t> body = tokenizer.encode(stream_text(text));
   ids.insert(ids.end(), body.begin(), body.end());
   return ids;
@@ -110,7 +108,7 @@ std::vector<int32_t> stream_ids(const std::string& text_path, const Tokenizer& t
 
 std::vector<Document> jsonl_documents(const std::string& path, const Tokenizer& tokenizer) {
   using nlohmann::json;
-  const int32_t bos = require_bos(tokenizer);
+  const std::vector<int32_t> bos = bos_prefix(tokenizer);
   const std::string text = read_text_file(path);
   std::vector<Document> docs;
   std::map<std::string, int> id_line;  // document id -> line that defined it
@@ -181,7 +179,7 @@ std::vector<Document> jsonl_documents(const std::string& path, const Tokenizer& 
       throw IoError(where + "field 'id': document id '" + doc.id + "' was already used on line " +
                     std::to_string(seen.first->second));
 
-    doc.ids.push_back(bos);
+    doc.ids = bos;
     const std::vector<int32_t> body = tokenizer.encode(t->get<std::string>());
     doc.ids.insert(doc.ids.end(), body.begin(), body.end());
     docs.push_back(std::move(doc));

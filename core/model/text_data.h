@@ -31,7 +31,8 @@ std::string read_text_file(const std::string& path);
 std::vector<std::string> split_documents(const std::string& text);
 /// split_documents(text) joined with "\n\n": the text the stream protocol encodes.
 std::string stream_text(const std::string& text);
-/// [BOS] + tokenizer.encode(stream_text(text)). Throws IoError if the tokenizer has no BOS.
+/// [BOS] + tokenizer.encode(stream_text(text)); without BOS when the tokenizer defines none
+/// (Qwen: tokenizer_config.json's bos_token is null, and transformers adds nothing either).
 std::vector<int32_t> encode_stream(const std::string& text, const Tokenizer& tokenizer);
 /// encode_stream of the file at text_path.
 std::vector<int32_t> stream_ids(const std::string& text_path, const Tokenizer& tokenizer);
@@ -41,7 +42,7 @@ std::vector<int32_t> stream_ids(const std::string& text_path, const Tokenizer& t
 struct Document {
   std::string id;  ///< the JSONL "id" field, else "line<N>" (1-based line of the file)
   std::vector<std::pair<std::string, std::string>> attrs;  ///< slice family -> value, sorted by family
-  std::vector<int32_t> ids;  ///< [BOS] + encode(text) for JSONL; verbatim for token-id files
+  std::vector<int32_t> ids;  ///< [BOS] + encode(text) for JSONL (no BOS if the tokenizer has none); verbatim for token-id files
 };
 
 /// One document per non-blank line of a JSONL file: {"text": string, "slice": {family: value,

@@ -15,6 +15,8 @@
 
 #include "core/error.h"
 #include "core/model/hf_tokenizer.h"
+#include "core/model/text_data.h"
+#include "core/model/tokenizer.h"
 #include "tests/model/checkpoint_writer.h"
 
 namespace ql {
@@ -47,6 +49,24 @@ void expect_golden(const std::string& model) {
 
 TEST(HfTokenizer, Llama3MatchesTheReference) { expect_golden("llama3-tiny"); }
 TEST(HfTokenizer, Qwen3MatchesTheReference) { expect_golden("qwen3-tiny"); }
+
+// A model directory with only tokenizer.json loads through Tokenizer, BOS/EOS from
+// tokenizer_config.json: Llama 3's stream protocol starts with <|begin_of_text|>; Qwen defines no
+// BOS (bos_token null), so its stream is the text's ids alone, as transformers encodes it.
+TEST(HfTokenizer, ModelDirectoriesAndTheStreamProtocol) {
+  if (!fs::exists(kArch / "qwen3-tiny" / "tokenizer.json")) GTEST_SKIP() << "needs " << kArch;
+  const Tokenizer llama = Tokenizer::load((kArch / "llama3-tiny").string());
+  EXPECT_EQ(llama.bos_id(), 128000);
+  EXPECT_EQ(llama.eos_id(), 128001);
+  const std::vector<int32_t> s = encode_stream("Anne Elliot.\n\nCaptain Wentworth.", llama);
+  ASSERT_FALSE(s.empty());
+  EXPECT_EQ(s.front(), 128000);
+  EXPECT_EQ(std::vector<int32_t>(s.begin() + 1, s.end()), llama.encode("Anne Elliot.\n\nCaptain Wentworth."));
+  const Tokenizer qwen = Tokenizer::load((kArch / "qwen3-tiny").string());
+  EXPECT_EQ(qwen.bos_id(), -1);
+  EXPECT_EQ(encode_stream("Anne Elliot.", qwen), qwen.encode("Anne Elliot."));
+  EXPECT_EQ(qwen.decode(qwen.encode("Anne Elliot.")), "Anne Elliot.");
+}
 
 /// A small Llama-2-style tokenizer.json: Metaspace (prepend first), BPE with byte fallback,
 /// a TemplateProcessing post-processor adding <s>.
