@@ -20,9 +20,11 @@
 // is computed beside the estimate and their cosine and norm ratio are logged (reviewers asked
 // exactly how good the zeroth-order estimate is).
 //
-// The first-order path needs the training graph to equal the evaluated model: it refuses
-// models with activation quantizers, online transforms or KV-cache quantizers (the training
-// ops do not simulate them yet); spsa runs on any model (its forward is the evaluation's).
+// The first-order path needs the training graph to equal the evaluated model: it fake-quantizes
+// the linears' inputs with the model's activation quantizers (straight-through), and refuses
+// models with online transforms, KV-cache quantizers, linears that share an input but quantize
+// it differently, or blocks the graph does not model (Qwen3's q/k norms); spsa runs on any
+// model (its forward is the evaluation's).
 #pragma once
 #include <cstdint>
 #include <functional>

@@ -6,6 +6,7 @@
 
 #include <filesystem>
 #include <fstream>
+#include <functional>
 
 #include <nlohmann/json.hpp>
 
@@ -58,6 +59,25 @@ ModelParams<double> tiny_model(BlockShape& s) {
 
 const std::vector<std::vector<int32_t>> kWindows = {{1, 4, 9, 2, 2, 7}, {10, 0, 3, 5, 8, 1}};
 
+/// Every parameter's gradient in g against central differences of loss() (1e-7): embedding,
+/// lm_head, final norm, each block's seven linears, both norms and the v bias.
+void expect_all_match_fd(const std::function<double()>& loss, ModelParams<double>& p, const ModelParams<double>& g) {
+  constexpr double kTol = 1e-7;
+  EXPECT_LT(fd::error(loss, p.embed.data(), p.embed.size(), g.embed.data()), kTol) << "embed";
+  EXPECT_LT(fd::error(loss, p.lm_head.data(), p.lm_head.size(), g.lm_head.data()), kTol) << "lm_head";
+  EXPECT_LT(fd::error(loss, p.final_norm.data(), p.final_norm.size(), g.final_norm.data()), kTol) << "final_norm";
+  for (int b = 0; b < 2; ++b) {
+    for (int k = 0; k < kLinearKinds; ++k) {
+      MatrixD& W = p.blocks[b].linear(static_cast<LinearKind>(k));
+      EXPECT_LT(fd::error(loss, W.data(), W.size(), g.blocks[b].linear(static_cast<LinearKind>(k)).data()), kTol)
+          << "block " << b << " " << linear_suffix(static_cast<LinearKind>(k));
+    }
+    EXPECT_LT(fd::error(loss, p.blocks[b].input_norm.data(), 8, g.blocks[b].input_norm.data()), kTol);
+    EXPECT_LT(fd::error(loss, p.blocks[b].post_attn_norm.data(), 8, g.blocks[b].post_attn_norm.data()), kTol);
+    EXPECT_LT(fd::error(loss, p.blocks[b].bv.data(), 4, g.blocks[b].bv.data()), kTol);
+  }
+}
+
 void expect_matches_fd(LmLoss kind) {
   BlockShape s;
   ModelParams<double> p = tiny_model(s);
@@ -72,19 +92,7 @@ void expect_matches_fd(LmLoss kind) {
   EXPECT_GT(l, 0.0);
   ModelParams<double> g = ModelParams<double>::zeros_like(p);
   model_bwd(s, p, tape, g);
-  constexpr double kTol = 1e-7;
-  EXPECT_LT(fd::error(loss, p.embed.data(), p.embed.size(), g.embed.data()), kTol) << "embed";
-  EXPECT_LT(fd::error(loss, p.lm_head.data(), p.lm_head.size(), g.lm_head.data()), kTol) << "lm_head";
-  EXPECT_LT(fd::error(loss, p.final_norm.data(), p.final_norm.size(), g.final_norm.data()), kTol) << "final_norm";
-  for (int b = 0; b < 2; ++b) {
-    for (int k = 0; k < kLinearKinds; ++k) {
-      MatrixD& W = p.blocks[b].linear(static_cast<LinearKind>(k));
-      EXPECT_LT(fd::error(loss, W.data(), W.size(), g.blocks[b].linear(static_cast<LinearKind>(k)).data()), kTol)
-          << "block " << b << " " << linear_suffix(static_cast<LinearKind>(k));
-    }
-    EXPECT_LT(fd::error(loss, p.blocks[b].input_norm.data(), 8, g.blocks[b].input_norm.data()), kTol);
-    EXPECT_LT(fd::error(loss, p.blocks[b].bv.data(), 4, g.blocks[b].bv.data()), kTol);
-  }
+  expect_all_match_fd(loss, p, g);
 }
 
 TEST(ModelGrad, CrossEntropyMatchesFiniteDifferences) { expect_matches_fd(LmLoss::CrossEntropy); }
@@ -150,17 +158,7 @@ TEST(ModelGrad, InputQuantIsStraightThrough) {
                                              "1mlp.gate_proj", "1mlp.down_proj"}));
   ModelParams<double> g = ModelParams<double>::zeros_like(p);
   model_bwd(s, p, tape, g);
-  constexpr double kTol = 1e-7;
-  EXPECT_LT(fd::error(loss, p.embed.data(), p.embed.size(), g.embed.data()), kTol) << "embed";
-  for (int b = 0; b < 2; ++b) {
-    for (int k = 0; k < kLinearKinds; ++k) {
-      MatrixD& W = p.blocks[b].linear(static_cast<LinearKind>(k));
-      EXPECT_LT(fd::error(loss, W.data(), W.size(), g.blocks[b].linear(static_cast<LinearKind>(k)).data()), kTol)
-          << "block " << b << " " << linear_suffix(static_cast<LinearKind>(k));
-    }
-    EXPECT_LT(fd::error(loss, p.blocks[b].input_norm.data(), 8, g.blocks[b].input_norm.data()), kTol);
-    EXPECT_LT(fd::error(loss, p.blocks[b].post_attn_norm.data(), 8, g.blocks[b].post_attn_norm.data()), kTol);
-  }
+  expect_all_match_fd(loss, p, g);
   // A no-op hook changes nothing, bit for bit.
   ModelTape<double> t1, t2;
   const double a = model_loss_fwd(s, p, kWindows, LmLoss::CrossEntropy, nullptr, t1);
