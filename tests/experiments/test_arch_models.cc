@@ -68,6 +68,41 @@ void run_family(const std::string& model) {
   EXPECT_TRUE(std::isfinite(metric(gptq3, "g/ppl")));
 }
 
+// Qwen3's per-head q/k norms and the plugins that read placement: the ones that act on linear
+// inputs (SmoothQuant, rotation, AWQ) or on post-RoPE keys (kv_rtn) run; the ones that train
+// through the block graph, which does not model the head norms, refuse with that reason
+// (FlatQuant, VLMQ, first-order ZeroQAT); SPSA ZeroQAT only runs forwards and works.
+TEST(ArchModels, Qwen3PlacementPluginsRunOrRefuseWithAReason) {
+  const std::string model = "qwen3-tiny";
+  if (!fs::exists(kArch / model / "golden" / "golden.json")) GTEST_SKIP() << "needs " << kArch / model;
+  const std::string ids = ids_file(model);
+  WorkloadCache cache;
+  auto run = [&](const std::string& quant) {
+    const std::string yaml = "workload: {kind: model, path: " + (kArch / model).string() + "}\ncalib: {ids: " + ids +
+                             ", n_samples: 8, seq_len: 32, rule: strided}\neval: {seq_len: 32, token_ids: [{name: g, "
+                             "path: " + ids + "}]}\nslices: {n_boot: 0}\nquant: [" + quant + "]\n";
+    RunConfig rc = parse_run_config(ConfigNode::parse(yaml, model + ".yaml"), model, model + ".yaml", default_registry());
+    return execute_run(rc, cache, default_registry());
+  };
+  const std::string w4a8 = "{algorithm: rtn, bits: 4, scheme: sym, granularity: channel, act: {bits: 8, scheme: sym, granularity: token}}";
+  for (const std::string& ok : {"{algorithm: smoothquant, alpha: 0.5}, " + w4a8, "{algorithm: rotation, seed: 0}, " + w4a8,
+                                std::string("{algorithm: awq, bits: 4, granularity: group, group_size: 32}"),
+                                std::string("{algorithm: kv_rtn, k_bits: 4, v_bits: 4}"),
+                                std::string("{algorithm: rtn, bits: 3, granularity: channel}, {algorithm: zeroqat, steps: 2, "
+                                            "batch: 2, heldout: 1}")}) {
+    const RunRecord r = run(ok);
+    EXPECT_EQ(r.status, RunStatus::Ok) << ok << ": " << r.message;
+  }
+  for (const std::string& refused : {"{algorithm: flatquant, seed: 0, epochs: 1}, " + w4a8,
+                                     std::string("{algorithm: vlmq, bits: 4, granularity: channel}"),
+                                     std::string("{algorithm: rtn, bits: 3, granularity: channel}, {algorithm: zeroqat, "
+                                                 "estimator: first_order, steps: 2, batch: 2, heldout: 1}")}) {
+    const RunRecord r = run(refused);
+    EXPECT_EQ(r.status, RunStatus::Failed) << refused;
+    EXPECT_NE(r.message.find("per-head q/k norms (Qwen3)"), std::string::npos) << refused << ": " << r.message;
+  }
+}
+
 TEST(ArchModels, Llama3TinyRtnAndGptq) { run_family("llama3-tiny"); }
 TEST(ArchModels, Qwen3TinyRtnAndGptq) { run_family("qwen3-tiny"); }
 TEST(ArchModels, Qwen2TinyRtnAndGptq) { run_family("qwen2-tiny"); }
