@@ -43,16 +43,22 @@ double metric(const RunRecord& r, const std::string& name) {
   return NAN;
 }
 
+/// One run of `quant` (a YAML flow list body) on `model` with the ids file for calibration and
+/// evaluation.
+RunRecord run_on(const std::string& model, const std::string& ids, const std::string& quant, WorkloadCache& cache) {
+  const std::string yaml = "workload: {kind: model, path: " + (kArch / model).string() + "}\ncalib: {ids: " + ids +
+                           ", n_samples: 8, seq_len: 32, rule: strided}\neval: {seq_len: 32, token_ids: [{name: g, "
+                           "path: " + ids + "}]}\nslices: {n_boot: 0}\nquant: [" + quant + "]\n";
+  RunConfig rc = parse_run_config(ConfigNode::parse(yaml, model + ".yaml"), model, model + ".yaml", default_registry());
+  return execute_run(rc, cache, default_registry());
+}
+
 void run_family(const std::string& model) {
   if (!fs::exists(kArch / model / "golden" / "golden.json")) GTEST_SKIP() << "needs " << kArch / model;
   const std::string ids = ids_file(model);
   WorkloadCache cache;
   auto run = [&](const std::string& quant) {
-    const std::string yaml = "workload: {kind: model, path: " + (kArch / model).string() + "}\ncalib: {ids: " + ids +
-                             ", n_samples: 8, seq_len: 32, rule: strided}\neval: {seq_len: 32, token_ids: [{name: g, "
-                             "path: " + ids + "}]}\nslices: {n_boot: 0}\nquant: [" + quant + "]\n";
-    RunConfig rc = parse_run_config(ConfigNode::parse(yaml, model + ".yaml"), model, model + ".yaml", default_registry());
-    RunRecord r = execute_run(rc, cache, default_registry());
+    RunRecord r = run_on(model, ids, quant, cache);
     EXPECT_EQ(r.status, RunStatus::Ok) << model << " " << quant << ": " << r.message;
     return r;
   };
@@ -77,13 +83,7 @@ TEST(ArchModels, Qwen3PlacementPluginsRunOrRefuseWithAReason) {
   if (!fs::exists(kArch / model / "golden" / "golden.json")) GTEST_SKIP() << "needs " << kArch / model;
   const std::string ids = ids_file(model);
   WorkloadCache cache;
-  auto run = [&](const std::string& quant) {
-    const std::string yaml = "workload: {kind: model, path: " + (kArch / model).string() + "}\ncalib: {ids: " + ids +
-                             ", n_samples: 8, seq_len: 32, rule: strided}\neval: {seq_len: 32, token_ids: [{name: g, "
-                             "path: " + ids + "}]}\nslices: {n_boot: 0}\nquant: [" + quant + "]\n";
-    RunConfig rc = parse_run_config(ConfigNode::parse(yaml, model + ".yaml"), model, model + ".yaml", default_registry());
-    return execute_run(rc, cache, default_registry());
-  };
+  auto run = [&](const std::string& quant) { return run_on(model, ids, quant, cache); };
   const std::string w4a8 = "{algorithm: rtn, bits: 4, scheme: sym, granularity: channel, act: {bits: 8, scheme: sym, granularity: token}}";
   for (const std::string& ok : {"{algorithm: smoothquant, alpha: 0.5}, " + w4a8, "{algorithm: rotation, seed: 0}, " + w4a8,
                                 std::string("{algorithm: awq, bits: 4, granularity: group, group_size: 32}"),
